@@ -1,0 +1,78 @@
+# Spillway. `make demo` runs the whole thing locally; `make test` runs every check.
+# Everything heavy is cached outside the clone, under ~/.cache/spillway, keyed by version:
+# the Python virtual environment (by the hash of the requirements files) and the
+# Kubernetes binaries (by version, see hack/versions.env).
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+CACHE_DIR  ?= $(HOME)/.cache/spillway
+VENV_KEY   := $(shell cat requirements.txt requirements-dev.txt | sha256sum | cut -c1-12)
+VENV       ?= $(CACHE_DIR)/venv-$(VENV_KEY)
+PY         := $(VENV)/bin/python
+PYTEST_ARGS ?=
+export PYTHONPATH := $(CURDIR)
+
+PROTOS := $(shell find spillway/api -name '*.proto')
+
+.PHONY: py help venv proto proto-check lint test test-fast demo bench k8s-bins system-deps cluster-up cluster-down clean
+
+help:
+	@echo "make demo        run the local system: control plane, simulated GPU nodes, agents, operator, tenants"
+	@echo "make test        lint, type-check and run every test (installs what it needs)"
+	@echo "make bench       run the benchmarks (results go in docs/BENCHMARKS.md)"
+	@echo "make cluster-up  start the local control plane and print its KUBECONFIG; make cluster-down stops it"
+
+# --- environment -----------------------------------------------------------------------
+venv: $(VENV)/.ok
+$(VENV)/.ok: requirements.txt requirements-dev.txt
+	@mkdir -p $(CACHE_DIR)
+	@if [ ! -x $(PY) ]; then rm -rf $(VENV).tmp && python3 -m venv $(VENV).tmp && mv $(VENV).tmp $(VENV); fi
+	$(PY) -m pip install --disable-pip-version-check -q -r requirements-dev.txt
+	@touch $@
+
+system-deps:
+	hack/system-deps.sh
+
+k8s-bins:
+	hack/build-k8s.sh
+
+# --- generated code --------------------------------------------------------------------
+proto: venv
+	$(PY) hack/gen_proto.py
+
+proto-check: venv
+	$(PY) hack/gen_proto.py --check
+
+# --- checks ----------------------------------------------------------------------------
+lint: venv proto-check
+	$(PY) -m ruff check spillway tests benchmarks hack examples
+	$(PY) -m mypy
+
+test: venv system-deps k8s-bins lint
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Unit tests only (no control plane): quick feedback while coding.
+test-fast: venv
+	$(PY) -m pytest -m "not cluster and not slow" $(PYTEST_ARGS)
+
+# --- running it ------------------------------------------------------------------------
+demo: venv system-deps k8s-bins
+	$(PY) hack/demo.py
+
+bench: venv system-deps k8s-bins
+	$(PY) -m benchmarks
+
+cluster-up: venv k8s-bins
+	@$(PY) -m spillway.testing.cluster up
+
+cluster-down: venv
+	@$(PY) -m spillway.testing.cluster down
+
+clean:
+	rm -rf .pytest_cache .mypy_cache .ruff_cache build *.egg-info
+
+# The interpreter of the cached environment, for scripts: `$(make -s py) -m pytest ...`
+py:
+	@echo $(PY)
