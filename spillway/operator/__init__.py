@@ -1,0 +1,1 @@
+"""The Spillway operator: InferenceTenant reconcile, placement, reservations and SLO feedback."""
