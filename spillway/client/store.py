@@ -1,0 +1,390 @@
+"""The block store: batched, asynchronous put/get/evict of tensors over two tiers.
+
+The primary tier is the lender GPU's leased memory (or, without a GPU, a CPU arena labelled
+`simulated-cpu`); the fallback tier is (pinned) host memory. Every block lives in exactly one
+tier. A block moves between tiers by copy, synchronize, then index update, then free: it is
+never dropped from one tier before it is safely in the other.
+
+Batching: a batch is placed in one contiguous range where possible, gathered on the source
+device with one `torch.cat` into that range (or into a staging buffer, then one copy), and
+fetched with one copy per contiguous run plus one multi-tensor scatter on the destination.
+So a batch of 16 KiB blocks costs a handful of kernels/copies, not one per block.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from spillway.client.arena import Arena, Extent, Tier
+from spillway.units import format_bytes
+
+log = logging.getLogger("spillway.client")
+
+
+class StoreError(Exception):
+    """Base class of block store errors."""
+
+
+class OutOfPeerMemory(StoreError):
+    """The batch does not fit in the leased memory; nothing of it was stored."""
+
+
+class UnknownBlock(StoreError, KeyError):
+    """A key that the store does not hold."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "unknown block"
+
+
+@dataclass
+class Block:
+    key: object
+    tier: Tier
+    extent: Extent
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    device: torch.device  # where it came from: the default destination of a get
+
+
+class Transfer:
+    """Handle of one batched put or get. On CUDA the copies run on the store's copy stream;
+    `wait()` makes the caller's current stream wait for them (no host block), `synchronize()`
+    blocks the host until they are done. On CPU everything is already done."""
+
+    def __init__(self, event: torch.cuda.Event | None, tensors: list[torch.Tensor], keep: list[torch.Tensor]) -> None:
+        self.event = event
+        self.tensors = tensors
+        self._keep = keep  # staging and sources that must live until the copies finish
+
+    def done(self) -> bool:
+        return self.event is None or bool(self.event.query())
+
+    def wait(self, stream: torch.cuda.Stream | None = None) -> None:
+        if self.event is not None:
+            (stream or torch.cuda.current_stream(self.event.device)).wait_event(self.event)
+
+    def synchronize(self) -> list[torch.Tensor]:
+        if self.event is not None:
+            self.event.synchronize()
+        self._keep = []
+        return self.tensors
+
+    def result(self) -> list[torch.Tensor]:
+        """The fetched tensors, after the copies are done."""
+        return self.synchronize()
+
+
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def _runs(extents: Sequence[Extent]) -> list[tuple[int, int]]:
+    """Split a batch into runs [i, j) of extents that are adjacent in one arena."""
+    runs: list[tuple[int, int]] = []
+    start = 0
+    for i in range(1, len(extents) + 1):
+        if (
+            i == len(extents)
+            or extents[i].arena is not extents[i - 1].arena
+            or extents[i].offset != extents[i - 1].offset + extents[i - 1].size
+        ):
+            runs.append((start, i))
+            start = i
+    return runs
+
+
+class BlockStore:
+    """Thread-safe key -> block store over a primary tier and a host fallback tier."""
+
+    def __init__(self, primary: Tier, fallback: Tier, *, copy_device: torch.device | None = None) -> None:
+        self.primary = primary
+        self.fallback = fallback
+        self._index: dict[object, Block] = {}
+        self._lock = threading.RLock()
+        self._primary_open = True
+        dev = copy_device
+        if dev is None:
+            for tier in (primary, fallback):
+                if tier.device.type == "cuda":
+                    dev = tier.device
+                    break
+        self._stream: torch.cuda.Stream | None = None
+        if dev is not None and dev.type == "cuda":
+            self._stream = torch.cuda.Stream(device=dev)
+        self._copy_device = dev
+
+    # ---- inspection -------------------------------------------------------------------
+    @property
+    def primary_open(self) -> bool:
+        return self._primary_open
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._index
+
+    def keys(self) -> list[object]:
+        with self._lock:
+            return list(self._index)
+
+    def tier_of(self, key: object) -> str:
+        with self._lock:
+            block = self._index.get(key)
+            if block is None:
+                raise UnknownBlock(f"no block with key {key!r}")
+            return block.tier.kind
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            primary = sum(1 for b in self._index.values() if b.tier is self.primary)
+            return {"primary": primary, "fallback": len(self._index) - primary}
+
+    # ---- stream plumbing ---------------------------------------------------------------
+    def _begin(self, tensors: Iterable[torch.Tensor]) -> None:
+        """Order the copy stream after the work that produced (or will read) these tensors."""
+        if self._stream is None:
+            return
+        seen: set[int] = set()
+        for t in tensors:
+            if t.is_cuda and t.device.index not in seen:
+                seen.add(t.device.index)
+                self._stream.wait_stream(torch.cuda.current_stream(t.device))
+
+    def _finish(self, tensors: list[torch.Tensor], keep: list[torch.Tensor]) -> Transfer:
+        if self._stream is None:
+            return Transfer(None, tensors, [])
+        for t in keep:
+            if t.is_cuda:
+                t.record_stream(self._stream)
+        event = torch.cuda.Event()
+        event.record(self._stream)
+        return Transfer(event, tensors, keep)
+
+    def _stream_ctx(self) -> torch.cuda.StreamContext | _NullCtx:
+        return torch.cuda.stream(self._stream) if self._stream is not None else _NullCtx()
+
+    # ---- put ---------------------------------------------------------------------------
+    def put(self, keys: Sequence[object], tensors: Sequence[torch.Tensor]) -> Transfer:
+        """Store `tensors` under `keys` (one batch, all or nothing). An existing key is replaced
+        once its new copy is in place. Raises OutOfPeerMemory when the primary tier is open
+        and cannot hold the batch; nothing is stored then."""
+        if len(keys) != len(tensors):
+            raise ValueError(f"put got {len(keys)} keys but {len(tensors)} tensors")
+        if len(set(keys)) != len(keys):
+            raise ValueError("put got the same key twice in one batch")
+        if not keys:
+            return Transfer(None, [], [])
+        srcs = list(tensors)
+        sizes = [t.numel() * t.element_size() for t in srcs]
+        for k, s in zip(keys, sizes, strict=True):
+            if s == 0:
+                raise ValueError(f"block {k!r} is empty; store blocks of at least 1 byte")
+        with self._lock:
+            tier = self.primary if self._primary_open else self.fallback
+            extents = tier.alloc_batch(sizes)
+            if extents is None:
+                if tier is self.primary and tier is not self.fallback:
+                    raise OutOfPeerMemory(
+                        f"the batch of {len(keys)} blocks ({format_bytes(sum(sizes))}) does not fit in the leased "
+                        f"memory: {format_bytes(tier.used_bytes)} of {format_bytes(tier.capacity_bytes)} in use, "
+                        f"{format_bytes(tier.free_bytes)} free; evict blocks or put smaller batches "
+                        "(nothing was stored)"
+                    )
+                raise StoreError(
+                    f"host memory limit reached: cannot store {format_bytes(sum(sizes))} more "
+                    f"({format_bytes(tier.used_bytes)} in use); nothing was stored"
+                )
+            keep = self._copy_in(srcs, sizes, extents)
+            transfer = self._finish([], keep)
+            for k, t, ext, s in zip(keys, srcs, extents, sizes, strict=True):
+                old = self._index.get(k)
+                self._index[k] = Block(k, tier, ext, s, t.dtype, tuple(t.shape), t.device)
+                if old is not None:
+                    old.tier.free(old.extent)  # same stream: later writes to it are ordered after
+            return transfer
+
+    def _copy_in(self, srcs: list[torch.Tensor], sizes: list[int], extents: list[Extent]) -> list[torch.Tensor]:
+        keep: list[torch.Tensor] = []
+        self._begin(srcs)
+        with self._stream_ctx():
+            for i, j in _runs(extents):
+                arena = extents[i].arena
+                start = extents[i].offset
+                end = extents[j - 1].offset + extents[j - 1].size
+                parts: list[torch.Tensor] = []
+                for t, s, e in zip(srcs[i:j], sizes[i:j], extents[i:j], strict=True):
+                    parts.append(_as_bytes(t))
+                    if e.size > s:
+                        parts.append(torch.zeros(e.size - s, dtype=torch.uint8, device=t.device))
+                dst = arena.view(start, end - start)
+                src_dev = srcs[i].device
+                same_dev = all(t.device == src_dev for t in srcs[i:j])
+                if same_dev and src_dev == arena.tensor.device:
+                    torch.cat(parts, out=dst) if len(parts) > 1 else dst.copy_(parts[0])
+                else:
+                    if not same_dev:
+                        parts = [p.to(src_dev) for p in parts]
+                    staging = torch.cat(parts) if len(parts) > 1 else parts[0]
+                    dst.copy_(staging, non_blocking=True)
+                    keep.append(staging)
+                keep.extend(parts)
+        return keep
+
+    # ---- get ---------------------------------------------------------------------------
+    def get(
+        self,
+        keys: Sequence[object],
+        out: Sequence[torch.Tensor] | None = None,
+        *,
+        device: torch.device | str | None = None,
+    ) -> Transfer:
+        """Fetch blocks (they stay stored). With `out`, copy into those tensors (same number of
+        bytes each); else into new tensors on `device` (default: where each block came from)."""
+        if out is not None and len(out) != len(keys):
+            raise ValueError(f"get got {len(keys)} keys but {len(out)} output tensors")
+        with self._lock:
+            blocks = []
+            for k in keys:
+                b = self._index.get(k)
+                if b is None:
+                    raise UnknownBlock(f"no block with key {k!r}: it was never put or was evicted")
+                blocks.append(b)
+            if out is not None:
+                for b, o in zip(blocks, out, strict=True):
+                    if o.numel() * o.element_size() != b.nbytes:
+                        raise ValueError(
+                            f"output tensor for {b.key!r} has {o.numel() * o.element_size()} bytes, "
+                            f"the block {b.nbytes}"
+                        )
+                    if not o.is_contiguous():
+                        raise ValueError(f"output tensor for {b.key!r} must be contiguous")
+            return self._copy_out(blocks, out, None if device is None else torch.device(device))
+
+    def _copy_out(
+        self, blocks: list[Block], out: Sequence[torch.Tensor] | None, device: torch.device | None
+    ) -> Transfer:
+        results: list[torch.Tensor] = []
+        keep: list[torch.Tensor] = []
+        dests = [o.device for o in out] if out is not None else [device or b.device for b in blocks]
+        self._begin(list(out or []))
+        with self._stream_ctx():
+            extents = [b.extent for b in blocks]
+            for i, j in _runs(extents):
+                # split a run further where destination devices differ
+                sub_start = i
+                for k in range(i + 1, j + 1):
+                    if k == j or dests[k] != dests[sub_start]:
+                        results.extend(
+                            self._copy_run(
+                                blocks[sub_start:k], None if out is None else out[sub_start:k], dests[sub_start], keep
+                            )
+                        )
+                        sub_start = k
+        return self._finish(results, keep)
+
+    def _copy_run(
+        self, blocks: list[Block], out: Sequence[torch.Tensor] | None, dest: torch.device, keep: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        arena = blocks[0].extent.arena
+        start = blocks[0].extent.offset
+        end = blocks[-1].extent.offset + blocks[-1].extent.size
+        region = arena.view(start, end - start)
+        staged = region.device != dest
+        if staged:
+            staging = torch.empty(
+                end - start, dtype=torch.uint8, device=dest, pin_memory=dest.type == "cpu" and self._stream is not None
+            )
+            staging.copy_(region, non_blocking=True)
+            keep.append(staging)
+            region = staging
+        views = [region[b.extent.offset - start : b.extent.offset - start + b.nbytes] for b in blocks]
+        if out is None:
+            tensors = [v.view(b.dtype).view(b.shape) for v, b in zip(views, blocks, strict=True)]
+            if not staged:
+                # views into the arena itself would alias stored memory: hand out copies
+                tensors = [t.clone() for t in tensors]
+            return tensors
+        dsts = [_as_bytes_view(o) for o in out]
+        if len(dsts) > 1:
+            torch._foreach_copy_(dsts, views)
+        else:
+            dsts[0].copy_(views[0])
+        keep.extend(out)
+        return list(out)
+
+    # ---- evict and migrate -------------------------------------------------------------
+    def evict(self, keys: Iterable[object], *, missing_ok: bool = False) -> int:
+        """Drop blocks and free their memory. Returns how many were dropped."""
+        n = 0
+        with self._lock:
+            for k in keys:
+                b = self._index.pop(k, None)
+                if b is None:
+                    if missing_ok:
+                        continue
+                    raise UnknownBlock(f"no block with key {k!r}")
+                b.tier.free(b.extent)
+                n += 1
+        return n
+
+    def synchronize(self) -> None:
+        if self._stream is not None:
+            self._stream.synchronize()
+
+    def close_primary(self) -> tuple[int, int, float]:
+        """Move every block of the primary tier to the fallback tier and stop using the primary.
+        Copy, synchronize, then update the index, then drop the primary arena: a block is never
+        gone from one tier before it is safely in the other. Returns (blocks, bytes, seconds)."""
+        t0 = time.monotonic()
+        with self._lock:
+            self._primary_open = False  # new puts go to the fallback from now on
+            moved: list[Block] = [b for b in self._index.values() if b.tier is self.primary]
+            nbytes = sum(b.nbytes for b in moved)
+            by_arena: dict[int, Arena] = {id(b.extent.arena): b.extent.arena for b in moved}
+            new_extents: dict[int, Extent] = {}
+            copies: list[tuple[torch.Tensor, torch.Tensor]] = []
+            for arena in by_arena.values():
+                hw = arena.allocator.high_water
+                ranges = arena.allocator.used_ranges()
+                if hw == 0:
+                    continue
+                host = self.fallback._empty(hw)
+                copies.append((host, arena.view(0, hw)))
+                new_arena = self.fallback.adopt(host, ranges)
+                for b in moved:
+                    if b.extent.arena is arena:
+                        new_extents[id(b)] = Extent(new_arena, b.extent.offset, b.extent.size)
+            with self._stream_ctx():
+                for dst, src in copies:
+                    dst.copy_(src, non_blocking=True)
+            self.synchronize()
+            for b in moved:  # the data is safely in host memory: switch the index over
+                b.tier = self.fallback
+                b.extent = new_extents[id(b)]
+            for arena in self.primary.arenas:
+                arena.tensor = torch.empty(0, dtype=torch.uint8, device=arena.tensor.device)
+            self.primary.arenas.clear()
+        if self.primary.device.type == "cuda":
+            with torch.cuda.device(self.primary.device):
+                torch.cuda.empty_cache()  # give the lender GPU its bytes back, not to our cache
+        return len(moved), nbytes, time.monotonic() - t0
+
+
+def _as_bytes_view(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1).view(torch.uint8)
+
+
+class _NullCtx:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None

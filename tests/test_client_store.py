@@ -1,0 +1,208 @@
+"""The block store on its own (no agent): round trips with checksums, batching, the byte
+budget, tier migration. The peer tier here is the CPU arena the client uses when no GPU is
+present (labelled simulated-cpu); tests/test_client_gpu.py repeats the essentials on a GPU."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import threading
+import time
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from spillway.client import HostMemory, OutOfPeerMemory, UnknownBlock
+from spillway.client.arena import ALIGNMENT, RangeAllocator, Tier, align_up
+from spillway.client.store import BlockStore
+
+
+def digest(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def make_store(peer_bytes: int, device: str = "cpu") -> BlockStore:
+    return BlockStore(
+        Tier("simulated-cpu", torch.device(device), fixed_bytes=peer_bytes),
+        Tier("host-pageable", torch.device("cpu"), chunk_bytes=1 << 20),
+    )
+
+
+def random_block(nbytes: int, dtype: torch.dtype = torch.float16, gen: torch.Generator | None = None) -> torch.Tensor:
+    n = nbytes // torch.empty(0, dtype=dtype).element_size()
+    return torch.randint(-(2**7), 2**7, (n,), dtype=torch.int16, generator=gen).to(dtype)
+
+
+@pytest.mark.parametrize("block_bytes", [16 << 10, 64 << 10, 1 << 20, 3 * 1000 + 2])
+@pytest.mark.parametrize("batch", [1, 7, 64])
+def test_put_get_round_trip_preserves_every_byte(block_bytes: int, batch: int) -> None:
+    gen = torch.Generator().manual_seed(block_bytes + batch)
+    store = make_store(align_up(block_bytes) * batch * 2)
+    blocks = [random_block(block_bytes, gen=gen) for _ in range(batch)]
+    sums = [digest(b) for b in blocks]
+    keys = [f"seq/{i}" for i in range(batch)]
+    store.put(keys, blocks).synchronize()
+    for b in blocks:  # the store must own a copy: scribbling on the sources changes nothing
+        b.zero_()
+    fetched = store.get(keys).result()
+    assert [digest(t) for t in fetched] == sums
+    # into caller-provided buffers, in another order, across two gets
+    outs = [torch.empty_like(b) for b in blocks]
+    order = list(range(batch))
+    random.Random(1).shuffle(order)
+    store.get([keys[i] for i in order], out=[outs[i] for i in order]).synchronize()
+    assert [digest(t) for t in outs] == sums
+    assert store.counts() == {"primary": batch, "fallback": 0}
+
+
+def test_mixed_dtypes_and_shapes_come_back_as_they_went_in() -> None:
+    store = make_store(1 << 20)
+    blocks = [
+        torch.arange(24, dtype=torch.float32).reshape(2, 3, 4),
+        torch.tensor([True, False, True]),
+        torch.arange(5, dtype=torch.int64),
+        torch.randn(4, 8).to(torch.bfloat16),
+    ]
+    store.put(["a", "b", "c", "d"], blocks)
+    for got, want in zip(store.get(["a", "b", "c", "d"]).result(), blocks, strict=True):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert torch.equal(got, want)
+
+
+def test_a_batch_lands_in_one_contiguous_range() -> None:
+    store = make_store(1 << 20)
+    store.put(list(range(32)), [torch.ones(4096, dtype=torch.uint8) * i for i in range(32)])
+    offsets = sorted(store._index[k].extent.offset for k in range(32))
+    assert offsets == [offsets[0] + i * 4096 for i in range(32)]
+
+
+def test_budget_is_never_exceeded_and_a_batch_that_does_not_fit_changes_nothing() -> None:
+    cap = 256 << 10
+    store = make_store(cap)
+    first = [random_block(16 << 10) for _ in range(12)]  # 192 KiB
+    store.put([f"a{i}" for i in range(12)], first)
+    with pytest.raises(OutOfPeerMemory, match=r"does not fit in the leased memory.*nothing was stored"):
+        store.put([f"b{i}" for i in range(5)], [random_block(16 << 10) for _ in range(5)])  # 80 KiB > 64 KiB free
+    assert store.primary.used_bytes <= cap and store.primary.capacity_bytes == cap
+    assert len(store) == 12 and not any(f"b{i}" in store for i in range(5))
+    assert [digest(t) for t in store.get([f"a{i}" for i in range(12)]).result()] == [digest(b) for b in first]
+    # exactly filling it works; one more byte does not
+    store.put([f"c{i}" for i in range(4)], [random_block(16 << 10) for _ in range(4)])
+    assert store.primary.used_bytes == cap
+    with pytest.raises(OutOfPeerMemory):
+        store.put(["d"], [torch.zeros(1, dtype=torch.uint8)])
+    # evicting makes room again
+    assert store.evict([f"a{i}" for i in range(4)]) == 4
+    store.put(["d"], [torch.zeros(64 << 10, dtype=torch.uint8)])
+    assert store.primary.used_bytes == cap
+
+
+def test_replacing_a_key_keeps_the_new_bytes_and_frees_the_old() -> None:
+    store = make_store(64 << 10)
+    store.put(["k"], [torch.full((16 << 10,), 1, dtype=torch.uint8)])
+    store.put(["k"], [torch.full((16 << 10,), 2, dtype=torch.uint8)])
+    assert store.primary.used_bytes == 16 << 10
+    assert int(store.get(["k"]).result()[0].sum()) == 2 * (16 << 10)
+
+
+def test_clear_errors_for_bad_calls() -> None:
+    store = make_store(64 << 10)
+    with pytest.raises(ValueError, match="2 keys but 1 tensors"):
+        store.put(["a", "b"], [torch.zeros(4)])
+    with pytest.raises(ValueError, match="same key twice"):
+        store.put(["a", "a"], [torch.zeros(4), torch.zeros(4)])
+    with pytest.raises(UnknownBlock, match="never put or was evicted"):
+        store.get(["nope"])
+    store.put(["a"], [torch.zeros(4)])
+    with pytest.raises(ValueError, match="has 12 bytes, the block 16"):
+        store.get(["a"], out=[torch.zeros(3)])
+    assert len(store) == 1
+
+
+def test_fragmentation_falls_back_to_per_block_ranges_and_stays_correct() -> None:
+    store = make_store(64 * 4096)
+    store.put(list(range(64)), [torch.full((4096,), i, dtype=torch.uint8) for i in range(64)])
+    store.evict(range(0, 64, 2))  # every other block: 32 holes of 4 KiB, no two adjacent
+    new = [torch.full((4096,), 100 + i, dtype=torch.uint8) for i in range(32)]
+    store.put([f"n{i}" for i in range(32)], new)
+    assert store.primary.used_bytes == 64 * 4096
+    got = store.get([f"n{i}" for i in range(32)] + list(range(1, 64, 2))).result()
+    assert [int(t[0]) for t in got] == [100 + i for i in range(32)] + list(range(1, 64, 2))
+    assert all(bool((t == t[0]).all()) for t in got)
+
+
+def test_close_primary_moves_every_block_to_host_while_a_writer_keeps_putting() -> None:
+    store = make_store(8 << 20)
+    written: dict[str, str] = {}
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def writer() -> None:
+        gen = torch.Generator().manual_seed(7)
+        i = 0
+        try:
+            while not stop.is_set() and i < 2000:
+                keys = [f"w{i + j}" for j in range(8)]
+                blocks = [random_block(16 << 10, gen=gen) for _ in keys]
+                try:
+                    store.put(keys, blocks).synchronize()
+                except OutOfPeerMemory:
+                    store.evict([f"w{i - 256 + j}" for j in range(8)], missing_ok=True)
+                    for j in range(8):
+                        written.pop(f"w{i - 256 + j}", None)
+                    continue
+                written.update({k: digest(b) for k, b in zip(keys, blocks, strict=True)})
+                i += 8
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    while len(written) < 200 and t.is_alive():
+        time.sleep(0.005)
+    moved, nbytes, _ = store.close_primary()
+    stop.set()
+    t.join(timeout=60)
+    assert not errors
+    assert moved > 0 and nbytes >= moved * (16 << 10)
+    assert store.counts()["primary"] == 0 and store.primary.capacity_bytes == 0
+    keys = sorted(written)
+    assert [digest(x) for x in store.get(keys).result()] == [written[k] for k in keys]
+
+
+def test_host_memory_fallback_grows_and_keeps_data() -> None:
+    mem = HostMemory(limit_bytes="4Mi")
+    assert mem.device_kind == "host-pageable"  # no CUDA on this machine: says so
+    blocks = [random_block(256 << 10) for _ in range(12)]
+    mem.put(list(range(12)), blocks)
+    assert [digest(t) for t in mem.get(list(range(12))).result()] == [digest(b) for b in blocks]
+    with pytest.raises(Exception, match="host memory limit reached"):
+        mem.put(["big"], [torch.zeros(2 << 20, dtype=torch.uint8)])
+    assert "tier=host-pageable" in repr(mem)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.integers(1, 9)), min_size=1, max_size=80))
+def test_allocator_never_overlaps_and_accounts_exactly(ops: list[tuple[bool, int]]) -> None:
+    alloc = RangeAllocator(32 * ALIGNMENT)
+    live: dict[int, int] = {}
+    for is_alloc, units in ops:
+        if is_alloc or not live:
+            off = alloc.alloc(units * ALIGNMENT)
+            if off is None:
+                assert alloc.largest_free < units * ALIGNMENT
+                continue
+            for o, n in live.items():
+                assert off + units * ALIGNMENT <= o or o + n <= off
+            assert off + units * ALIGNMENT <= alloc.capacity
+            live[off] = units * ALIGNMENT
+        else:
+            off = sorted(live)[units % len(live)]
+            alloc.free(off)
+            del live[off]
+        assert alloc.used_bytes == sum(live.values())
+    for off in list(live):
+        alloc.free(off)
+    assert alloc.largest_free == alloc.capacity
