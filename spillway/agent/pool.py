@@ -1,0 +1,537 @@
+"""The lease pool: pure bookkeeping of one node's lendable GPU memory (no I/O, injected clock).
+
+Accounting, per GPU (all in bytes):
+
+    local     = min(max(local reserved, local used), total - leased)
+    leased    = sum of the bytes of live leases (RESERVED, ACTIVE, REVOKING)
+    lendable  = max(0, total - headroom_nominal - max(reserved, local used) - leased),
+                rounded down to the granularity
+    headroom  = total - leased - local - lendable   (reported)
+
+so `leased + lendable + headroom + local == total` holds exactly at every moment. The
+reported headroom is the nominal one (default max(2 GiB, 5 % of total)) plus the sub-granule
+remainder that cannot be lent; while a reclaim is in flight (the GPU's own tenants grew into
+leased memory), the overcommit comes out of the reported headroom first (down to 0), and
+beyond that `local` is capped at `total - leased` until the revocations complete.
+
+Leases are granted only from lendable memory, so no byte is ever granted twice. Every
+change is recorded as an event (`drain()`), which the service persists and then publishes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
+from enum import IntEnum
+
+from spillway.agent.inventory import GpuFacts, InventoryFacts, LinkFacts
+from spillway.units import format_bytes
+
+GiB = 1 << 30
+MiB = 1 << 20
+DEFAULT_GRANULARITY = 64 * MiB
+DEFAULT_TTL_MS = 60_000
+DEFAULT_REVOKE_MS = 5_000
+MAX_TTL_MS = 30 * 24 * 3600 * 1000
+DEFAULT_RETENTION_MS = 10 * 60_000
+
+
+class Kind(IntEnum):
+    RESERVATION = 1
+    ELASTIC = 2
+
+
+class State(IntEnum):
+    RESERVED = 1
+    ACTIVE = 2
+    REVOKING = 3
+    RELEASED = 4
+    EXPIRED = 5
+    REVOKED = 6
+
+
+LIVE = frozenset({State.RESERVED, State.ACTIVE, State.REVOKING})
+
+
+class PoolError(Exception):
+    """A rejected call. `code` is a gRPC status code name; nothing changed in the pool."""
+
+    def __init__(self, code: str, message: str, *, largest: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.largest = largest
+
+
+@dataclass
+class Lease:
+    id: str
+    holder: str
+    kind: Kind
+    gpu_uuid: str
+    bytes: int
+    priority: int
+    state: State
+    created_at_ms: int
+    expires_at_ms: int
+    ttl_ms: int
+    token_hash: str
+    node_name: str = ""
+    revoke_deadline_ms: int = 0
+    idempotency_key: str = ""
+    pod: str = ""
+    pid: int = 0
+    reason: str = ""
+    ended_at_ms: int = 0
+    seq: int = 0  # creation order, for "newest first" among leases created in the same ms
+
+    @property
+    def live(self) -> bool:
+        return self.state in LIVE
+
+
+@dataclass(frozen=True)
+class Headroom:
+    """Never lent: max(min_bytes, fraction of total)."""
+
+    min_bytes: int = 2 * GiB
+    fraction: float = 0.05
+
+    def of(self, total: int) -> int:
+        return min(total, max(self.min_bytes, int(total * self.fraction + 0.999999)))
+
+
+@dataclass
+class GpuAccount:
+    facts: GpuFacts
+    local_used: int  # borrowers excluded
+    reserved: int = 0
+    headroom_nominal: int = 0
+
+
+@dataclass(frozen=True)
+class GpuView:
+    """One GPU's accounting, as reported."""
+
+    uuid: str
+    index: int
+    total: int
+    local_used: int
+    reserved: int
+    local: int
+    leased: int
+    lendable: int
+    headroom: int
+    revoking: int
+
+
+@dataclass(frozen=True)
+class Event:
+    kind: str  # "lease" | "capacity"
+    lease: Lease | None = None
+    gpu_uuid: str = ""
+    time_ms: int = 0
+    reclaim_ms: int = 0  # set on REVOKING events: when the reclaim was decided
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def round_up(n: int, granularity: int) -> int:
+    return -(-n // granularity) * granularity
+
+
+def victim_order(leases: Iterable[Lease]) -> list[Lease]:
+    """ELASTIC before RESERVATION, lower priority first, newest first."""
+    return sorted(leases, key=lambda x: (0 if x.kind == Kind.ELASTIC else 1, x.priority, -x.created_at_ms, -x.seq))
+
+
+class Pool:
+    def __init__(
+        self,
+        inventory: InventoryFacts,
+        *,
+        clock_ms: Callable[[], int],
+        key: bytes,
+        granularity: int = DEFAULT_GRANULARITY,
+        headroom: Headroom | None = None,
+        default_ttl_ms: int = DEFAULT_TTL_MS,
+        default_revoke_ms: int = DEFAULT_REVOKE_MS,
+        retention_ms: int = DEFAULT_RETENTION_MS,
+        new_id: Callable[[], str] | None = None,
+    ) -> None:
+        if granularity <= 0:
+            raise ValueError("granularity must be positive")
+        self.node_name = inventory.node_name
+        self.clock_ms = clock_ms
+        self._key = key
+        self.granularity = granularity
+        self.headroom = headroom or Headroom()
+        self.default_ttl_ms = default_ttl_ms
+        self.default_revoke_ms = default_revoke_ms
+        self.retention_ms = retention_ms
+        self._new_id = new_id or (lambda: "l-" + secrets.token_hex(8))
+        self.inventory = inventory
+        self.gpus: dict[str, GpuAccount] = {}
+        self.links: dict[frozenset[str], LinkFacts] = {}
+        self.leases: dict[str, Lease] = {}
+        self._by_key: dict[str, str] = {}
+        self._seq = 0
+        self._events: list[Event] = []
+        self.reclaims: list[tuple[str, int]] = []  # (trigger, time) of reclaim rounds since the last drain
+        self.update_inventory(inventory, borrower_pids={})
+        self._events.clear()
+
+    # --- inventory ------------------------------------------------------------------
+
+    def update_inventory(self, inventory: InventoryFacts, borrower_pids: dict[str, set[int]] | None = None) -> None:
+        """New facts from the backend. Emits CAPACITY for GPUs whose accounting moved and
+        starts a reclaim where local use grew into leased memory."""
+        from spillway.agent.inventory import local_used_bytes
+
+        self.inventory = inventory
+        self.links = {frozenset((lk.gpu_a, lk.gpu_b)): lk for lk in inventory.links}
+        pids = borrower_pids or {}
+        for g in inventory.gpus:
+            local = local_used_bytes(g.used_bytes, g.processes, pids.get(g.uuid, set()))
+            acct = self.gpus.get(g.uuid)
+            if acct is None:
+                self.gpus[g.uuid] = GpuAccount(g, local, 0, self.headroom.of(g.total_bytes))
+                continue
+            before = self.view(g.uuid)
+            acct.facts, acct.local_used = g, local
+            acct.headroom_nominal = self.headroom.of(g.total_bytes)
+            if self.view(g.uuid) != before:
+                self._emit_capacity(g.uuid)
+                self._reclaim_growth(g.uuid)
+
+    def set_reserved(self, gpu_uuid: str, reserved: int) -> None:
+        acct = self._gpu(gpu_uuid)
+        if reserved < 0 or reserved > acct.facts.total_bytes:
+            raise PoolError("INVALID_ARGUMENT", f"local reservation {format_bytes(reserved)} must be between 0 and "
+                            f"the GPU's total {format_bytes(acct.facts.total_bytes)}")
+        if acct.reserved != reserved:
+            acct.reserved = reserved
+            self._emit_capacity(gpu_uuid)
+            self._reclaim_growth(gpu_uuid)
+
+    def restore_reserved(self, reserved: dict[str, int]) -> None:
+        for u, r in reserved.items():
+            if u in self.gpus:
+                self.gpus[u].reserved = min(r, self.gpus[u].facts.total_bytes)
+
+    # --- accounting -----------------------------------------------------------------
+
+    def leased_on(self, gpu_uuid: str) -> int:
+        return sum(x.bytes for x in self.leases.values() if x.gpu_uuid == gpu_uuid and x.live)
+
+    def view(self, gpu_uuid: str) -> GpuView:
+        acct = self._gpu(gpu_uuid)
+        total = acct.facts.total_bytes
+        leased = revoking = 0
+        for x in self.leases.values():
+            if x.gpu_uuid == gpu_uuid and x.live:
+                leased += x.bytes
+                if x.state == State.REVOKING:
+                    revoking += x.bytes
+        raw_local = max(acct.reserved, acct.local_used)
+        local = min(raw_local, max(0, total - leased))
+        lendable = max(0, total - acct.headroom_nominal - raw_local - leased)
+        lendable -= lendable % self.granularity
+        headroom = total - leased - local - lendable
+        return GpuView(gpu_uuid, acct.facts.index, total, acct.local_used, acct.reserved, local, leased, lendable,
+                       headroom, revoking)
+
+    def views(self) -> list[GpuView]:
+        return [self.view(u) for u in sorted(self.gpus, key=lambda u: self.gpus[u].facts.index)]
+
+    def largest_grantable(self, candidates: Iterable[str] | None = None) -> int:
+        return max((self.view(u).lendable for u in (candidates if candidates is not None else self.gpus)), default=0)
+
+    # --- calls ----------------------------------------------------------------------
+
+    def acquire(
+        self,
+        *,
+        size: int,
+        holder: str,
+        kind: Kind = Kind.RESERVATION,
+        gpu_uuid: str = "",
+        near_gpu_uuid: str = "",
+        ttl_ms: int = 0,
+        priority: int = 0,
+        idempotency_key: str = "",
+        pod: str = "",
+    ) -> tuple[Lease, str]:
+        """Grant `size` bytes (rounded up to the granularity). Returns (lease, token)."""
+        if not holder.strip():
+            raise PoolError("INVALID_ARGUMENT", "holder is required: name who asks (tenant, pod or component)")
+        if kind not in (Kind.RESERVATION, Kind.ELASTIC):
+            raise PoolError("INVALID_ARGUMENT", "kind must be RESERVATION or ELASTIC")
+        if size <= 0:
+            raise PoolError("INVALID_ARGUMENT", f"size must be at least 1 byte, got {size}")
+        if ttl_ms < 0 or ttl_ms > MAX_TTL_MS:
+            raise PoolError("INVALID_ARGUMENT", f"ttl must be between 0 (the default, {self.default_ttl_ms} ms) and "
+                            f"{MAX_TTL_MS // 86_400_000} days, got {ttl_ms} ms")
+        if gpu_uuid and near_gpu_uuid:
+            raise PoolError("INVALID_ARGUMENT", "set gpu_uuid (lend from this GPU) or near_gpu_uuid (lend from the "
+                            "best GPU near this one), not both")
+        for u in (gpu_uuid, near_gpu_uuid):
+            if u:
+                self._gpu(u)
+        nbytes = round_up(size, self.granularity)
+        if idempotency_key and idempotency_key in self._by_key:
+            prior = self.leases.get(self._by_key[idempotency_key])
+            if prior is not None and prior.live:
+                if (prior.holder, prior.kind, prior.bytes) != (holder, kind, nbytes) or (
+                    gpu_uuid and gpu_uuid != prior.gpu_uuid
+                ):
+                    raise PoolError("FAILED_PRECONDITION", f"idempotency key {idempotency_key!r} already names lease "
+                                    f"{prior.id} ({prior.holder}, {Kind(prior.kind).name}, "
+                                    f"{format_bytes(prior.bytes)} on {prior.gpu_uuid}); use a new key for a "
+                                    "different request")
+                return replace(prior), self.token_for(prior.id)
+        if gpu_uuid:
+            candidates = [gpu_uuid]
+            biggest = self.gpus[gpu_uuid].facts.total_bytes
+            where = f"GPU {gpu_uuid}"
+        else:
+            candidates = [u for u in self.gpus if u != near_gpu_uuid]
+            biggest = max((self.gpus[u].facts.total_bytes for u in candidates), default=0)
+            where = f"any GPU near {near_gpu_uuid}" if near_gpu_uuid else "any GPU of this node"
+        if nbytes > biggest:
+            raise PoolError("INVALID_ARGUMENT", f"size {format_bytes(nbytes)} is more than the total memory of "
+                            f"{where} ({format_bytes(biggest)}); ask for less")
+        fits = [u for u in candidates if self.view(u).lendable >= nbytes]
+        if not fits:
+            largest = self.largest_grantable(candidates)
+            raise PoolError("RESOURCE_EXHAUSTED", f"no room for {format_bytes(nbytes)} on {where}: the largest lease "
+                            f"that can be granted now is {format_bytes(largest)} ({largest} bytes)", largest=largest)
+        chosen = self._place(fits, near_gpu_uuid)
+        now = self.clock_ms()
+        ttl = ttl_ms or self.default_ttl_ms
+        lease_id = self._new_id()
+        while lease_id in self.leases:
+            lease_id = self._new_id()
+        token = self.token_for(lease_id)
+        self._seq += 1
+        lease = Lease(id=lease_id, holder=holder, kind=Kind(kind), gpu_uuid=chosen, bytes=nbytes, priority=priority,
+                      state=State.RESERVED, created_at_ms=now, expires_at_ms=now + ttl, ttl_ms=ttl,
+                      token_hash=hash_token(token), node_name=self.node_name, idempotency_key=idempotency_key,
+                      pod=pod, seq=self._seq)
+        self.leases[lease_id] = lease
+        if idempotency_key:
+            self._by_key[idempotency_key] = lease_id
+        self._emit_lease(lease)
+        self._emit_capacity(chosen)
+        return replace(lease), token
+
+    def _place(self, fits: Sequence[str], near: str) -> str:
+        def key(u: str) -> tuple[int, int, int, int]:
+            v = self.view(u)
+            link = self.links.get(frozenset((u, near))) if near else None
+            nvlink = bool(link and link.nvlink)
+            return (0 if nvlink else 1, -(link.nvlink_count if link else 0), -v.lendable, v.index)
+
+        return min(fits, key=key)
+
+    def renew(self, lease_id: str, token: str, ttl_ms: int = 0) -> Lease:
+        lease = self._authorized(lease_id, token)
+        if ttl_ms < 0 or ttl_ms > MAX_TTL_MS:
+            raise PoolError("INVALID_ARGUMENT", f"ttl must be between 0 (the lease's own) and "
+                            f"{MAX_TTL_MS // 86_400_000} days, got {ttl_ms} ms")
+        if lease.state == State.REVOKING:
+            left = max(0, lease.revoke_deadline_ms - self.clock_ms())
+            raise PoolError("FAILED_PRECONDITION", f"lease {lease_id} is REVOKING (deadline in {left} ms): "
+                            "release it, it cannot be renewed")
+        if not lease.live:
+            raise PoolError("FAILED_PRECONDITION", f"lease {lease_id} is {lease.state.name}: it cannot be renewed; "
+                            "acquire a new lease")
+        if ttl_ms:
+            lease.ttl_ms = ttl_ms
+        lease.expires_at_ms = self.clock_ms() + lease.ttl_ms
+        self._emit_lease(lease)
+        return replace(lease)
+
+    def release(self, lease_id: str, token: str) -> Lease:
+        lease = self._authorized(lease_id, token)
+        if lease.live:
+            was_revoking = lease.state == State.REVOKING
+            self._end(lease, State.RELEASED, "released by the holder before the revoke deadline" if was_revoking
+                      else "released by the holder")
+        return replace(lease)
+
+    def claim(self, lease_id: str, token: str, holder: str = "", pod: str = "") -> Lease:
+        lease = self._authorized(lease_id, token)
+        if lease.state not in (State.RESERVED, State.ACTIVE):
+            raise PoolError("FAILED_PRECONDITION", f"lease {lease_id} is {lease.state.name}: only a RESERVED or "
+                            "ACTIVE lease can be claimed")
+        lease.state = State.ACTIVE
+        if holder.strip():
+            lease.holder = holder
+        if pod:
+            lease.pod = pod
+        self._emit_lease(lease)
+        return replace(lease)
+
+    def set_pid(self, lease_id: str, token: str, pid: int) -> Lease:
+        lease = self._authorized(lease_id, token)
+        if not lease.live:
+            raise PoolError("FAILED_PRECONDITION", f"lease {lease_id} is {lease.state.name}: nothing to attach to")
+        if lease.pid != pid:
+            lease.pid = pid
+            self._emit_lease(lease)
+        return replace(lease)
+
+    def clear_pid(self, lease_id: str, pid: int) -> None:
+        lease = self.leases.get(lease_id)
+        if lease is not None and lease.pid == pid:
+            lease.pid = 0
+            self._emit_lease(lease)
+
+    def list_leases(self, holder: str = "", include_ended: bool = False, gpu_uuid: str = "") -> list[Lease]:
+        if gpu_uuid:
+            self._gpu(gpu_uuid)
+        out = [replace(x) for x in self.leases.values()
+               if (include_ended or x.live) and (not holder or x.holder == holder)
+               and (not gpu_uuid or x.gpu_uuid == gpu_uuid)]
+        return sorted(out, key=lambda x: (x.created_at_ms, x.seq))
+
+    def get(self, lease_id: str, token: str) -> Lease:
+        return replace(self._authorized(lease_id, token))
+
+    def reclaim(self, gpu_uuid: str, size: int, reason: str = "", deadline_ms: int = 0) -> list[Lease]:
+        """Explicit reclaim: move leases on the GPU worth at least `size` bytes to REVOKING
+        (leases already REVOKING count). Returns the leases now revoking because of it."""
+        self._gpu(gpu_uuid)
+        if size <= 0:
+            raise PoolError("INVALID_ARGUMENT", f"reclaim size must be at least 1 byte, got {size}")
+        if deadline_ms < 0 or deadline_ms > MAX_TTL_MS:
+            raise PoolError("INVALID_ARGUMENT", f"deadline must be 0 (the default, {self.default_revoke_ms} ms) or a "
+                            f"positive grace period, got {deadline_ms} ms")
+        return self._revoke(gpu_uuid, size, reason or "reclaim requested", deadline_ms or self.default_revoke_ms)
+
+    def _reclaim_growth(self, gpu_uuid: str) -> list[Lease]:
+        acct = self.gpus[gpu_uuid]
+        v = self.view(gpu_uuid)
+        deficit = max(acct.reserved, acct.local_used) + v.leased + acct.headroom_nominal - v.total
+        if deficit <= 0:
+            return []
+        return self._revoke(gpu_uuid, deficit, "the lender GPU's own tenant needs its memory back",
+                            self.default_revoke_ms, trigger="local_growth")
+
+    def _revoke(self, gpu_uuid: str, size: int, reason: str, deadline_ms: int, trigger: str = "api") -> list[Lease]:
+        now = self.clock_ms()
+        live = [x for x in self.leases.values() if x.gpu_uuid == gpu_uuid and x.live]
+        wanted = size - sum(x.bytes for x in live if x.state == State.REVOKING)
+        victims: list[Lease] = []
+        for x in victim_order(y for y in live if y.state != State.REVOKING):
+            if wanted <= 0:
+                break
+            x.state = State.REVOKING
+            x.revoke_deadline_ms = now + deadline_ms
+            x.reason = reason
+            wanted -= x.bytes
+            victims.append(x)
+            self._emit_lease(x, reclaim_ms=now)
+        self.reclaims.append((trigger, now))
+        if victims:
+            self._emit_capacity(gpu_uuid)
+        return [replace(x) for x in victims]
+
+    # --- time -----------------------------------------------------------------------
+
+    def tick(self) -> int | None:
+        """Expire leases whose TTL ran out, revoke those past their deadline, forget old ended
+        ones. Returns when the next thing is due (ms), or None."""
+        now = self.clock_ms()
+        due: int | None = None
+        for lease in list(self.leases.values()):
+            if lease.live:
+                if lease.state == State.REVOKING and lease.revoke_deadline_ms <= now:
+                    self._end(lease, State.REVOKED, f"{lease.reason}; not released by the revoke deadline")
+                    continue
+                if lease.expires_at_ms <= now:
+                    self._end(lease, State.EXPIRED, f"TTL of {lease.ttl_ms} ms ran out without a renew")
+                    continue
+                nxt = lease.expires_at_ms
+                if lease.state == State.REVOKING:
+                    nxt = min(nxt, lease.revoke_deadline_ms)
+                due = nxt if due is None else min(due, nxt)
+            elif lease.ended_at_ms + self.retention_ms <= now:
+                del self.leases[lease.id]
+                if self._by_key.get(lease.idempotency_key) == lease.id:
+                    del self._by_key[lease.idempotency_key]
+                self._events.append(Event("forget", lease=replace(lease), time_ms=now))
+            else:
+                nxt = lease.ended_at_ms + self.retention_ms
+                due = nxt if due is None else min(due, nxt)
+        return due
+
+    # --- restore --------------------------------------------------------------------
+
+    def restore(self, leases: Iterable[Lease]) -> None:
+        """Load leases from the store (restart). Live leases whose GPU is gone expire."""
+        for lease in sorted(leases, key=lambda x: x.seq):
+            self.leases[lease.id] = lease
+            self._seq = max(self._seq, lease.seq)
+            if lease.idempotency_key:
+                self._by_key[lease.idempotency_key] = lease.id
+            if lease.live and lease.gpu_uuid not in self.gpus:
+                self._end(lease, State.EXPIRED, "its GPU is no longer on this node")
+
+    # --- plumbing -------------------------------------------------------------------
+
+    def token_for(self, lease_id: str) -> str:
+        """The lease's secret: HMAC of its id under the agent's key (kept in the state
+        directory, mode 0600), so a retried Acquire can return it again while only its hash
+        is stored."""
+        return hmac.new(self._key, lease_id.encode(), hashlib.sha256).hexdigest()
+
+    def _authorized(self, lease_id: str, token: str) -> Lease:
+        if not lease_id:
+            raise PoolError("INVALID_ARGUMENT", "lease_id is required")
+        lease = self.leases.get(lease_id)
+        if lease is None:
+            raise PoolError("NOT_FOUND", f"no lease {lease_id!r} on node {self.node_name} (it may have ended more "
+                            f"than {self.retention_ms // 1000} s ago); list leases with `spillway lease list`")
+        if not token:
+            raise PoolError("PERMISSION_DENIED", f"lease {lease_id} needs its token (returned by Acquire)")
+        if not hmac.compare_digest(hash_token(token), lease.token_hash):
+            raise PoolError("PERMISSION_DENIED", f"wrong token for lease {lease_id}: present the token that "
+                            "Acquire returned")
+        return lease
+
+    def _gpu(self, gpu_uuid: str) -> GpuAccount:
+        acct = self.gpus.get(gpu_uuid)
+        if acct is None:
+            known = ", ".join(f"{a.facts.index}:{u}" for u, a in sorted(self.gpus.items(),
+                                                                          key=lambda kv: kv[1].facts.index))
+            raise PoolError("NOT_FOUND", f"no GPU {gpu_uuid!r} on node {self.node_name}; its GPUs are {known}")
+        return acct
+
+    def _end(self, lease: Lease, state: State, reason: str) -> None:
+        lease.state = state
+        lease.reason = reason
+        lease.ended_at_ms = self.clock_ms()
+        self._emit_lease(lease)
+        if lease.gpu_uuid in self.gpus:
+            self._emit_capacity(lease.gpu_uuid)
+
+    def _emit_lease(self, lease: Lease, reclaim_ms: int = 0) -> None:
+        self._events.append(Event("lease", lease=replace(lease), time_ms=self.clock_ms(), reclaim_ms=reclaim_ms))
+
+    def _emit_capacity(self, gpu_uuid: str) -> None:
+        self._events.append(Event("capacity", gpu_uuid=gpu_uuid, time_ms=self.clock_ms()))
+
+    def drain(self) -> list[Event]:
+        out, self._events = self._events, []
+        return out
+
+    def drain_reclaims(self) -> list[tuple[str, int]]:
+        out, self.reclaims = self.reclaims, []
+        return out

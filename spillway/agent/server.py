@@ -1,0 +1,181 @@
+"""Runs the agent: inventory backend, pool restored from the store, the gRPC service on a
+unix socket (mode 0660) and optionally on TCP with mutual TLS, the attach socket, metrics,
+and signal handling (SIGTERM/SIGINT stop, SIGHUP re-reads the inventory configuration)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import logging
+import os
+import signal
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from spillway import __version__
+from spillway.agent.attach import AttachServer, attach_socket_path
+from spillway.agent.inventory import InventoryBackend, NvmlBackend, SimulatedBackend
+from spillway.agent.metrics import AgentMetrics
+from spillway.agent.pool import DEFAULT_GRANULARITY, DEFAULT_REVOKE_MS, DEFAULT_TTL_MS, Headroom, Pool
+from spillway.agent.service import AgentCore, AgentServicer, lease_pb, now_ms
+from spillway.agent.store import Store, load_or_create_key
+from spillway.api.v1 import agent_pb2_grpc as pb_grpc
+from spillway.metrics import HttpEndpoint
+from spillway.pki import TlsFiles
+
+log = logging.getLogger("spillway.agent")
+
+DEFAULT_SOCKET = "/run/spillway/agent.sock"
+DEFAULT_STATE_DIR = "/var/lib/spillway/agent"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_TOPOLOGY = REPO_ROOT / "examples" / "topologies" / "dgx-h100.yaml"
+
+
+@dataclass
+class AgentConfig:
+    backend: str = "simulated"
+    topology: Path = DEFAULT_TOPOLOGY
+    node_name: str = field(default_factory=lambda: os.environ.get("NODE_NAME") or socket.gethostname())
+    socket: Path = Path(DEFAULT_SOCKET)
+    listen: str = ""
+    tls: TlsFiles | None = None
+    state_dir: Path | None = Path(DEFAULT_STATE_DIR)
+    metrics_port: int | None = None
+    metrics_host: str = "0.0.0.0"
+    granularity: int = DEFAULT_GRANULARITY
+    headroom: Headroom = field(default_factory=Headroom)
+    default_ttl_ms: int = DEFAULT_TTL_MS
+    revoke_deadline_ms: int = DEFAULT_REVOKE_MS
+    refresh_s: float = 1.0
+    durable: bool = False
+    publish: bool = False
+    advertise_endpoint: str = ""
+
+
+def make_backend(cfg: AgentConfig) -> InventoryBackend:
+    if cfg.backend == "simulated":
+        return SimulatedBackend(cfg.topology, cfg.node_name)
+    if cfg.backend == "nvml":
+        return NvmlBackend(cfg.node_name)
+    raise ValueError(f"backend {cfg.backend!r}: use simulated or nvml")
+
+
+class Agent:
+    """One running agent. `await start()`, then `await stop()`."""
+
+    def __init__(self, cfg: AgentConfig) -> None:
+        self.cfg = cfg
+        self.backend = make_backend(cfg)
+        facts = self.backend.read()
+        self.metrics = AgentMetrics(cfg.node_name, self.backend.name, self.backend.simulated)
+        self.store = Store(cfg.state_dir / "leases.db" if cfg.state_dir else None, durable=cfg.durable)
+        key = load_or_create_key(cfg.state_dir)
+        self.pool = Pool(facts, clock_ms=now_ms, key=key, granularity=cfg.granularity, headroom=cfg.headroom,
+                         default_ttl_ms=cfg.default_ttl_ms, default_revoke_ms=cfg.revoke_deadline_ms)
+        leases, reserved = self.store.load()
+        self.pool.restore_reserved(reserved)
+        self.pool.restore(leases)
+        self.restored = sum(1 for x in leases if x.live)
+        self.core = AgentCore(self.backend, self.pool, self.store, self.metrics)
+        self.server: grpc.aio.Server | None = None
+        self.attach = AttachServer(attach_socket_path(cfg.socket), self._on_attach, self._on_detach)
+        self.http: HttpEndpoint | None = None
+        self.tcp_port = 0
+        self._publisher: asyncio.Task[None] | None = None
+
+    def _on_attach(self, lease_id: str, token: str, pid: int) -> dict[str, Any]:
+        lease = self.pool.set_pid(lease_id, token, pid)
+        self.core.commit()
+        log.info("borrower attached", extra={"lease": lease_id, "pid": pid})
+        return {"id": lease.id, "gpu_uuid": lease.gpu_uuid, "bytes": lease.bytes, "state": lease.state.name}
+
+    def _on_detach(self, lease_id: str, pid: int) -> None:
+        self.pool.clear_pid(lease_id, pid)
+        self.core.commit()
+        log.info("borrower detached", extra={"lease": lease_id, "pid": pid})
+
+    def ready(self) -> str:
+        return f"inventory unreadable: {self.core.inventory_error}" if self.core.inventory_error else ""
+
+    async def start(self) -> None:
+        cfg = self.cfg
+        if self.backend.simulated:
+            log.warning("SIMULATED GPU backend: inventory comes from a topology file, not from a GPU",
+                        extra={"topology": str(cfg.topology), "node": cfg.node_name})
+        self.core.start(cfg.refresh_s)
+        self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        pb_grpc.add_AgentServicer_to_server(AgentServicer(self.core), self.server)
+        cfg.socket.parent.mkdir(parents=True, exist_ok=True)
+        cfg.socket.unlink(missing_ok=True)
+        self.server.add_insecure_port(f"unix:{cfg.socket}")
+        if cfg.listen:
+            if cfg.tls is None:
+                raise ValueError("--listen needs --tls-cert, --tls-key and --tls-ca (mutual TLS)")
+            creds = grpc.ssl_server_credentials(
+                [(cfg.tls.key.read_bytes(), cfg.tls.cert.read_bytes())],
+                root_certificates=cfg.tls.ca.read_bytes(), require_client_auth=True)
+            self.tcp_port = self.server.add_secure_port(cfg.listen, creds)
+        await self.server.start()
+        cfg.socket.chmod(0o660)
+        await self.attach.start()
+        if cfg.metrics_port is not None:
+            self.http = HttpEndpoint(self.metrics.registry, self.ready)
+            await self.http.start(cfg.metrics_port, cfg.metrics_host)
+        if cfg.publish:
+            run_publisher = importlib.import_module("spillway.agent.publisher").run_publisher
+            target = f"unix:{cfg.socket}"
+            self._publisher = asyncio.create_task(
+                run_publisher(target, cfg.node_name, cfg.advertise_endpoint or cfg.listen), name="publisher")
+        gpus = self.pool.views()
+        log.info("agent started", extra={
+            "node": cfg.node_name, "backend": self.backend.name, "simulated": self.backend.simulated,
+            "gpus": len(gpus), "socket": str(cfg.socket), "tcp": f"{cfg.listen} (port {self.tcp_port})" if cfg.listen
+            else "", "state_dir": str(cfg.state_dir or ""), "restored_leases": self.restored,
+            "metrics_port": self.http.port if self.http else "", "version": __version__})
+
+    def reload(self) -> None:
+        try:
+            self.backend.reload()
+            log.info("SIGHUP: inventory configuration re-read", extra={"backend": self.backend.name})
+        except Exception as exc:
+            log.error("SIGHUP: reload failed; keeping the previous configuration", extra={"error": str(exc)})
+            return
+        asyncio.get_running_loop().create_task(self.core.refresh())
+
+    async def stop(self) -> None:
+        if self._publisher is not None:
+            self._publisher.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._publisher
+        await self.attach.stop()
+        if self.server is not None:
+            await self.server.stop(grace=1.0)
+        await self.core.stop()
+        if self.http is not None:
+            await self.http.stop()
+        self.store.close()
+        self.backend.close()
+        with contextlib.suppress(OSError):
+            self.cfg.socket.unlink()
+
+
+async def run_agent(cfg: AgentConfig) -> int:
+    agent = Agent(cfg)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, agent.reload)
+    await agent.start()
+    await stop.wait()
+    log.info("agent stopping")
+    await agent.stop()
+    return 0
+
+
+__all__ = ["Agent", "AgentConfig", "lease_pb", "run_agent"]
