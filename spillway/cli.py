@@ -14,6 +14,8 @@ from spillway import logging as slog
 # stored as `func` (sync, returning an exit code).
 COMMAND_MODULES = (
     "spillway.agent.cli",
+    "spillway.operator.cli",
+    "spillway.deviceplugin.cli",
 )
 
 

@@ -1,0 +1,312 @@
+"""Allocate and GetPreferredAllocation.
+
+Allocate: find the pod (see `pods`), mark it, then either claim its reservation at the agent
+(annotations written by the operator: lease ids and tokens) or, for a pod without one, acquire
+a RESERVATION lease on the spot; answer with the lease in the borrower's environment, a mount
+of the agent socket directory and the lender GPU's device node (or CDI name). A request that
+cannot be served fails with a message that says why and changes nothing at the agent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import grpc
+
+from spillway.api.deviceplugin.v1beta1 import api_pb2
+from spillway.api.v1 import agent_pb2
+from spillway.deviceplugin import (
+    ANN_NODE,
+    ANN_RESERVATION,
+    ANN_TOKEN,
+    ENV_AGENT_SOCKET,
+    ENV_LEASE_ID,
+    ENV_LEASE_TOKEN,
+    ENV_LENDER_GPUS,
+)
+from spillway.deviceplugin.metrics import Metrics
+from spillway.deviceplugin.pods import PodRef, PodSource, PodSourceError
+from spillway.deviceplugin.resources import LIVE_STATES, ResourceManager, parse_unit_id
+from spillway.deviceplugin.state import Allocation, AllocationStore
+from spillway.units import format_bytes
+
+log = logging.getLogger(__name__)
+
+MARK_ATTEMPTS = 5
+
+
+class AllocationError(Exception):
+    def __init__(self, message: str, code: grpc.StatusCode = grpc.StatusCode.FAILED_PRECONDITION) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
+@dataclass(frozen=True)
+class AllocatorConfig:
+    node: str
+    agent_socket: str              # the agent's gRPC socket, as the plugin and the borrower see it
+    agent_socket_host_dir: str     # its directory on the host (mounted into the borrower)
+    unit_bytes: int
+    cdi: bool = False
+    lease_ttl_s: float = 0.0       # on-the-spot leases; 0: the agent's default
+    rpc_timeout_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class Grant:
+    leases: tuple[agent_pb2.Lease, ...]
+    tokens: tuple[str, ...]
+    result: str
+
+
+class Allocator:
+    def __init__(
+        self,
+        config: AllocatorConfig,
+        resources: ResourceManager,
+        pods: PodSource | None,
+        store: AllocationStore,
+        metrics: Metrics,
+    ) -> None:
+        self.config = config
+        self.resources = resources
+        self.pods = pods
+        self.store = store
+        self.metrics = metrics
+        self._lock = asyncio.Lock()
+
+    # --- Allocate ---------------------------------------------------------------------
+    async def allocate(self, device_ids: list[str]) -> api_pb2.ContainerAllocateResponse:
+        t0 = time.monotonic()
+        async with self._lock:
+            try:
+                response, result = await self._allocate(list(device_ids))
+            except AllocationError as exc:
+                self.metrics.allocation("error", time.monotonic() - t0)
+                log.warning("allocate failed", extra={"units": len(device_ids), "error": exc.message})
+                raise
+        self.metrics.allocation(result, time.monotonic() - t0)
+        return response
+
+    async def _allocate(self, ids: list[str]) -> tuple[api_pb2.ContainerAllocateResponse, str]:
+        if not ids:
+            raise AllocationError("the request names no spillway.dev/peer-hbm units", grpc.StatusCode.INVALID_ARGUMENT)
+        foreign = [i for i in ids if parse_unit_id(i) is None]
+        if foreign:
+            raise AllocationError(f"device IDs {foreign} are not spillway.dev/peer-hbm units of this plugin",
+                                  grpc.StatusCode.INVALID_ARGUMENT)
+        if not self.resources.agent_up:
+            raise AllocationError(self._agent_down(self.resources.agent_error), grpc.StatusCode.UNAVAILABLE)
+        pod = await self._take_pod(len(ids))
+        try:
+            if pod is not None and pod.reservations:
+                grant = await self._claim(pod)
+            else:
+                grant = await self._on_the_spot(ids, pod)
+            try:
+                response = self._response(grant)
+            except AllocationError:
+                if grant.result == "on_the_spot":
+                    await self._release(grant)
+                raise
+        except AllocationError as exc:
+            if pod is not None and self.pods is not None:
+                with contextlib.suppress(PodSourceError):
+                    await self.pods.update_mark(pod, {"result": "error", "units": len(ids), "message": exc.message})
+            raise
+        self.store.add(Allocation(
+            lease_ids=[lease.id for lease in grant.leases], tokens=list(grant.tokens), device_ids=ids,
+            gpu_uuids=[lease.gpu_uuid for lease in grant.leases], result=grant.result,
+            pod=pod.key if pod else "", container=pod.container if pod else "",
+            ttl_s=max((lease.ttl_ms for lease in grant.leases), default=0) / 1000.0))
+        self.resources.add_in_use(ids)
+        self.resources.kick()
+        if pod is not None and self.pods is not None:
+            try:
+                await self.pods.update_mark(pod, {"result": grant.result, "units": len(ids),
+                                                  "leases": [lease.id for lease in grant.leases]})
+            except PodSourceError as exc:
+                log.warning("allocated, but could not record it on the pod", extra={"pod": pod.key, "error": str(exc)})
+        log.info("allocated", extra={
+            "pod": pod.key if pod else "", "container": pod.container if pod else "", "units": len(ids),
+            "result": grant.result, "leases": ",".join(lease.id for lease in grant.leases),
+            "lender_gpus": ",".join(lease.gpu_uuid for lease in grant.leases)})
+        return response, grant.result
+
+    async def _take_pod(self, units: int) -> PodRef | None:
+        if self.pods is None:
+            return None
+        for _ in range(MARK_ATTEMPTS):
+            try:
+                candidates = await self.pods.candidates(units)
+                if not candidates:
+                    log.warning("no pod on this node waits for these units; leasing without a pod name",
+                                extra={"node": self.config.node, "units": units})
+                    return None
+                if await self.pods.mark(candidates[0], {"result": "pending", "units": units}):
+                    return candidates[0]
+            except PodSourceError as exc:
+                raise AllocationError(f"{exc}; nothing was allocated", grpc.StatusCode.UNAVAILABLE) from exc
+        raise AllocationError(f"the pods of node {self.config.node} kept changing while marking one for "
+                              f"{units} units; nothing was allocated", grpc.StatusCode.ABORTED)
+
+    async def _claim(self, pod: PodRef) -> Grant:
+        node = self.config.node
+        if pod.reservation_node and pod.reservation_node != node:
+            raise AllocationError(f"pod {pod.key}: its reservation ({ANN_NODE}) is at node {pod.reservation_node}'s "
+                                  f"agent, but the pod runs on node {node}")
+        if len(pod.tokens) != len(pod.reservations):
+            raise AllocationError(f"pod {pod.key}: annotation {ANN_TOKEN} has {len(pod.tokens)} tokens for "
+                                  f"{len(pod.reservations)} leases in {ANN_RESERVATION}")
+        client = self.resources.client()
+        leases: list[agent_pb2.Lease] = []
+        for lease_id, token in zip(pod.reservations, pod.tokens, strict=True):
+            try:
+                lease = await asyncio.wait_for(client.claim(lease_id, token, pod=pod.key), self.config.rpc_timeout_s)
+            except grpc.aio.AioRpcError as exc:
+                raise AllocationError(self._claim_error(pod, lease_id, exc), exc.code()) from exc
+            except (TimeoutError, OSError) as exc:
+                raise AllocationError(self._agent_down(str(exc) or "no answer in time"),
+                                      grpc.StatusCode.UNAVAILABLE) from exc
+            if lease.state not in LIVE_STATES:
+                raise AllocationError(f"reservation {lease_id} of pod {pod.key} is "
+                                      f"{agent_pb2.LeaseState.Name(lease.state)}, not live: the operator must "
+                                      "reserve again (recreate the pod)")
+            leases.append(lease)
+        granted = sum(int(lease.bytes) for lease in leases)
+        if -(-granted // self.config.unit_bytes) != pod.units:
+            log.warning("the pod's unit count does not match its reservation", extra={
+                "pod": pod.key, "units": pod.units, "reserved": format_bytes(granted)})
+        return Grant(tuple(leases), tuple(pod.tokens), "reservation")
+
+    def _claim_error(self, pod: PodRef, lease_id: str, exc: grpc.aio.AioRpcError) -> str:
+        code, details = exc.code(), exc.details() or ""
+        what = f"reservation {lease_id} of pod {pod.key}"
+        if code == grpc.StatusCode.NOT_FOUND:
+            return (f"{what} is unknown to the agent on node {self.config.node} (it expired and was forgotten, "
+                    f"or was made at another node's agent): {details}")
+        if code == grpc.StatusCode.FAILED_PRECONDITION:
+            return f"{what} cannot be claimed (expired or released?): {details}"
+        if code == grpc.StatusCode.PERMISSION_DENIED:
+            return f"{what}: the token in annotation {ANN_TOKEN} is not that lease's token: {details}"
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            return self._agent_down(f"{code.name}: {details}")
+        return f"{what}: the agent refused the claim: {code.name}: {details}"
+
+    async def _on_the_spot(self, ids: list[str], pod: PodRef | None) -> Grant:
+        size = len(ids) * self.config.unit_bytes
+        client = self.resources.client()
+        holder = f"pod:{pod.key}" if pod else f"deviceplugin:{self.config.node}"
+        key = f"deviceplugin/{pod.uid}/{pod.container}" if pod else ""
+        # The GPU most of the units belong to first, then wherever the agent finds room.
+        counts = Counter(g for g, _ in (parse_unit_id(i) or ("", 0) for i in ids))
+        first = counts.most_common(1)[0][0] if counts else ""
+        attempts = [first, ""] if first and self.resources.gpu(first) is not None else [""]
+        last: grpc.aio.AioRpcError | None = None
+        for gpu in attempts:
+            try:
+                resp = await asyncio.wait_for(client.acquire(
+                    str(size), holder, kind=agent_pb2.RESERVATION, gpu_uuid=gpu, ttl_s=self.config.lease_ttl_s,
+                    idempotency_key=key, pod=pod.key if pod else ""), self.config.rpc_timeout_s)
+                return Grant((resp.lease,), (resp.token,), "on_the_spot")
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    last = exc
+                    continue
+                if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    raise AllocationError(self._agent_down(f"{exc.code().name}: {exc.details()}"),
+                                          grpc.StatusCode.UNAVAILABLE) from exc
+                raise AllocationError(f"the agent refused a lease of {format_bytes(size)}: "
+                                      f"{exc.code().name}: {exc.details()}", exc.code()) from exc
+            except (TimeoutError, OSError) as exc:
+                raise AllocationError(self._agent_down(str(exc) or "no answer in time"),
+                                      grpc.StatusCode.UNAVAILABLE) from exc
+        whom = f"pod {pod.key}" if pod else "a pod this plugin could not identify"
+        raise AllocationError(f"no room: {len(ids)} units ({format_bytes(size)}) for {whom} do not fit on any one "
+                              f"GPU of node {self.config.node}: {last.details() if last else ''}",
+                              grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+    async def _release(self, grant: Grant) -> None:
+        client = self.resources.client()
+        for lease, token in zip(grant.leases, grant.tokens, strict=True):
+            with contextlib.suppress(grpc.aio.AioRpcError, TimeoutError, OSError):
+                await asyncio.wait_for(client.release(lease.id, token), self.config.rpc_timeout_s)
+
+    def _agent_down(self, reason: str) -> str:
+        return (f"the Spillway agent at {self.config.agent_socket} on node {self.config.node} does not answer "
+                f"({reason}); nothing was allocated")
+
+    def _response(self, grant: Grant) -> api_pb2.ContainerAllocateResponse:
+        socket_dir = os.path.dirname(self.config.agent_socket)
+        resp = api_pb2.ContainerAllocateResponse(
+            envs={
+                ENV_LEASE_ID: ",".join(lease.id for lease in grant.leases),
+                ENV_LEASE_TOKEN: ",".join(grant.tokens),
+                ENV_AGENT_SOCKET: self.config.agent_socket,
+                ENV_LENDER_GPUS: ",".join(lease.gpu_uuid for lease in grant.leases),
+            },
+            mounts=[api_pb2.Mount(container_path=socket_dir, host_path=self.config.agent_socket_host_dir,
+                                  read_only=True)],
+        )
+        for uuid in dict.fromkeys(lease.gpu_uuid for lease in grant.leases):
+            if self.config.cdi:
+                resp.cdi_devices.append(api_pb2.CDIDevice(name=f"nvidia.com/gpu={uuid}"))
+                continue
+            gpu = self.resources.gpu(uuid)
+            if gpu is None:
+                raise AllocationError(f"lender GPU {uuid} is not in the agent's inventory of node {self.config.node}")
+            path = f"/dev/nvidia{gpu.index}"
+            resp.devices.append(api_pb2.DeviceSpec(container_path=path, host_path=path, permissions="rw"))
+        return resp
+
+    # --- GetPreferredAllocation -------------------------------------------------------
+    async def preferred(self, available: list[str], must_include: list[str], size: int) -> list[str]:
+        """Keep a pod's units together: its reservation's GPUs first, then the fewest GPUs."""
+        chosen = list(dict.fromkeys(must_include))
+        need = size - len(chosen)
+        if need <= 0:
+            return chosen
+        by_gpu: dict[str, list[tuple[int, str]]] = {}
+        for device_id in dict.fromkeys(available):
+            parsed = parse_unit_id(device_id)
+            if parsed and device_id not in chosen:
+                by_gpu.setdefault(parsed[0], []).append((parsed[1], device_id))
+        first: list[str] = list(await self._pod_gpus(size))
+        first += [p[0] for p in (parse_unit_id(i) for i in chosen) if p]
+
+        def rank(gpu: str) -> tuple[int, int, int]:
+            if gpu in first:
+                return (0, first.index(gpu), 0)
+            n = len(by_gpu[gpu])
+            # One GPU that fits the rest (the tightest one), else the largest first.
+            return (1, 0, n) if n >= need else (2, 0, -n)
+
+        for gpu in sorted(by_gpu, key=rank):
+            for _, device_id in sorted(by_gpu[gpu]):
+                if need == 0:
+                    break
+                chosen.append(device_id)
+                need -= 1
+        return chosen
+
+    async def _pod_gpus(self, units: int) -> tuple[str, ...]:
+        """Lender GPUs of the pod that will most likely get this allocation (read only)."""
+        if self.pods is None:
+            return ()
+        try:
+            candidates = await self.pods.candidates(units)
+        except PodSourceError as exc:
+            log.debug("preferred allocation without pod hints", extra={"error": str(exc)})
+            return ()
+        if not candidates:
+            return ()
+        pod = candidates[0]
+        gpus = [self.resources.leases[r].gpu_uuid for r in pod.reservations if r in self.resources.leases]
+        return tuple(dict.fromkeys(gpus + list(pod.lender_gpus)))

@@ -1,0 +1,96 @@
+"""Wires the device plugin's parts together and runs them until cancelled."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from spillway.deviceplugin.allocator import Allocator, AllocatorConfig
+from spillway.deviceplugin.metrics import Metrics
+from spillway.deviceplugin.podresources import Attributor
+from spillway.deviceplugin.pods import PodSource
+from spillway.deviceplugin.resources import ResourceManager
+from spillway.deviceplugin.server import DevicePluginService, PluginServer
+from spillway.deviceplugin.state import AllocationStore
+from spillway.metrics import HttpEndpoint
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Config:
+    node: str
+    agent_socket: str
+    kubelet_dir: Path
+    pod_resources_socket: Path
+    unit_bytes: int
+    cdi: bool = False
+    agent_socket_host_dir: str = ""      # default: the directory of agent_socket
+    state_dir: Path | None = None        # None: keep the allocation record in memory only
+    kubeconfig: str | None = None        # None: in-cluster, $KUBECONFIG or ~/.kube/config
+    use_kubernetes: bool = True
+    metrics_port: int | None = None
+    metrics_host: str = "0.0.0.0"
+    agent_poll_s: float = 1.0
+    kubelet_poll_s: float = 0.25
+    sync_interval_s: float = 5.0
+    release_grace_s: float = 30.0
+    lease_ttl_s: float = 0.0
+
+
+class DevicePlugin:
+    def __init__(self, config: Config, metrics: Metrics | None = None) -> None:
+        self.config = config
+        self.metrics = metrics or Metrics(config.node)
+        self.resources = ResourceManager(config.agent_socket, config.unit_bytes, self.metrics,
+                                         poll_s=config.agent_poll_s)
+        self.store = AllocationStore(config.state_dir)
+        pods: PodSource | None = None
+        if config.use_kubernetes and PodSource.configured(config.kubeconfig):
+            pods = PodSource(config.node, config.kubeconfig)
+        else:
+            log.warning("no Kubernetes API configured: Allocate cannot see pods, so it leases without "
+                        "reservations; pod names come from the PodResources API later")
+        self.pods = pods
+        host_dir = config.agent_socket_host_dir or os.path.dirname(config.agent_socket)
+        self.allocator = Allocator(
+            AllocatorConfig(node=config.node, agent_socket=config.agent_socket, agent_socket_host_dir=host_dir,
+                            unit_bytes=config.unit_bytes, cdi=config.cdi, lease_ttl_s=config.lease_ttl_s),
+            self.resources, pods, self.store, self.metrics)
+        self.server = PluginServer(DevicePluginService(self.resources, self.allocator), config.kubelet_dir,
+                                   self.metrics, poll_s=config.kubelet_poll_s)
+        self.attributor = Attributor(config.pod_resources_socket, self.resources, self.store,
+                                     interval_s=config.sync_interval_s, grace_s=config.release_grace_s)
+        self.http: HttpEndpoint | None = None
+
+    def ready(self) -> str:
+        if not self.server.registered:
+            return "not registered with the kubelet"
+        if not self.resources.agent_up:
+            return f"agent unreachable: {self.resources.agent_error}"
+        return ""
+
+    async def run(self) -> None:
+        if self.config.metrics_port is not None:
+            self.http = HttpEndpoint(self.metrics.registry, self.ready)
+            port = await self.http.start(self.config.metrics_port, self.config.metrics_host)
+            log.info("metrics endpoint", extra={"port": port})
+        tasks = [asyncio.create_task(self.resources.run(), name="resources")]
+        try:
+            # Advertise what the agent has before the kubelet asks (it may still be down: then
+            # only units in use are listed, and they become Healthy when it answers).
+            await self.resources.wait_first(5.0)
+            tasks.append(asyncio.create_task(self.attributor.run(), name="podresources"))
+            tasks.append(asyncio.create_task(self.server.run(), name="kubelet"))
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for t in done:
+                t.result()
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if self.http is not None:
+                await self.http.stop()

@@ -1,0 +1,278 @@
+"""The resource manager: which `spillway.dev/peer-hbm` units exist and whether they are healthy.
+
+Units come from the node agent's pool. Each GPU g offers `capacity_g` units:
+
+    capacity_g = floor((lendable_g + bytes of live RESERVATION leases on g) / unit)
+
+Lendable memory is free to lend now; RESERVATION leases are pod-bound, so the scheduler
+already counts them through the pods' requests and they stay in the advertised capacity;
+ELASTIC leases are not pod requests, so they reduce it.
+
+Unit IDs are `<gpu uuid>::<k>` (k = 0, 1, ...): stable across restarts of the plugin and of the
+agent. A unit, once advertised, stays in the list for the life of the process; when the pool
+shrinks the surplus goes Unhealthy, free units first (units in use by pods stay Healthy as
+long as the GPU's capacity covers them). While the agent does not answer, every free unit is
+Unhealthy; units in use stay Healthy (their pods keep running).
+
+`compute_units` is the pure rule; `ResourceManager` feeds it from the agent (GetInventory and
+ListLeases, refreshed on every Watch event and on a timer) and tells ListAndWatch streams
+when the list changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import grpc
+
+from spillway.agent.client import AgentClient
+from spillway.api.v1 import agent_pb2
+from spillway.deviceplugin import HEALTHY, UNHEALTHY
+from spillway.deviceplugin.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+UNIT_SEPARATOR = "::"
+LIVE_STATES = frozenset({agent_pb2.RESERVED, agent_pb2.ACTIVE, agent_pb2.REVOKING})
+
+
+def unit_id(gpu_uuid: str, k: int) -> str:
+    return f"{gpu_uuid}{UNIT_SEPARATOR}{k}"
+
+
+def parse_unit_id(device_id: str) -> tuple[str, int] | None:
+    """(gpu uuid, k) of a unit ID, or None when the ID is not one of ours."""
+    gpu, sep, k = device_id.rpartition(UNIT_SEPARATOR)
+    if not sep or not gpu or not k.isdigit():
+        return None
+    return gpu, int(k)
+
+
+@dataclass(frozen=True)
+class Unit:
+    id: str
+    gpu_uuid: str
+    k: int
+    healthy: bool
+
+    @property
+    def health(self) -> str:
+        return HEALTHY if self.healthy else UNHEALTHY
+
+
+def gpu_capacity_units(
+    inventory: agent_pb2.Inventory, leases: Iterable[agent_pb2.Lease], unit_bytes: int
+) -> dict[str, int]:
+    """Units each GPU can back: its lendable bytes plus its live RESERVATION leases, per unit."""
+    reserved: dict[str, int] = {}
+    for lease in leases:
+        if lease.kind == agent_pb2.RESERVATION and lease.state in LIVE_STATES:
+            reserved[lease.gpu_uuid] = reserved.get(lease.gpu_uuid, 0) + int(lease.bytes)
+    return {g.uuid: (int(g.lendable_bytes) + reserved.get(g.uuid, 0)) // unit_bytes for g in inventory.gpus}
+
+
+def compute_units(
+    gpu_order: Iterable[str],
+    capacity: Mapping[str, int] | None,
+    known: Mapping[str, int],
+    in_use: Iterable[str],
+) -> list[Unit]:
+    """The unit list for the kubelet.
+
+    gpu_order: GPU UUIDs in index order. capacity: units per GPU, or None while the agent is
+    unreachable. known: units per GPU advertised so far (the list never shrinks). in_use: unit
+    IDs allocated to pods.
+    """
+    used: dict[str, set[int]] = {}
+    for device_id in in_use:
+        parsed = parse_unit_id(device_id)
+        if parsed:
+            used.setdefault(parsed[0], set()).add(parsed[1])
+    units: list[Unit] = []
+    order = list(gpu_order)
+    order += sorted(g for g in set(known) | set(used) if g not in order)
+    for gpu in order:
+        busy = used.get(gpu, set())
+        count = max(known.get(gpu, 0), (capacity or {}).get(gpu, 0), max(busy, default=-1) + 1)
+        budget = len(busy) if capacity is None else capacity.get(gpu, 0)
+        # In-use units first (lowest k first), then free ones, until the GPU's capacity is spent.
+        healthy: set[int] = set()
+        for k in sorted(busy) + [k for k in range(count) if k not in busy]:
+            if len(healthy) >= budget:
+                break
+            healthy.add(k)
+        units.extend(Unit(unit_id(gpu, k), gpu, k, k in healthy) for k in range(count))
+    return units
+
+
+class ResourceManager:
+    """Keeps the unit list in step with the agent; ListAndWatch streams wait on `changed`."""
+
+    def __init__(
+        self,
+        agent_socket: str,
+        unit_bytes: int,
+        metrics: Metrics,
+        *,
+        poll_s: float = 1.0,
+        rpc_timeout_s: float = 2.0,
+    ) -> None:
+        self.agent_socket = agent_socket
+        self.unit_bytes = unit_bytes
+        self.metrics = metrics
+        self.poll_s = poll_s
+        self.rpc_timeout_s = rpc_timeout_s
+        self.inventory: agent_pb2.Inventory | None = None
+        self.leases: dict[str, agent_pb2.Lease] = {}
+        self.agent_up = False
+        self.agent_error = "not contacted yet"
+        self._client: AgentClient | None = None
+        self._known: dict[str, int] = {}
+        self._in_use: set[str] = set()
+        self._units: list[Unit] = []
+        self._version = 0
+        self._cond = asyncio.Condition()
+        self._kick = asyncio.Event()
+        self._first = asyncio.Event()
+
+    # --- what others read -------------------------------------------------------------
+    @property
+    def units(self) -> list[Unit]:
+        return list(self._units)
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    def gpu(self, uuid: str) -> agent_pb2.Gpu | None:
+        for g in self.inventory.gpus if self.inventory else ():
+            if g.uuid == uuid:
+                return g
+        return None
+
+    def client(self) -> AgentClient:
+        """The agent client (made on first use, remade after the agent was unreachable)."""
+        if self._client is None:
+            self._client = AgentClient(self.agent_socket)
+        return self._client
+
+    async def wait_changed(self, seen: int) -> int:
+        """Wait until the unit list differs from version `seen`; return the new version."""
+        async with self._cond:
+            await self._cond.wait_for(lambda: self._version != seen)
+            return self._version
+
+    async def wait_first(self, within_s: float) -> bool:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._first.wait(), within_s)
+        return self._first.is_set()
+
+    def set_in_use(self, ids: Iterable[str]) -> None:
+        """The unit IDs allocated to pods (PodResources plus fresh Allocate calls)."""
+        self._in_use = set(ids)
+        self._recompute()
+
+    def add_in_use(self, ids: Iterable[str]) -> None:
+        self._in_use |= set(ids)
+        self._recompute()
+
+    def kick(self) -> None:
+        """Refresh from the agent now (after this process changed the pool)."""
+        self._kick.set()
+
+    # --- the loop ---------------------------------------------------------------------
+    async def run(self) -> None:
+        watcher = asyncio.create_task(self._watch(), name="agent-watch")
+        try:
+            while True:
+                await self.refresh()
+                self._kick.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._kick.wait(), self.poll_s)
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+            await self._drop_client()
+
+    async def refresh(self) -> None:
+        """Read inventory and leases from the agent; on failure mark the agent down."""
+        try:
+            client = self.client()
+            inventory = await asyncio.wait_for(client.inventory(), self.rpc_timeout_s)
+            leases = await asyncio.wait_for(client.leases(), self.rpc_timeout_s)
+        except (grpc.aio.AioRpcError, OSError, TimeoutError) as exc:
+            self._set_down(_describe(exc))
+            await self._drop_client()
+            return
+        self.inventory = inventory
+        self.leases = {lease.id: lease for lease in leases}
+        if not self.agent_up:
+            log.info("agent answers", extra={"agent": self.agent_socket, "gpus": len(inventory.gpus),
+                                             "simulated": inventory.simulated})
+        self.agent_up = True
+        self.agent_error = ""
+        self.metrics.set_agent_up(True)
+        self._recompute()
+        self._first.set()
+
+    async def _watch(self) -> None:
+        """Any Watch event means the pool may have changed: refresh at once."""
+        while True:
+            try:
+                async for _ in self.client().watch():
+                    self._kick.set()
+            except (grpc.aio.AioRpcError, OSError) as exc:
+                log.debug("agent watch ended", extra={"error": _describe(exc)})
+            self._kick.set()
+            await asyncio.sleep(self.poll_s / 2)
+
+    def _set_down(self, reason: str) -> None:
+        if self.agent_up or self.agent_error != reason:
+            log.warning("agent unreachable: free units go Unhealthy",
+                        extra={"agent": self.agent_socket, "error": reason})
+        self.agent_up = False
+        self.agent_error = reason
+        self.metrics.set_agent_up(False)
+        self._recompute()
+        self._first.set()
+
+    async def _drop_client(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            with contextlib.suppress(Exception):
+                await client.close()
+
+    def _recompute(self) -> None:
+        order: list[str] = []
+        capacity: dict[str, int] | None = None
+        if self.inventory is not None:
+            order = [g.uuid for g in sorted(self.inventory.gpus, key=lambda g: g.index)]
+        if self.agent_up and self.inventory is not None:
+            capacity = gpu_capacity_units(self.inventory, self.leases.values(), self.unit_bytes)
+        units = compute_units(order, capacity, self._known, self._in_use)
+        for u in units:
+            self._known[u.gpu_uuid] = max(self._known.get(u.gpu_uuid, 0), u.k + 1)
+        healthy = sum(u.healthy for u in units)
+        self.metrics.set_units(healthy, len(units) - healthy)
+        if [(u.id, u.healthy) for u in units] != [(u.id, u.healthy) for u in self._units]:
+            self._units = units
+            self._version += 1
+            log.info("units changed", extra={"units": len(units), "healthy": healthy, "version": self._version})
+            asyncio.get_running_loop().create_task(self._notify())
+
+    async def _notify(self) -> None:
+        async with self._cond:
+            self._cond.notify_all()
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return f"{exc.code().name}: {exc.details()}"
+    if isinstance(exc, TimeoutError):
+        return "no answer in time"
+    return str(exc) or type(exc).__name__
