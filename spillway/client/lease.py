@@ -53,7 +53,8 @@ def _state_name(state: int) -> str:
 class LeaseKeeper:
     """Owns the agent connection for one lease.
 
-    `on_revoke()` is called (in a worker thread) when the lease goes REVOKING or is lost; it
+    `renew_ttl_s` (0: the lease's own TTL) is the TTL each renewal asks for: a short one makes
+    the lease expire soon after this process dies. `on_revoke()` is called (in a worker thread) when the lease goes REVOKING or is lost; it
     must move every block off the lender and return (blocks, bytes). The keeper then releases
     the lease. Construction claims the lease and attaches the PID, raising on failure."""
 
@@ -67,6 +68,7 @@ class LeaseKeeper:
         holder: str = "",
         pod: str = "",
         attach: bool = True,
+        renew_ttl_s: float = 0.0,
         start_timeout_s: float = 30.0,
     ) -> None:
         self.agent_socket = agent_socket
@@ -76,6 +78,7 @@ class LeaseKeeper:
         self.pod = pod
         self._on_revoke = on_revoke
         self._want_attach = attach
+        self.renew_ttl_s = renew_ttl_s
         self._attachment: Any = None
         self._loop = asyncio.new_event_loop()
         self._stopping = threading.Event()
@@ -156,14 +159,14 @@ class LeaseKeeper:
 
     async def _renew_loop(self) -> None:
         assert self.lease is not None
-        ttl_s = max(self.lease.ttl_ms / 1000.0, 0.3)
+        ttl_s = max(self.renew_ttl_s or self.lease.ttl_ms / 1000.0, 0.3)
         interval = max(ttl_s * RENEW_FRACTION, 0.1)
         while not self._stopping.is_set() and not self._revoked:
             await asyncio.sleep(interval)
             if self._revoked or self._stopping.is_set():
                 return
             try:
-                self.lease = await self._client.renew(self.lease_id, self.token)
+                self.lease = await self._client.renew(self.lease_id, self.token, self.renew_ttl_s)
                 self.renewals += 1
             except grpc.aio.AioRpcError as exc:
                 if exc.code() in _LOST_CODES:

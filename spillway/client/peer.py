@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
+from typing import Any, TypeVar
 
 import torch
 
@@ -19,6 +21,7 @@ from spillway.client.store import BlockStore, Transfer
 from spillway.units import format_bytes, parse_quantity
 
 log = logging.getLogger("spillway.client")
+T = TypeVar("T")
 
 ENV_LEASE_ID = "SPILLWAY_LEASE_ID"
 ENV_LEASE_TOKEN = "SPILLWAY_LEASE_TOKEN"
@@ -90,13 +93,15 @@ class PeerMemory:
         max_bytes: int | str | None = None,
         device: torch.device | str | None = None,
         host_limit: int | str | None = None,
+        renew_ttl_s: float = 0.0,
     ) -> PeerMemory:
         """Claim a lease, attach this PID to it and allocate its bytes on the lender.
 
         The arena lives on the CUDA device whose UUID is the lease's GPU. `device` overrides
         that (for example the one GPU of a single-GPU benchmark machine). When the agent's GPU
         is simulated and no override is given, the peer tier is a CPU arena labelled
-        `simulated-cpu`. `max_bytes` caps the arena below the leased size."""
+        `simulated-cpu`. `max_bytes` caps the arena below the leased size. `renew_ttl_s` is the TTL
+        each background renewal asks for (0: the lease's own)."""
         holder = holder or f"pid-{os.getpid()}"
         store_box: list[BlockStore] = []
 
@@ -106,7 +111,9 @@ class PeerMemory:
             blocks, nbytes, _ = store_box[0].close_primary()
             return blocks, nbytes
 
-        keeper = LeaseKeeper(agent_socket, lease_id, token, on_revoke=on_revoke, holder=holder, pod=pod)
+        keeper = LeaseKeeper(
+            agent_socket, lease_id, token, on_revoke=on_revoke, holder=holder, pod=pod, renew_ttl_s=renew_ttl_s
+        )
         try:
             lease = keeper.lease
             assert lease is not None
@@ -159,6 +166,7 @@ class PeerMemory:
         max_bytes: int | str | None = None,
         device: torch.device | str | None = None,
         fallback: str = "HostMemory",
+        renew_ttl_s: float = 0.0,
     ) -> PeerMemory:
         """Attach the lease the device plugin put in the environment. Without one, use host
         memory (fallback "HostMemory") or raise (fallback "None")."""
@@ -189,6 +197,7 @@ class PeerMemory:
             pod=pod,
             max_bytes=max_bytes,
             device=device,
+            renew_ttl_s=renew_ttl_s,
         )
         lenders = [u.strip() for u in env.get(ENV_LENDER_GPUS, "").split(",") if u.strip()]
         if lenders and pm.lender_gpu not in lenders:
@@ -230,7 +239,7 @@ class PeerMemory:
                 )
                 return resp
 
-        resp = asyncio.run(_acquire())
+        resp = _run_coroutine(_acquire())
         return cls.attach(agent_socket, resp.lease.id, resp.token, holder=holder, device=device)
 
     # ---- block store -------------------------------------------------------------------
@@ -345,6 +354,16 @@ class HostMemory(PeerMemory):
         host = _host_tier(None if limit_bytes is None else parse_quantity(limit_bytes))
         # The primary tier is the host tier itself: there is no peer tier to overflow.
         super().__init__(BlockStore(host, host), None, peer_kind="")
+
+
+def _run_coroutine(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine to completion from sync code, even when this thread runs an event loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
 
 
 def _pod_from_env(env: Mapping[str, str]) -> str:
