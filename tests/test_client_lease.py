@@ -102,7 +102,7 @@ def test_no_lease_in_the_environment_means_host_memory_or_a_clear_error() -> Non
     assert isinstance(pm, HostMemory) and pm.device_kind in ("host-pinned", "host-pageable")
     pm.put(["a"], [torch.arange(10)])
     assert torch.equal(pm.get(["a"]).result()[0], torch.arange(10))
-    with pytest.raises(LeaseUnavailable, match="request spillway.dev/peer-hbm"):
+    with pytest.raises(LeaseUnavailable, match=r"request spillway\.dev/peer-hbm"):
         PeerMemory.from_env({}, fallback="None")
     with pytest.raises(LeaseUnavailable, match="SPILLWAY_LEASE_TOKEN, SPILLWAY_AGENT_SOCKET is not"):
         PeerMemory.from_env({"SPILLWAY_LEASE_ID": "l-1"})
