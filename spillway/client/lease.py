@@ -56,7 +56,8 @@ class LeaseKeeper:
     `renew_ttl_s` (0: the lease's own TTL) is the TTL each renewal asks for: a short one makes
     the lease expire soon after this process dies. `on_revoke()` is called (in a worker thread)
     when the lease goes REVOKING or is lost; it must move every block off the lender and return
-    (blocks, bytes). The keeper then releases the lease. Construction claims the lease and attaches the PID, raising on failure."""
+    (blocks, bytes). The keeper then releases the lease. Construction claims the lease and
+    attaches the PID, raising on failure."""
 
     def __init__(
         self,
