@@ -39,7 +39,7 @@ ANN_TOKEN = "spillway.dev/reservation-token"
 ANN_NODE = "spillway.dev/reservation-node"
 ANN_LENDERS = "spillway.dev/lender-gpus"
 ANN_GPU = "spillway.dev/gpu"  # the GPU the planner meant for the replica's own model (informational)
-ANN_PEER_BYTES = "spillway.dev/peer-memory-bytes"
+ANN_PEER_BYTES = "spillway.dev/lender-bytes"  # bytes of each lease, comma-separated
 ANN_FALLBACK = "spillway.dev/fallback"  # "HostMemory" when the replica runs without peer memory
 ANN_TENANT_UID = "spillway.dev/tenant-uid"
 
@@ -133,9 +133,9 @@ def reservation_annotations(node: str, leases: Sequence[LeaseRef]) -> dict[str, 
     return {
         ANN_RESERVATION: ",".join(lease.id for lease in leases),
         ANN_TOKEN: ",".join(lease.token for lease in leases),
-        ANN_NODE: node if leases else "",
+        ANN_NODE: node,
         ANN_LENDERS: ",".join(lease.gpu_uuid for lease in leases),
-        ANN_PEER_BYTES: str(sum(lease.bytes for lease in leases)),
+        ANN_PEER_BYTES: ",".join(str(lease.bytes) for lease in leases),
     }
 
 

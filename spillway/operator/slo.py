@@ -19,9 +19,11 @@ from typing import Any
 
 import aiohttp
 
+from spillway.operator import model
+
 # vLLM's histogram names (the model server's /metrics); InferenceTenant.spec.metrics overrides them.
-DEFAULT_TTFT_METRIC = "vllm:time_to_first_token_seconds"
-DEFAULT_TBT_METRIC = "vllm:time_per_output_token_seconds"
+DEFAULT_TTFT_METRIC = model.DEFAULT_TTFT_METRIC
+DEFAULT_TBT_METRIC = model.DEFAULT_TBT_METRIC
 # Prometheus's Kubernetes service discovery, relabelled the usual way, gives each model-server
 # series `namespace` and `pod` labels; a tenant's pods are `<tenant>-<replica>`.
 DEFAULT_SELECTOR = 'namespace="{namespace}",pod=~"{tenant}-[0-9]+"'
@@ -90,9 +92,9 @@ class SloObservation:
     requests: float  # observations in the window (rate * window)
 
     def as_status(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"target": _fmt_s(self.target_s), "requests": round(self.requests, 3)}
+        out: dict[str, Any] = {"target": format_seconds(self.target_s), "requests": round(self.requests, 3)}
         if self.observed_s is not None:
-            out["observed"] = _fmt_s(self.observed_s)
+            out["observed"] = format_seconds(self.observed_s)
             out["observedSeconds"] = str(round(self.observed_s, 6))
         if self.attainment is not None:
             out["attainment"] = str(round(self.attainment, 6))
@@ -101,7 +103,7 @@ class SloObservation:
         return out
 
 
-def _fmt_s(seconds: float) -> str:
+def format_seconds(seconds: float) -> str:
     """850ms, 1.25s: four significant digits."""
     if seconds < 1:
         return f"{seconds * 1000:.4g}ms"
@@ -126,13 +128,15 @@ def evaluate(observations: Sequence[SloObservation], percentile: float, attainme
     for o in judged:
         assert o.observed_s is not None and o.attainment is not None
         if o.observed_s > o.target_s + 1e-9:
-            misses.append(f"{o.name} p{percentile:g} {_fmt_s(o.observed_s)} > {_fmt_s(o.target_s)}")
+            misses.append(f"{o.name} p{percentile:g} {format_seconds(o.observed_s)} > {format_seconds(o.target_s)}")
         if o.attainment + 1e-9 < attainment:
             misses.append(f"{o.name} attainment {o.attainment:.4f} < {attainment:g}")
     if misses:
         return SloVerdict(False, "SLOMissed", "; ".join(misses), False)
     slack = all(o.observed_s is not None and o.observed_s <= 0.5 * o.target_s for o in judged)
-    parts = [f"{o.name} p{percentile:g} {_fmt_s(o.observed_s or 0)} <= {_fmt_s(o.target_s)}" for o in judged]
+    parts = [
+        f"{o.name} p{percentile:g} {format_seconds(o.observed_s or 0)} <= {format_seconds(o.target_s)}" for o in judged
+    ]
     return SloVerdict(True, "SLOMet", "; ".join(parts), slack)
 
 

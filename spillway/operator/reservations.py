@@ -1,0 +1,209 @@
+"""Reservations at the node agents: one AgentClient per agent endpoint (TCP, mutual TLS).
+
+Every Acquire carries an idempotency key (`<tenant uid>/<replica>/<lender gpu uuid>`), so a retry
+after a crash gets the same lease and token back instead of a second one. When the lease that a
+key names has already ended (released, expired, revoked), the next attempt appends `/2`, `/3`...
+(`pods.idempotency_key`): walking that chain from 1 is itself idempotent.
+
+Leases the operator finds at an agent without their token (the startup sweep) are released by
+replaying their Acquire with the same idempotency key, which returns the token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from spillway.api.v1 import agent_pb2
+from spillway.operator.pods import LeaseRef, idempotency_key
+
+if TYPE_CHECKING:
+    from spillway.agent.client import AgentClient
+
+log = logging.getLogger(__name__)
+
+LIVE_STATES = frozenset({agent_pb2.RESERVED, agent_pb2.ACTIVE, agent_pb2.REVOKING})
+MAX_ATTEMPTS = 32
+
+
+class ReservationError(RuntimeError):
+    """An agent refused or could not be reached; `code` is the gRPC status code name."""
+
+    def __init__(self, message: str, code: str = "UNAVAILABLE", largest_grantable: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.largest_grantable = largest_grantable
+
+
+@dataclass(frozen=True)
+class Tls:
+    """Client certificate, key and CA for the agents' mutual TLS (paths)."""
+
+    cert: str
+    key: str
+    ca: str
+
+
+def kind_name(kind: int) -> str:
+    return str(agent_pb2.LeaseKind.Name(kind))
+
+
+def state_name(state: int) -> str:
+    return str(agent_pb2.LeaseState.Name(state))
+
+
+def _error(exc: grpc.aio.AioRpcError, what: str, endpoint: str) -> ReservationError:
+    code = exc.code().name if exc.code() is not None else "UNKNOWN"
+    largest = None
+    for key, value in exc.trailing_metadata() or ():
+        if key == "spillway-largest-grantable-bytes":
+            try:
+                largest = int(value)
+            except (TypeError, ValueError):
+                largest = None
+    return ReservationError(f"{what} at agent {endpoint}: {code}: {exc.details()}", code, largest)
+
+
+class AgentPool:
+    """One client per agent endpoint, created on first use and kept."""
+
+    def __init__(self, tls: Tls | None = None) -> None:
+        self.tls = tls
+        self._clients: dict[str, AgentClient] = {}
+
+    def client(self, endpoint: str) -> AgentClient:
+        c = self._clients.get(endpoint)
+        if c is None:
+            from spillway.agent.client import AgentClient
+            from spillway.pki import TlsFiles
+
+            tls = TlsFiles(self.tls.cert, self.tls.key, self.tls.ca) if self.tls else None
+            c = AgentClient(endpoint, tls=tls)
+            self._clients[endpoint] = c
+        return c
+
+    async def drop(self, endpoint: str) -> None:
+        c = self._clients.pop(endpoint, None)
+        if c is not None:
+            await c.close()
+
+    async def close(self) -> None:
+        clients, self._clients = list(self._clients.values()), {}
+        for c in clients:
+            try:
+                await c.close()
+            except Exception:  # closing is best effort
+                log.debug("closing an agent client failed", exc_info=True)
+
+
+class Reservations:
+    """Acquire, renew and release leases for tenant replicas."""
+
+    def __init__(self, agents: AgentPool, *, ttl_s: float = 120.0, timeout_s: float = 10.0) -> None:
+        self.agents = agents
+        self.ttl_s = ttl_s
+        self.timeout_s = timeout_s
+
+    async def _call(self, endpoint: str, what: str, coro: Any) -> Any:
+        try:
+            return await asyncio.wait_for(coro, self.timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise _error(exc, what, endpoint) from exc
+        except (TimeoutError, OSError) as exc:
+            raise ReservationError(f"{what} at agent {endpoint}: {exc or 'timed out'}") from exc
+
+    async def reserve(
+        self,
+        endpoint: str,
+        *,
+        holder: str,
+        tenant_uid: str,
+        replica: int,
+        gpu_uuid: str,
+        size: int,
+        priority: int = 0,
+        kind: int = agent_pb2.RESERVATION,
+        pod: str = "",
+        key_prefix: str = "",
+    ) -> LeaseRef:
+        """A live lease of `size` bytes on `gpu_uuid` for the replica: the one its idempotency key
+        already names, else a new one."""
+        client = self.agents.client(endpoint)
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            key = idempotency_key(tenant_uid, replica, key_prefix + gpu_uuid, attempt)
+            resp = await self._call(
+                endpoint,
+                f"acquire {size} bytes on {gpu_uuid} for {holder}",
+                client.acquire(
+                    size, holder, kind=kind, gpu_uuid=gpu_uuid, ttl_s=self.ttl_s, priority=priority,
+                    idempotency_key=key, pod=pod,
+                ),
+            )
+            lease = resp.lease
+            if lease.state in LIVE_STATES and lease.state != agent_pb2.REVOKING:
+                return LeaseRef(
+                    lease.id, resp.token, lease.gpu_uuid or gpu_uuid, int(lease.bytes), kind_name(kind), key
+                )
+            if lease.state == agent_pb2.REVOKING:
+                # The lender wants it back: let it go and try the next key.
+                await self.release(endpoint, LeaseRef(lease.id, resp.token, lease.gpu_uuid, int(lease.bytes)))
+        raise ReservationError(f"acquire for {holder} on {gpu_uuid}: {MAX_ATTEMPTS} ended leases under its key")
+
+    async def renew(self, endpoint: str, lease: LeaseRef) -> agent_pb2.Lease | None:
+        """The renewed lease; None when it has ended or is being revoked (the replica lost it)."""
+        client = self.agents.client(endpoint)
+        try:
+            renewed = await self._call(endpoint, f"renew {lease.id}", client.renew(lease.id, lease.token, self.ttl_s))
+        except ReservationError as exc:
+            if exc.code in ("NOT_FOUND", "FAILED_PRECONDITION"):
+                return None
+            raise
+        if renewed.state not in LIVE_STATES or renewed.state == agent_pb2.REVOKING:
+            return None
+        return renewed
+
+    async def release(self, endpoint: str, lease: LeaseRef) -> None:
+        """Give a lease back; an unknown or already ended lease is not an error."""
+        client = self.agents.client(endpoint)
+        try:
+            await self._call(endpoint, f"release {lease.id}", client.release(lease.id, lease.token))
+        except ReservationError as exc:
+            if exc.code not in ("NOT_FOUND",):
+                raise
+
+    async def release_listed(self, endpoint: str, lease: agent_pb2.Lease) -> bool:
+        """Release a lease known only from ListLeases (no token): replay its Acquire with the same
+        idempotency key to get the token back. False when that is not possible (no key)."""
+        if not lease.idempotency_key:
+            return False
+        client = self.agents.client(endpoint)
+        resp = await self._call(
+            endpoint,
+            f"recover the token of {lease.id}",
+            client.acquire(
+                int(lease.bytes), lease.holder, kind=lease.kind, gpu_uuid=lease.gpu_uuid,
+                ttl_s=self.ttl_s, priority=lease.priority, idempotency_key=lease.idempotency_key,
+            ),
+        )
+        if resp.lease.id != lease.id:
+            # The key now names another lease (the first one ended meanwhile): that one is ours too.
+            log.info("replayed acquire returned another lease", extra={"lease": lease.id, "got": resp.lease.id})
+        await self.release(endpoint, LeaseRef(resp.lease.id, resp.token, resp.lease.gpu_uuid, int(resp.lease.bytes)))
+        return True
+
+    async def held(self, endpoint: str, holder_prefix: str = "tenant:") -> list[agent_pb2.Lease]:
+        """Live leases at an agent whose holder starts with `holder_prefix`."""
+        client = self.agents.client(endpoint)
+        leases = await self._call(endpoint, "list leases", client.leases())
+        return [x for x in leases if x.holder.startswith(holder_prefix) and x.state in LIVE_STATES]
+
+    async def watch(self, endpoint: str) -> AsyncIterator[agent_pb2.WatchEvent]:
+        """The agent's event stream (first event: SNAPSHOT)."""
+        client = self.agents.client(endpoint)
+        async for event in client.watch():
+            yield event
