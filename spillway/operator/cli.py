@@ -1,0 +1,115 @@
+"""`spillway operator`: the kopf operator, run in-process, with metrics and readiness on our
+HttpEndpoint and kopf's liveness probe on the health port."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+from typing import Any
+
+from spillway.metrics import HttpEndpoint
+from spillway.units import DurationError, QuantityError, parse_duration, parse_quantity
+
+log = logging.getLogger(__name__)
+
+
+def add_commands(sub: Any) -> None:
+    p = sub.add_parser("operator", help="run the InferenceTenant operator (kopf)",
+                       description="Reconcile InferenceTenants: place replicas, reserve peer memory at the node "
+                                   "agents, create pods, follow SLOs.")
+    p.add_argument("--kubeconfig", default=None, help="kubeconfig file (default: $KUBECONFIG, then in-cluster)")
+    p.add_argument("--namespace", action="append", default=[], metavar="NS",
+                   help="watch only this namespace (repeatable; default: all namespaces)")
+    p.add_argument("--metrics-port", type=int, default=8080, help="/metrics and /readyz (0: a free port)")
+    p.add_argument("--metrics-host", default="0.0.0.0")
+    p.add_argument("--health-port", type=int, default=8081, help="kopf liveness probe /healthz (-1: off)")
+    p.add_argument("--prometheus-url", default="", help="Prometheus for SLO feedback (e.g. http://prometheus:9090)")
+    p.add_argument("--slo-selector", default=None,
+                   help="PromQL label matchers of a tenant's series, with {namespace} and {tenant} "
+                        "(default: namespace=\"{namespace}\",pod=~\"{tenant}-[0-9]+\")")
+    p.add_argument("--slo-step", default="1Gi", help="peer memory added or removed per SLO window (default 1Gi)")
+    p.add_argument("--tls-cert", default=None, help="client certificate for the agents' mutual TLS")
+    p.add_argument("--tls-key", default=None, help="client key for the agents' mutual TLS")
+    p.add_argument("--tls-ca", default=None, help="CA that signed the agents' server certificates")
+    p.add_argument("--lease-ttl", default="2m", help="TTL of reservations; renewed every resync (default 2m)")
+    p.add_argument("--resync-interval", default="30s", help="per-tenant resync: renew, re-check, SLO (default 30s)")
+    p.add_argument("--peering", default=None, help="kopf peering name (several operators, one active)")
+    p.add_argument("--standalone", action="store_true", help="no peering (the default unless --peering is set)")
+    p.set_defaults(func=run)
+
+
+def _config(args: argparse.Namespace) -> dict[str, Any]:
+    tls = [args.tls_cert, args.tls_key, args.tls_ca]
+    if any(tls) and not all(tls):
+        raise SystemExit("spillway operator: give all of --tls-cert, --tls-key and --tls-ca, or none")
+    for path in filter(None, tls):
+        if not os.path.isfile(path):
+            raise SystemExit(f"spillway operator: {path} does not exist")
+    try:
+        ttl = parse_duration(args.lease_ttl)
+        resync = parse_duration(args.resync_interval)
+        step = parse_quantity(args.slo_step)
+    except (DurationError, QuantityError) as exc:
+        raise SystemExit(f"spillway operator: {exc}") from exc
+    if resync >= ttl:
+        raise SystemExit(f"spillway operator: --resync-interval ({args.resync_interval}) must be shorter than "
+                         f"--lease-ttl ({args.lease_ttl}), or reservations expire between renewals")
+    return {"ttl": ttl, "resync": resync, "step": step}
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    if args.kubeconfig:
+        os.environ["KUBECONFIG"] = os.path.abspath(args.kubeconfig)
+    return asyncio.run(_main(args, cfg))
+
+
+async def _main(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
+    import kopf
+
+    from spillway.operator import handlers
+    from spillway.operator.engine import Engine, EngineConfig
+    from spillway.operator.kube import KubeClient
+    from spillway.operator.metrics import OperatorMetrics
+    from spillway.operator.reservations import AgentPool, Reservations, Tls
+    from spillway.operator.slo import DEFAULT_SELECTOR
+
+    tls = Tls(args.tls_cert, args.tls_key, args.tls_ca) if args.tls_cert else None
+    metrics = OperatorMetrics()
+    engine = Engine(
+        kube=KubeClient.from_env(args.kubeconfig),
+        reservations=Reservations(AgentPool(tls), ttl_s=cfg["ttl"]),
+        metrics=metrics,
+        config=EngineConfig(
+            namespaces=tuple(args.namespace), lease_ttl_s=cfg["ttl"], prometheus_url=args.prometheus_url,
+            slo_selector=args.slo_selector or DEFAULT_SELECTOR, slo_step_bytes=cfg["step"],
+        ),
+        event=handlers.post_event,
+    )
+    registry = kopf.OperatorRegistry()
+    handlers.register(registry, engine, resync_s=cfg["resync"])
+    endpoint = HttpEndpoint(metrics.registry, ready=engine.ready)
+    port = await endpoint.start(args.metrics_port, args.metrics_host)
+    log.info("operator metrics", extra={"port": port})
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    liveness = f"http://0.0.0.0:{args.health_port}/healthz" if args.health_port >= 0 else None
+    standalone = args.standalone or not args.peering
+    try:
+        await kopf.operator(
+            registry=registry,
+            standalone=standalone,
+            peering_name=args.peering,
+            clusterwide=not args.namespace,
+            namespaces=list(args.namespace),
+            liveness_endpoint=liveness,
+            stop_flag=stop,
+        )
+    finally:
+        await endpoint.stop()
+    return 0
