@@ -4,7 +4,7 @@
 # kubectl (hack/k8s), etcd (hack/tools/etcd), kwok (hack/tools/kwok) and helm
 # (hack/tools/helm). Every version comes from hack/versions.env.
 #
-#   hack/build-k8s.sh          build if needed; prints the bin directory on stdout
+#   hack/build-k8s.sh          build if needed (stdout stays empty: `eval "$(make -s cluster-up)"`)
 #   hack/build-k8s.sh --pin    rewrite the go.mod/go.sum files from hack/versions.env
 #                              (after a version bump), then build
 #
@@ -34,7 +34,6 @@ complete() {
 }
 
 if [ $PIN -eq 0 ] && complete; then
-  echo "$DEST/bin"
   exit 0
 fi
 
@@ -49,7 +48,6 @@ if ! flock -n 9; then
   flock 9
 fi
 if [ $PIN -eq 0 ] && complete; then
-  echo "$DEST/bin"
   exit 0
 fi
 
@@ -163,4 +161,3 @@ echo "$elapsed" >"$TMP/BUILD_SECONDS"
 if [ -e "$DEST" ]; then mv "$DEST" "$TMP.old" && rm -rf "$TMP.old"; fi
 mv "$TMP" "$DEST"
 log "all binaries built in $elapsed s -> $DEST/bin"
-echo "$DEST/bin"

@@ -98,10 +98,11 @@ def ensure_binaries() -> Path:
         if missing:
             raise ClusterError(f"SPILLWAY_K8S_BIN_DIR={path} lacks {', '.join(missing)}")
         return path
-    result = subprocess.run([str(BUILD_SCRIPT)], stdout=subprocess.PIPE, text=True, check=False)
+    # Its progress goes to our stderr (fd 2, which works under pytest capturing too).
+    result = subprocess.run([str(BUILD_SCRIPT)], stdout=2, check=False)
     if result.returncode != 0:
         raise ClusterError(f"{BUILD_SCRIPT} failed with exit status {result.returncode}")
-    return Path(result.stdout.strip().splitlines()[-1])
+    return cache_root() / "k8s" / versions()["K8S_VERSION"] / "bin"
 
 
 # --- small helpers -----------------------------------------------------------------------
