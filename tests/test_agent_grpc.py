@@ -11,7 +11,7 @@ import pytest
 
 from spillway.agent.client import AgentClient, largest_grantable
 from spillway.api.v1 import agent_pb2 as pb
-from spillway.testing.agentproc import AgentProcess
+from spillway.testing.agentproc import DEFAULT_TOPOLOGY, AgentProcess
 
 GiB = 1 << 30
 
@@ -85,8 +85,8 @@ async def test_idempotent_acquire_returns_same_lease(agent: AgentProcess) -> Non
         await rejected(c, c.acquire("4Gi", "op", idempotency_key="uid-1/0"), grpc.StatusCode.FAILED_PRECONDITION)
 
 
-async def test_near_prefers_nvlink_then_most_lendable(tmp_path: object) -> None:
-    with AgentProcess(topology=AgentProcess().topology.parent / "nvlink-pairs.yaml", node_name="pairs") as agent:
+async def test_near_prefers_nvlink_then_most_lendable() -> None:
+    with AgentProcess(topology=DEFAULT_TOPOLOGY.parent / "nvlink-pairs.yaml", node_name="pairs") as agent:
         async with agent.client() as c:
             inv = await c.inventory()
             u = [g.uuid for g in inv.gpus]
