@@ -1,0 +1,249 @@
+"""Device plugin: pure rules, and the real thing against the kubelet's own device-manager code
+(Go harness hack/dpconformance), a real agent subprocess (simulated GPUs) and a real
+PodResources gRPC server. The cluster-backed Allocate tests are in test_deviceplugin_cluster.py."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from spillway.api.v1 import agent_pb2
+from spillway.deviceplugin import HEALTHY, UNHEALTHY
+from spillway.deviceplugin.pods import pod_candidates
+from spillway.deviceplugin.resources import compute_units, gpu_capacity_units, parse_unit_id, unit_id
+from spillway.testing.agentproc import AgentProcess
+from tests.fixtures_deviceplugin import Kubelet, PluginProcess, PodResourcesServer
+
+GiB = 1 << 30
+
+
+# --- pure rules ---------------------------------------------------------------------------
+
+def test_unit_ids_round_trip() -> None:
+    assert parse_unit_id(unit_id("GPU-abc-1", 7)) == ("GPU-abc-1", 7)
+    assert parse_unit_id("nvidia0") is None
+    assert parse_unit_id("GPU-x::") is None
+
+
+def test_capacity_counts_reservations_but_not_elastic_leases() -> None:
+    inv = agent_pb2.Inventory(gpus=[agent_pb2.Gpu(uuid="A", index=0, lendable_bytes=10 * GiB + 5),
+                                    agent_pb2.Gpu(uuid="B", index=1, lendable_bytes=2 * GiB)])
+    leases = [agent_pb2.Lease(id="r", gpu_uuid="A", kind=agent_pb2.RESERVATION, bytes=3 * GiB, state=agent_pb2.ACTIVE),
+              agent_pb2.Lease(id="e", gpu_uuid="B", kind=agent_pb2.ELASTIC, bytes=4 * GiB, state=agent_pb2.ACTIVE),
+              agent_pb2.Lease(id="x", gpu_uuid="B", kind=agent_pb2.RESERVATION, bytes=4 * GiB,
+                              state=agent_pb2.RELEASED)]
+    assert gpu_capacity_units(inv, leases, GiB) == {"A": 13, "B": 2}
+
+
+def test_shrinking_pool_makes_free_units_unhealthy_first() -> None:
+    units = compute_units(["A"], {"A": 4}, {"A": 6}, in_use=["A::4", "A::5"])
+    health = {u.id: u.healthy for u in units}
+    assert [u.id for u in units] == [f"A::{k}" for k in range(6)]
+    assert health["A::4"] and health["A::5"]          # in use: kept Healthy
+    assert sum(health.values()) == 4
+    assert not health["A::2"] and not health["A::3"]  # free ones lost first
+
+
+def test_agent_down_keeps_only_units_in_use_healthy() -> None:
+    units = compute_units(["A", "B"], None, {"A": 3, "B": 2}, in_use=["B::1"])
+    assert {u.id for u in units if u.healthy} == {"B::1"}
+    assert len(units) == 5
+
+
+def test_pod_candidates_oldest_first_skip_taken_and_finished() -> None:
+    def pod(name: str, created: str, units: int, **extra: object) -> dict[str, object]:
+        meta: dict[str, object] = {"name": name, "namespace": "ns", "uid": name, "resourceVersion": "1",
+                                   "creationTimestamp": created, "annotations": extra.get("annotations", {})}
+        return {"metadata": meta, "status": {"phase": extra.get("phase", "Pending")},
+                "spec": {"containers": [{"name": "c", "resources": {"limits": {"spillway.dev/peer-hbm": str(units)}}}]}}
+
+    pods = [pod("young", "2026-01-02T00:00:00Z", 2), pod("old", "2026-01-01T00:00:00Z", 2),
+            pod("other-size", "2025-01-01T00:00:00Z", 3), pod("done", "2025-01-01T00:00:00Z", 2, phase="Failed"),
+            pod("taken", "2025-01-01T00:00:00Z", 2, annotations={"spillway.dev/allocation": '{"c": {}}'})]
+    got = pod_candidates(pods, 2)
+    assert [p.name for p in got] == ["old", "young"]
+
+
+# --- against the kubelet's own code ------------------------------------------------------
+
+@pytest.fixture
+def stack(dpconformance_bin: Path, dp_workdir: Path, agent: AgentProcess
+          ) -> Iterator[tuple[AgentProcess, PluginProcess, Kubelet, PodResourcesServer]]:
+    plugin = PluginProcess(dp_workdir, agent.socket, agent.node_name)
+    pods = PodResourcesServer(plugin.pod_resources)
+    kubelet = Kubelet(dpconformance_bin, plugin.kubelet_dir).start()
+    plugin.start()
+    try:
+        kubelet.wait_for(lambda e: e["event"] == "registered", 30, "the plugin to register")
+        yield agent, plugin, kubelet, pods
+    except BaseException:
+        print(plugin.logs()[-6000:])
+        raise
+    finally:
+        plugin.stop()
+        kubelet.stop()
+        pods.stop()
+
+
+async def _inventory(agent: AgentProcess) -> agent_pb2.Inventory:
+    async with agent.client() as c:
+        return await c.inventory()
+
+
+async def _leases(agent: AgentProcess) -> list[agent_pb2.Lease]:
+    async with agent.client() as c:
+        return await c.leases()
+
+
+def test_conformance_register_list_prefer_allocate(
+        stack: tuple[AgentProcess, PluginProcess, Kubelet, PodResourcesServer]) -> None:
+    agent, plugin, kubelet, _ = stack
+    reg = kubelet.wait_for(lambda e: e["event"] == "registered", 5)
+    assert reg["resource"] == "spillway.dev/peer-hbm"
+    assert reg["options"] == {"get_preferred_allocation_available": True, "pre_start_required": False}
+    assert reg["endpoint"].endswith("/spillway-peer-hbm.sock")
+
+    inv = asyncio.run(_inventory(agent))
+    expected = {g.uuid: int(g.lendable_bytes) // GiB for g in inv.gpus}
+    devices = kubelet.devices()
+    per_gpu: dict[str, int] = {}
+    for d in devices:
+        parsed = parse_unit_id(d["id"])
+        assert parsed is not None and d["health"] == HEALTHY
+        per_gpu[parsed[0]] = per_gpu.get(parsed[0], 0) + 1
+    assert per_gpu == expected and sum(expected.values()) > 0
+
+    # GetPreferredAllocation keeps a pod's units on one GPU when one GPU has room.
+    ids = [d["id"] for d in devices]
+    gpu_b = sorted(expected)[1]
+    spread = [i for i in ids if i.startswith(sorted(expected)[0])][:2] + [i for i in ids if i.startswith(gpu_b)][:6]
+    pref = kubelet.preferred(spread, 5)
+    assert "error" not in pref, pref
+    assert len(pref["ids"]) == 5 and {parse_unit_id(i)[0] for i in pref["ids"]} == {gpu_b}  # type: ignore[index]
+    must = kubelet.preferred(spread, 3, must_include=[spread[0]])
+    assert spread[0] in must["ids"] and len(must["ids"]) == 3
+
+    # Allocate without a pod source: a RESERVATION lease made on the spot, on the units' GPU.
+    before = {g.uuid: g.lendable_bytes for g in inv.gpus}
+    alloc = kubelet.allocate(pref["ids"])
+    assert "error" not in alloc, alloc
+    resp = alloc["response"]
+    envs = resp["envs"]
+    assert set(envs) == {"SPILLWAY_LEASE_ID", "SPILLWAY_LEASE_TOKEN", "SPILLWAY_AGENT_SOCKET", "SPILLWAY_LENDER_GPUS"}
+    assert envs["SPILLWAY_AGENT_SOCKET"] == str(agent.socket)
+    assert envs["SPILLWAY_LENDER_GPUS"] == gpu_b
+    assert resp["mounts"] == [{"container_path": str(agent.socket.parent), "host_path": str(agent.socket.parent),
+                               "read_only": True}]
+    index = next(g.index for g in inv.gpus if g.uuid == gpu_b)
+    assert resp["devices"] == [{"container_path": f"/dev/nvidia{index}", "host_path": f"/dev/nvidia{index}",
+                                "permissions": "rw"}]
+    lease = next(x for x in asyncio.run(_leases(agent)) if x.id == envs["SPILLWAY_LEASE_ID"])
+    assert lease.kind == agent_pb2.RESERVATION and lease.bytes == 5 * GiB and lease.gpu_uuid == gpu_b
+    after = {g.uuid: g.lendable_bytes for g in asyncio.run(_inventory(agent)).gpus}
+    assert before[gpu_b] - after[gpu_b] == 5 * GiB
+
+    # The token is the lease's: the borrower can renew with it.
+    async def renew() -> agent_pb2.Lease:
+        async with agent.client() as c:
+            return await c.renew(envs["SPILLWAY_LEASE_ID"], envs["SPILLWAY_LEASE_TOKEN"])
+    assert asyncio.run(renew()).id == lease.id
+
+    # The pod-bound lease stays in the advertised capacity: still every unit Healthy.
+    time.sleep(1.5)
+    assert all(d["health"] == HEALTHY for d in kubelet.devices())
+    assert len(kubelet.devices()) == len(devices)
+
+    # Units that are not ours: a clear INVALID_ARGUMENT.
+    bad = kubelet.allocate(["nvidia0"])
+    assert "not spillway.dev/peer-hbm units" in bad["error"]
+
+    text = plugin.metrics()
+    assert 'spillway_deviceplugin_allocations_total{node="sim-node-0",result="on_the_spot"} 1.0' in text
+    assert 'spillway_deviceplugin_allocations_total{node="sim-node-0",result="error"} 1.0' in text
+    assert f'spillway_deviceplugin_units{{health="Healthy",node="sim-node-0"}} {float(len(devices))}' in text
+    assert 'spillway_deviceplugin_agent_up{node="sim-node-0"} 1.0' in text
+    assert 'spillway_deviceplugin_registrations_total{node="sim-node-0",result="ok"} 1.0' in text
+
+
+def test_kubelet_restart_registers_again_within_5s(
+        stack: tuple[AgentProcess, PluginProcess, Kubelet, PodResourcesServer], dpconformance_bin: Path) -> None:
+    _, plugin, kubelet, _ = stack
+    kubelet.stop()
+    # A new kubelet: it wipes the device-plugins directory and serves a new registration server.
+    new = Kubelet(dpconformance_bin, plugin.kubelet_dir)
+    t0 = time.monotonic()
+    new.start()
+    try:
+        new.wait_for(lambda e: e["event"] == "registered", 5, "registration after the kubelet restart")
+        assert time.monotonic() - t0 < 5
+        assert len(new.devices()) > 0
+    finally:
+        new.stop()
+
+
+def test_agent_down_makes_free_units_unhealthy_and_back(
+        stack: tuple[AgentProcess, PluginProcess, Kubelet, PodResourcesServer]) -> None:
+    agent, plugin, kubelet, _ = stack
+    n = len(kubelet.devices())
+    agent.stop()
+    t0 = time.monotonic()
+    down = kubelet.wait_devices(lambda ds: all(d["health"] == UNHEALTHY for d in ds), 5,
+                                "every unit Unhealthy after the agent stopped")
+    assert len(down) == n and time.monotonic() - t0 < 5
+    alloc = kubelet.allocate([down[0]["id"]])
+    assert "does not answer" in alloc["error"] and "nothing was allocated" in alloc["error"]
+    agent.start()
+    up = kubelet.wait_devices(lambda ds: all(d["health"] == HEALTHY for d in ds), 10,
+                              "every unit Healthy after the agent came back")
+    assert len(up) == n
+
+
+def test_cdi_strategy_names_the_lender_gpu(dpconformance_bin: Path, dp_workdir: Path, agent: AgentProcess) -> None:
+    plugin = PluginProcess(dp_workdir, agent.socket, agent.node_name, extra=["--device-list-strategy", "cdi"])
+    kubelet = Kubelet(dpconformance_bin, plugin.kubelet_dir).start()
+    plugin.start()
+    try:
+        kubelet.wait_for(lambda e: e["event"] == "registered", 30, "the plugin to register")
+        ids = [d["id"] for d in kubelet.devices()][:2]
+        alloc = kubelet.allocate(ids)
+        assert "error" not in alloc, alloc
+        gpu = alloc["response"]["envs"]["SPILLWAY_LENDER_GPUS"]
+        assert alloc["response"]["cdi_devices"] == [f"nvidia.com/gpu={gpu}"]
+        assert alloc["response"]["devices"] == []
+    finally:
+        plugin.stop()
+        kubelet.stop()
+
+
+def test_pod_resources_names_pods_and_gone_pods_release_their_lease(
+        stack: tuple[AgentProcess, PluginProcess, Kubelet, PodResourcesServer]) -> None:
+    agent, _, kubelet, pods = stack
+    ids = [d["id"] for d in kubelet.devices()][:3]
+    alloc = kubelet.allocate(ids)
+    assert "error" not in alloc, alloc
+    lease_id = alloc["response"]["envs"]["SPILLWAY_LEASE_ID"]
+    pods.set_pod("team-a/borrower-0", {"server": ids})
+    pods.set_pod("team-a/unrelated", {})
+
+    def lease() -> agent_pb2.Lease:
+        async def get() -> list[agent_pb2.Lease]:
+            async with agent.client() as c:
+                return await c.leases(include_ended=True)
+        return next(x for x in asyncio.run(get()) if x.id == lease_id)
+
+    deadline = time.monotonic() + 10
+    while lease().pod != "team-a/borrower-0":
+        assert time.monotonic() < deadline, f"the lease never got its pod's name: {lease()}"
+        time.sleep(0.2)
+    time.sleep(1.5)  # older than the release grace, the pod still listed: kept
+    assert lease().state in (agent_pb2.RESERVED, agent_pb2.ACTIVE)
+
+    pods.remove_pod("team-a/borrower-0")
+    deadline = time.monotonic() + 10
+    while lease().state != agent_pb2.RELEASED:
+        assert time.monotonic() < deadline, f"the gone pod's lease was not released: {lease()}"
+        time.sleep(0.2)
