@@ -187,7 +187,7 @@ def test_kubelet_restart_registers_again_within_5s(
 
 def test_agent_down_makes_free_units_unhealthy_and_back(
         stack: tuple[AgentProcess, PluginProcess, Kubelet, PodResourcesServer]) -> None:
-    agent, plugin, kubelet, _ = stack
+    agent, _plugin, kubelet, _ = stack
     n = len(kubelet.devices())
     agent.stop()
     t0 = time.monotonic()
