@@ -21,14 +21,14 @@ GiB = 1 << 30
 
 
 async def next_lease_event(it: AsyncIterator[pb.WatchEvent], lease_id: str, state: int,
-                           timeout: float = 10.0) -> pb.WatchEvent:
+                           within: float = 10.0) -> pb.WatchEvent:
     async def go() -> pb.WatchEvent:
         async for ev in it:
             if ev.kind == pb.WatchEvent.LEASE and ev.lease.id == lease_id and ev.lease.state == state:
                 return ev
         raise AssertionError("stream ended")
 
-    return await asyncio.wait_for(go(), timeout)
+    return await asyncio.wait_for(go(), within)
 
 
 async def test_watch_starts_with_snapshot(agent: AgentProcess) -> None:
