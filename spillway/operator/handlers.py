@@ -1,0 +1,144 @@
+"""kopf handlers: thin. Every decision lives in `reconcile`/`placement`, every action in `Engine`.
+
+- InferenceTenant create/update/resume and a resync timer: `Engine.reconcile` (level-based and
+  idempotent, so any of them may run at any time, and again after a restart).
+- InferenceTenant delete: `Engine.finalize` behind kopf's finalizer (ours: operator.spillway.dev).
+- MemoryPool events keep the pool snapshot current; a daemon per MemoryPool watches that node's
+  agent and hands lease events (REVOKING, ...) to `Engine.on_lease_event`.
+- Pod events of tenant pods keep the assignment map current and poke the tenant's reconcile.
+- Startup: kopf's progress and diff-base storage go to annotations under our prefix (so `status`
+  is ours alone), then the startup sweep releases orphaned leases before any reconcile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import kopf
+
+from spillway.api.v1 import agent_pb2
+from spillway.operator.engine import Engine
+from spillway.operator.model import API_GROUP, API_VERSION, POOL_PLURAL, TENANT_PLURAL
+from spillway.operator.pods import LABEL_TENANT
+from spillway.operator.reservations import ReservationError
+
+log = logging.getLogger(__name__)
+
+PREFIX = "operator.spillway.dev"
+
+
+def post_event(body: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+    """A Kubernetes Event on the object (kopf posts them in the background)."""
+    obj = dict(body)
+    obj.setdefault("apiVersion", f"{API_GROUP}/{API_VERSION}")
+    obj.setdefault("kind", "InferenceTenant")
+    try:
+        kopf.event(obj, type=type_, reason=reason, message=message[:1000])  # type: ignore[arg-type]
+    except Exception:  # events are best effort; never fail a reconcile for one
+        log.debug("event not posted", exc_info=True)
+    log.info(message, extra={"reason": reason, "tenant": f"{(body.get('metadata') or {}).get('namespace')}/"
+                                                          f"{(body.get('metadata') or {}).get('name')}"})
+
+
+def register(
+    registry: kopf.OperatorRegistry, engine: Engine, *, resync_s: float = 30.0, agent_retry_s: float = 2.0
+) -> None:
+    pokes: dict[str, asyncio.Task[None]] = {}
+
+    async def poke_later(ns: str, name: str) -> None:
+        await asyncio.sleep(0.2)
+        pokes.pop(f"{ns}/{name}", None)
+        body = await engine.kube.get_custom(API_GROUP, API_VERSION, TENANT_PLURAL, name, ns)
+        if body is not None:
+            try:
+                await engine.reconcile(body, renew=False)
+            except Exception:
+                log.exception("reconcile after a pod event failed", extra={"tenant": f"{ns}/{name}"})
+
+    @kopf.on.startup(registry=registry)
+    async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
+        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+            prefix=PREFIX, key="last-handled-configuration"
+        )
+        settings.persistence.finalizer = f"{PREFIX}/finalizer"
+        settings.posting.level = logging.WARNING  # our own events tell the story; kopf's only on trouble
+        settings.watching.server_timeout = 300
+        settings.batching.worker_limit = 64
+        released = await engine.startup_sync()
+        log.info("operator synced", extra={"pools": len(engine.pools), "orphans_released": released})
+
+    @kopf.on.cleanup(registry=registry)
+    async def cleanup(**_: Any) -> None:
+        await engine.close()
+
+    # -- MemoryPools and their agents --
+
+    @kopf.on.event(API_GROUP, API_VERSION, POOL_PLURAL, registry=registry)
+    def pool_event(type: str, body: kopf.Body, name: str, **_: Any) -> None:
+        if type == "DELETED":
+            engine.pool_deleted(name)
+        else:
+            engine.pool_changed(body)
+
+    @kopf.daemon(API_GROUP, API_VERSION, POOL_PLURAL, registry=registry, cancellation_timeout=5.0)
+    async def watch_agent(name: str, stopped: kopf.DaemonStopped, **_: Any) -> None:
+        """Follow the node agent's event stream; lease changes go to the engine."""
+        while not stopped:
+            view = engine.pools.get(name)
+            if view is None or not view.endpoint:
+                await asyncio.sleep(agent_retry_s)
+                continue
+            endpoint = view.endpoint
+            try:
+                async for event in engine.reservations.watch(endpoint):
+                    if stopped:
+                        return
+                    if event.kind == agent_pb2.WatchEvent.LEASE and event.lease.holder.startswith("tenant:"):
+                        task = asyncio.create_task(engine.on_lease_event(event.lease))
+                        task.add_done_callback(_log_failure)
+                    current = engine.pools.get(name)
+                    if current is None or current.endpoint != endpoint:
+                        break  # the agent moved: follow it
+            except (ReservationError, OSError, Exception) as exc:  # the stream ends when the agent restarts
+                if stopped:
+                    return
+                log.info("agent watch ended; reconnecting", extra={"node": name, "error": str(exc)[:200]})
+                await engine.reservations.agents.drop(endpoint)
+            await asyncio.sleep(agent_retry_s)
+
+    # -- tenant pods --
+
+    @kopf.on.event("", "v1", "pods", labels={LABEL_TENANT: kopf.PRESENT}, registry=registry)
+    def pod_event(type: str, body: kopf.Body, namespace: str | None, labels: Mapping[str, str], **_: Any) -> None:
+        engine.pod_changed(body, deleted=type == "DELETED")
+        if type is None:  # the initial listing
+            return
+        tenant = labels.get(LABEL_TENANT, "")
+        key = f"{namespace}/{tenant}"
+        if tenant and key not in pokes and engine.synced:
+            pokes[key] = asyncio.get_running_loop().create_task(poke_later(namespace or "", tenant))
+
+    # -- tenants --
+
+    @kopf.on.resume(API_GROUP, API_VERSION, TENANT_PLURAL, registry=registry)
+    @kopf.on.create(API_GROUP, API_VERSION, TENANT_PLURAL, registry=registry)
+    @kopf.on.update(API_GROUP, API_VERSION, TENANT_PLURAL, field="spec", registry=registry)
+    async def tenant_changed(body: kopf.Body, **_: Any) -> None:
+        await engine.reconcile(dict(body))
+
+    @kopf.timer(API_GROUP, API_VERSION, TENANT_PLURAL, interval=resync_s, registry=registry)
+    async def resync(body: kopf.Body, **_: Any) -> None:
+        await engine.reconcile(dict(body), renew=True, slo=True)
+
+    @kopf.on.delete(API_GROUP, API_VERSION, TENANT_PLURAL, registry=registry)
+    async def tenant_deleted(body: kopf.Body, **_: Any) -> None:
+        await engine.finalize(dict(body))
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("handling an agent event failed", exc_info=task.exception())
