@@ -1,0 +1,281 @@
+"""The operator against the real control plane: kube-apiserver, scheduler and kwok GPU nodes, one real
+agent subprocess per node (simulated GPUs, TCP + mutual TLS, publishing its MemoryPool), and the
+operator as a subprocess (`python -m spillway operator`) so it can be killed outright."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from spillway.api.v1 import agent_pb2
+from spillway.operator.sandbox import Sandbox, wait_for
+from spillway.testing.cluster import Cluster
+from tests.fixtures_prometheus import HistogramServer, PrometheusProcess, expected_quantile
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+
+GIB = 1 << 30
+LIVE = (agent_pb2.RESERVED, agent_pb2.ACTIVE, agent_pb2.REVOKING)
+
+
+@pytest.fixture(scope="module")
+def sandbox(cluster: Cluster) -> Iterator[Sandbox]:
+    sb = Sandbox(cluster)
+    sb.start()
+    tag = uuid.uuid4().hex[:5]
+    sb.add_gpu_nodes([f"dgx-{tag}-0", f"dgx-{tag}-1"])
+    sb.start_operator()
+    try:
+        yield sb
+    finally:
+        print(sb.logs())
+        sb.stop()
+        cluster.kubectl("delete", "node", *sb.agents, "--ignore-not-found", "--wait=false", check=False)
+        cluster.kubectl("delete", "memorypools", *sb.agents, "--ignore-not-found", "--wait=false", check=False)
+
+
+def tenant(name: str, *, replicas: int = 1, memory: str = "40Gi", request: str | None = "8Gi",
+           limit: str | None = None, fallback: str = "HostMemory", slo: dict[str, Any] | None = None,
+           lending: bool = True) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "replicas": replicas,
+        "lending": lending,
+        "model": {"image": "spillway/toy-server:0.1.0", "memory": memory, "port": 8000},
+    }
+    if request is not None:
+        spec["peerMemory"] = {"request": request, "limit": limit or request, "fallback": fallback}
+    if slo is not None:
+        spec["slo"] = slo
+    return {"apiVersion": "spillway.dev/v1alpha1", "kind": "InferenceTenant", "metadata": {"name": name},
+            "spec": spec}
+
+
+def get_tenant(cluster: Cluster, ns: str, name: str) -> dict[str, Any]:
+    return dict(cluster.get_json("inferencetenant", name, "-n", ns))
+
+
+def wait_phase(cluster: Cluster, sb: Sandbox, ns: str, name: str, phase: str, timeout: float = 120) -> dict[str, Any]:
+    def check() -> dict[str, Any] | None:
+        t = get_tenant(cluster, ns, name)
+        return t if (t.get("status") or {}).get("phase") == phase else None
+
+    try:
+        return wait_for(check, timeout=timeout, what=f"tenant {ns}/{name} to be {phase}")
+    except TimeoutError:
+        print(json.dumps(get_tenant(cluster, ns, name).get("status"), indent=1))
+        print(sb.logs())
+        raise
+
+
+def pods_of(cluster: Cluster, ns: str, name: str) -> list[dict[str, Any]]:
+    return list(cluster.get_json("pods", "-n", ns, "-l", f"spillway.dev/tenant={name}")["items"])
+
+
+def agent_leases(sb: Sandbox, prefix: str) -> dict[str, list[agent_pb2.Lease]]:
+    """Live leases whose holder starts with `prefix`, per node."""
+
+    async def go() -> dict[str, list[agent_pb2.Lease]]:
+        out: dict[str, list[agent_pb2.Lease]] = {}
+        for node in sb.agents:
+            async with sb.agent_client(node) as c:
+                out[node] = [x for x in await c.leases() if x.holder.startswith(prefix) and x.state in LIVE]
+        return out
+
+    return asyncio.run(go())
+
+
+def pod_lease_ids(pod: dict[str, Any]) -> set[str]:
+    ann = pod["metadata"].get("annotations") or {}
+    ids = {x for x in (ann.get("spillway.dev/reservation") or "").split(",") if x}
+    ids |= {x["id"] for x in json.loads(ann.get("spillway.dev/elastic-leases") or "[]")}
+    return ids
+
+
+def events_of(cluster: Cluster, ns: str, name: str) -> list[dict[str, Any]]:
+    items = cluster.get_json("events", "-n", ns, "--field-selector", f"involvedObject.name={name}")["items"]
+    return list(items)
+
+
+def test_tenants_run_with_reservations_at_the_agents_and_delete_releases_them(
+    cluster: Cluster, sandbox: Sandbox, k8s_namespace: str
+) -> None:
+    ns = k8s_namespace
+    cluster.apply(tenant("chat", replicas=2, memory="60Gi", request="12Gi"), ns)
+    cluster.apply(tenant("whisper", replicas=1, memory="10Gi", request=None), ns)
+    t = wait_phase(cluster, sandbox, ns, "chat", "Running")
+    wait_phase(cluster, sandbox, ns, "whisper", "Running")
+    st = t["status"]
+    assert st["replicas"] == 2 and st["readyReplicas"] == 2
+    assert st["peerMemoryBytes"] == 24 * GIB
+    conds = {c["type"]: c["status"] for c in st["conditions"]}
+    assert conds["Placed"] == "True" and conds["PeerMemoryReserved"] == "True" and conds["Ready"] == "True"
+    status_ids = {lease["id"] for p in st["placements"] for lease in p["leases"]}
+    assert len(status_ids) >= 2
+
+    pods = pods_of(cluster, ns, "chat")
+    assert sorted(p["metadata"]["name"] for p in pods) == ["chat-0", "chat-1"]
+    for p in pods:
+        node = p["spec"]["nodeName"]
+        term = p["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+        assert term["nodeSelectorTerms"][0]["matchExpressions"][0]["values"] == [node]
+        assert p["metadata"]["annotations"]["spillway.dev/reservation-node"] == node
+        assert p["spec"]["containers"][0]["resources"]["limits"]["spillway.dev/peer-hbm"] == "12"
+        assert p["metadata"]["ownerReferences"][0]["uid"] == t["metadata"]["uid"]
+
+    held = agent_leases(sandbox, f"tenant:{ns}/chat/")
+    at_agents = {x.id for leases in held.values() for x in leases}
+    assert at_agents == status_ids == set().union(*(pod_lease_ids(p) for p in pods))
+    assert all(x.kind == agent_pb2.RESERVATION for leases in held.values() for x in leases)
+    reasons = {e["reason"] for e in events_of(cluster, ns, "chat")}
+    assert "Placed" in reasons
+    # kopf's bookkeeping stays in annotations of our prefix; status is ours alone.
+    assert any(k.startswith("operator.spillway.dev/") for k in t["metadata"]["annotations"])
+    assert not any(k.startswith("kopf.zalando.org") for k in t["metadata"]["annotations"])
+    assert set(st) <= {"phase", "observedGeneration", "replicas", "readyReplicas", "selector", "peerMemoryBytes",
+                       "peerMemory", "placements", "conditions", "slo"}
+
+    # Scale down through the scale subresource: replica 1's pod and lease go.
+    cluster.kubectl("scale", "inferencetenant/chat", "-n", ns, "--replicas=1")
+    wait_for(lambda: len(pods_of(cluster, ns, "chat")) == 1, timeout=60, what="scale-down")
+    wait_for(lambda: len([x for v in agent_leases(sandbox, f"tenant:{ns}/chat/").values() for x in v]) == 1,
+             timeout=60, what="the scaled-down replica's lease to be released")
+
+    cluster.kubectl("delete", "inferencetenant", "chat", "whisper", "-n", ns, "--timeout=60s")
+    assert not any(agent_leases(sandbox, f"tenant:{ns}/").values())
+    wait_for(lambda: not pods_of(cluster, ns, "chat"), timeout=60, what="pods to go")
+
+
+def test_operator_killed_at_random_points_leaves_no_duplicate_pod_and_no_orphaned_lease(
+    cluster: Cluster, sandbox: Sandbox, k8s_namespace: str
+) -> None:
+    ns = k8s_namespace
+    rng = random.Random(4)
+    names = ["kv-a", "kv-b"]
+    for n in names:
+        cluster.apply(tenant(n, replicas=3, memory="30Gi", request="6Gi"), ns)
+    for _ in range(3):
+        time.sleep(rng.uniform(0.2, 2.5))
+        sandbox.kill_operator()
+        sandbox.start_operator(wait_ready=False)
+    sandbox.wait_operator_ready()
+    for n in names:
+        wait_phase(cluster, sandbox, ns, n, "Running", timeout=180)
+    # Scale one down and up while killing again, then check the books.
+    cluster.kubectl("scale", "inferencetenant/kv-a", "-n", ns, "--replicas=1")
+    time.sleep(rng.uniform(0.1, 1.0))
+    sandbox.kill_operator()
+    sandbox.start_operator()
+
+    def settled() -> bool:
+        for n in names:
+            want = 1 if n == "kv-a" else 3
+            pods = [p for p in pods_of(cluster, ns, n) if not p["metadata"].get("deletionTimestamp")]
+            if len(pods) != want:
+                return False
+            held = {x.id for v in agent_leases(sandbox, f"tenant:{ns}/{n}/").values() for x in v}
+            if held != set().union(*(pod_lease_ids(p) for p in pods)):
+                return False
+        return True
+
+    wait_for(settled, timeout=120, what="pods and leases to match after kill -9 and restart")
+    for n in names:
+        pods = pods_of(cluster, ns, n)
+        assert len({p["metadata"]["name"] for p in pods}) == len(pods)
+        wait_phase(cluster, sandbox, ns, n, "Running", timeout=60)
+    cluster.kubectl("delete", "inferencetenant", *names, "-n", ns, "--timeout=90s")
+    assert not any(agent_leases(sandbox, f"tenant:{ns}/").values())
+
+
+def test_revoked_lease_moves_to_another_lender_or_falls_back(
+    cluster: Cluster, sandbox: Sandbox, k8s_namespace: str
+) -> None:
+    ns = k8s_namespace
+    cluster.apply(tenant("rag", replicas=1, memory="40Gi", request="16Gi"), ns)
+    t = wait_phase(cluster, sandbox, ns, "rag", "Running")
+    placement = t["status"]["placements"][0]
+    node, old = placement["node"], placement["leases"][0]
+
+    async def reclaim() -> None:
+        async with sandbox.agent_client(node) as c:
+            resp = await c.reclaim(old["gpu"], "80Gi", reason="lender tenant grows", deadline_s=20)
+            assert old["id"] in {x.id for x in resp.revoking}
+
+    asyncio.run(reclaim())
+
+    def moved() -> dict[str, Any] | None:
+        st = get_tenant(cluster, ns, "rag")["status"]
+        p = st["placements"][0] if st.get("placements") else {}
+        ids = {x["id"] for x in p.get("leases", [])}
+        return st if (ids and old["id"] not in ids) or p.get("hostFallback") else None
+
+    st = wait_for(moved, timeout=60, what="the revoked lease to be replaced")
+    p = st["placements"][0]
+    reasons = {e["reason"] for e in events_of(cluster, ns, "rag")}
+    assert "LeaseRevoking" in reasons
+    if p.get("hostFallback"):
+        assert "FellBackToHostMemory" in reasons
+    else:
+        assert "PeerMemoryMoved" in reasons
+        assert p["leases"][0]["gpu"] != old["gpu"]
+        held = {x.id for v in agent_leases(sandbox, f"tenant:{ns}/rag/").values() for x in v}
+        assert held == {x["id"] for x in p["leases"]}
+        pod = pods_of(cluster, ns, "rag")[0]
+        assert pod_lease_ids(pod) == held
+    cluster.kubectl("delete", "inferencetenant", "rag", "-n", ns, "--timeout=60s")
+
+
+TTFT_SHARES = {0.05: 0.2, 0.1: 0.3, 0.25: 0.3, 0.5: 0.15, 1.0: 0.05}
+TBT_SHARES = {0.01: 0.6, 0.025: 0.39, 0.05: 0.01}
+
+
+def test_slo_feedback_reports_what_prometheus_saw_and_grows_peer_memory(
+    cluster: Cluster, sandbox: Sandbox, k8s_namespace: str, prometheus: PrometheusProcess,
+    histogram_server: HistogramServer,
+) -> None:
+    ns = k8s_namespace
+    histogram_server.set_histogram("vllm:time_to_first_token_seconds", TTFT_SHARES, per_second=200)
+    histogram_server.set_histogram("vllm:inter_token_latency_seconds", TBT_SHARES, per_second=2000)
+    prometheus.add_target(histogram_server.address, {"namespace": ns, "pod": "slow-0"})
+    sandbox.start_operator(["--resync-interval", "3s", "--lease-ttl", "60s", "--prometheus-url", prometheus.url,
+                            "--slo-step", "2Gi"])
+    try:
+        prometheus.wait_for_series(f'count_over_time(vllm:time_to_first_token_seconds_count{{namespace="{ns}"}}[30s])'
+                                   " >= 10", timeout=60)
+        cluster.apply(tenant("slow", replicas=1, memory="40Gi", request="4Gi", limit="8Gi",
+                             slo={"ttft": "200ms", "tbt": "25ms", "percentile": 99, "attainment": 0.95,
+                                  "window": "8s"}), ns)
+
+        def grown() -> dict[str, Any] | None:
+            st = get_tenant(cluster, ns, "slow").get("status") or {}
+            return st if st.get("peerMemoryBytes", 0) > 4 * GIB or any(
+                x.get("kind") == "ELASTIC" for p in st.get("placements", []) for x in p.get("leases", [])) else None
+
+        st = wait_for(grown, timeout=120, what="an ELASTIC lease after a missed SLO")
+        slo = st["slo"]
+        assert slo["state"] == "Missed" and slo["met"] is False
+        assert slo["ttftSeconds"] == pytest.approx(expected_quantile(0.99, TTFT_SHARES), rel=0.03)
+        assert slo["tbtSeconds"] == pytest.approx(expected_quantile(0.99, TBT_SHARES), rel=0.03)
+        # 200ms target: read at the bucket just above it (le=0.25): 20 + 30 + 30 % of requests.
+        assert slo["ttftAttainment"] == pytest.approx(0.80, abs=0.01)
+        assert slo["tbtAttainment"] == pytest.approx(0.99, abs=0.005)  # 25ms target: le=0.025 exactly
+        conds = {c["type"]: c for c in st["conditions"]}
+        assert conds["SLOMet"]["status"] == "False"
+        elastic = agent_leases(sandbox, f"tenant:{ns}/slow/")
+        kinds = [x.kind for v in elastic.values() for x in v]
+        assert agent_pb2.ELASTIC in kinds and agent_pb2.RESERVATION in kinds
+        assert "PeerMemoryGrown" in {e["reason"] for e in events_of(cluster, ns, "slow")}
+        # It never grows past the limit (8Gi per replica).
+        time.sleep(12)
+        held = sum(x.bytes for v in agent_leases(sandbox, f"tenant:{ns}/slow/").values() for x in v)
+        assert held <= 8 * GIB
+        cluster.kubectl("delete", "inferencetenant", "slow", "-n", ns, "--timeout=60s")
+        assert not any(agent_leases(sandbox, f"tenant:{ns}/").values())
+    finally:
+        sandbox.start_operator()
