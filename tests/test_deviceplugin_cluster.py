@@ -1,0 +1,174 @@
+"""Device plugin Allocate against the real kube-apiserver (kwok node, real pods): the
+operator's reservation claimed, a pod without one, an expired reservation, and two pending
+pods with the same unit count. The kubelet side is the kubelet's own device-manager code
+(hack/dpconformance); the agent is a real subprocess (simulated GPUs)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from spillway.api.v1 import agent_pb2
+from spillway.deviceplugin.resources import parse_unit_id
+from spillway.testing.agentproc import AgentProcess
+from spillway.testing.cluster import Cluster
+from tests.fixtures_deviceplugin import Kubelet, PluginProcess, PodResourcesServer
+
+pytestmark = pytest.mark.cluster
+
+GiB = 1 << 30
+
+
+class Stack:
+    def __init__(self, cluster: Cluster, namespace: str, node: str, agent: AgentProcess, plugin: PluginProcess,
+                 kubelet: Kubelet) -> None:
+        self.cluster, self.namespace, self.node = cluster, namespace, node
+        self.agent, self.plugin, self.kubelet = agent, plugin, kubelet
+
+    def run(self, fn: Callable[[Any], Any]) -> Any:
+        async def go() -> Any:
+            async with self.agent.client() as c:
+                return await fn(c)
+        return asyncio.run(go())
+
+    def reserve(self, size: str, gpu: str, replica: int, ttl_s: float = 0.0) -> agent_pb2.AcquireResponse:
+        """What the operator does: a RESERVATION under its holder name, before the pod exists."""
+        return self.run(lambda c: c.acquire(size, f"tenant:{self.namespace}/llm/{replica}", kind=agent_pb2.RESERVATION,
+                                            gpu_uuid=gpu, ttl_s=ttl_s, idempotency_key=f"uid/{replica}/{gpu}"))
+
+    def leases(self) -> dict[str, agent_pb2.Lease]:
+        return {x.id: x for x in self.run(lambda c: c.leases(include_ended=True))}
+
+    def gpus(self) -> list[agent_pb2.Gpu]:
+        return list(self.run(lambda c: c.inventory()).gpus)
+
+    def pod(self, name: str, units: int, grant: agent_pb2.AcquireResponse | None = None) -> None:
+        annotations = {}
+        if grant is not None:
+            annotations = {"spillway.dev/reservation": grant.lease.id, "spillway.dev/reservation-token": grant.token,
+                           "spillway.dev/reservation-node": self.node, "spillway.dev/lender-gpus": grant.lease.gpu_uuid}
+        self.cluster.apply({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": self.namespace, "annotations": annotations},
+            "spec": {"nodeName": self.node, "containers": [{
+                "name": "server", "image": "registry.example/llm:1",
+                "resources": {"limits": {"spillway.dev/peer-hbm": str(units)}}}]},
+        })
+
+    def allocation(self, name: str) -> dict[str, Any]:
+        pod = self.cluster.get_json("pod", name, "-n", self.namespace)
+        value: dict[str, Any] = json.loads(pod["metadata"].get("annotations", {}).get("spillway.dev/allocation", "{}"))
+        return value
+
+    def units_on(self, gpu: str, n: int) -> list[str]:
+        ids = [d["id"] for d in self.kubelet.devices() if d["health"] == "Healthy"]
+        return [i for i in ids if (parse_unit_id(i) or ("", 0))[0] == gpu][:n]
+
+
+@pytest.fixture
+def stack(cluster: Cluster, k8s_namespace: str, kwok_nodes: Callable[..., str], dpconformance_bin: Path,
+          dp_workdir: Path, agent: AgentProcess) -> Iterator[Stack]:
+    node = kwok_nodes({"spillway.dev/peer-hbm": "600", "nvidia.com/gpu": "8"}, prefix="gpu")
+    plugin = PluginProcess(dp_workdir, agent.socket, node, kubeconfig=cluster.kubeconfig)
+    pods = PodResourcesServer(plugin.pod_resources)
+    kubelet = Kubelet(dpconformance_bin, plugin.kubelet_dir).start()
+    plugin.start()
+    try:
+        kubelet.wait_for(lambda e: e["event"] == "registered", 30, "the plugin to register")
+        yield Stack(cluster, k8s_namespace, node, agent, plugin, kubelet)
+    except BaseException:
+        print(plugin.logs()[-6000:])
+        raise
+    finally:
+        plugin.stop()
+        kubelet.stop()
+        pods.stop()
+
+
+def test_allocate_claims_the_operators_reservation(stack: Stack) -> None:
+    gpu = stack.gpus()[3].uuid
+    grant = stack.reserve("3Gi", gpu, 0)
+    stack.pod("llm-0", 3, grant)
+    available = [d["id"] for d in stack.kubelet.devices()]
+    # The pod's reservation is on GPU 3: the preferred units are GPU 3's.
+    pref = stack.kubelet.preferred(available, 3)
+    assert {parse_unit_id(i)[0] for i in pref["ids"]} == {gpu}  # type: ignore[index]
+    before = {g.uuid: g.lendable_bytes for g in stack.gpus()}
+
+    alloc = stack.kubelet.allocate(pref["ids"])
+    assert "error" not in alloc, alloc
+    envs = alloc["response"]["envs"]
+    assert envs["SPILLWAY_LEASE_ID"] == grant.lease.id
+    assert envs["SPILLWAY_LEASE_TOKEN"] == grant.token
+    assert envs["SPILLWAY_LENDER_GPUS"] == gpu
+    lease = stack.leases()[grant.lease.id]
+    assert lease.state == agent_pb2.ACTIVE
+    assert lease.pod == f"{stack.namespace}/llm-0"
+    assert lease.holder == f"tenant:{stack.namespace}/llm/0"   # the operator still finds its lease
+    assert len(stack.leases()) == 1                            # nothing leased on the spot
+    assert {g.uuid: g.lendable_bytes for g in stack.gpus()} == before
+    mark = stack.allocation("llm-0")["server"]
+    assert mark["result"] == "reservation" and mark["leases"] == [grant.lease.id]
+    assert 'result="reservation"} 1.0' in stack.plugin.metrics()
+
+
+def test_allocate_without_a_reservation_leases_for_the_pod(stack: Stack) -> None:
+    stack.pod("plain", 2)
+    gpu = stack.gpus()[1].uuid
+    alloc = stack.kubelet.allocate(stack.units_on(gpu, 2))
+    assert "error" not in alloc, alloc
+    envs = alloc["response"]["envs"]
+    lease = stack.leases()[envs["SPILLWAY_LEASE_ID"]]
+    assert lease.kind == agent_pb2.RESERVATION and lease.bytes == 2 * GiB and lease.gpu_uuid == gpu
+    assert lease.pod == f"{stack.namespace}/plain"
+    assert stack.allocation("plain")["server"]["result"] == "on_the_spot"
+
+
+def test_allocate_with_an_expired_reservation_fails_and_changes_nothing(stack: Stack) -> None:
+    gpu = stack.gpus()[2].uuid
+    grant = stack.reserve("2Gi", gpu, 0, ttl_s=1.0)
+    deadline = time.monotonic() + 15
+    while stack.leases()[grant.lease.id].state != agent_pb2.EXPIRED:
+        assert time.monotonic() < deadline, "the 1 s reservation never expired"
+        time.sleep(0.2)
+    stack.pod("late", 2, grant)
+    before_gpus = {g.uuid: g.lendable_bytes for g in stack.gpus()}
+    before_leases = {k: v.state for k, v in stack.leases().items()}
+
+    alloc = stack.kubelet.allocate(stack.units_on(gpu, 2))
+    assert "error" in alloc
+    assert f"reservation {grant.lease.id} of pod {stack.namespace}/late" in alloc["error"]
+    assert "EXPIRED" in alloc["error"]  # the agent's own word for the lease's state
+    assert {g.uuid: g.lendable_bytes for g in stack.gpus()} == before_gpus
+    assert {k: v.state for k, v in stack.leases().items()} == before_leases
+    mark = stack.allocation("late")["server"]
+    assert mark["result"] == "error" and "expired" in mark["message"]
+
+
+def test_two_pending_pods_same_size_oldest_first_no_double_take(stack: Stack) -> None:
+    gpus = stack.gpus()
+    first = stack.reserve("2Gi", gpus[4].uuid, 0)
+    second = stack.reserve("2Gi", gpus[5].uuid, 1)
+    # Names sort the other way round from age, so only the creation time can order them.
+    stack.pod("zz-older", 2, first)
+    time.sleep(1.1)  # creationTimestamp has a resolution of one second
+    stack.pod("aa-newer", 2, second)
+
+    a = stack.kubelet.allocate(stack.units_on(gpus[4].uuid, 2))
+    b = stack.kubelet.allocate(stack.units_on(gpus[5].uuid, 2))
+    assert "error" not in a and "error" not in b, (a, b)
+    assert a["response"]["envs"]["SPILLWAY_LEASE_ID"] == first.lease.id
+    assert b["response"]["envs"]["SPILLWAY_LEASE_ID"] == second.lease.id
+    leases = stack.leases()
+    assert leases[first.lease.id].pod == f"{stack.namespace}/zz-older"
+    assert leases[second.lease.id].pod == f"{stack.namespace}/aa-newer"
+    # A third Allocate of the same size finds no pod left: it does not take either reservation.
+    c = stack.kubelet.allocate(stack.units_on(gpus[6].uuid, 2))
+    assert "error" not in c
+    assert c["response"]["envs"]["SPILLWAY_LEASE_ID"] not in (first.lease.id, second.lease.id)
