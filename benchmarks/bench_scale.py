@@ -1,0 +1,203 @@
+"""Operator scale: 500 InferenceTenants on 100 kwok nodes x 8 simulated GPUs, all Running, timed;
+side by side, in the same run and on the same nodes, kube-scheduler binding 500 plain GPU pods.
+
+    python -m benchmarks scale            # or: python -m benchmarks.bench_scale [--nodes 100 --tenants 500]
+
+100 agent processes do not fit a 2-core machine, so the 100 agents run in ONE helper process:
+100 real agent services (each its own pool, gRPC server on its own TCP port with mutual TLS, and
+its own MemoryPool publisher), all on one event loop. The GPUs are simulated (dgx-h100 topology).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# --- the helper process: many agents on one event loop ------------------------------------
+
+
+async def _agents_host(spec: dict[str, Any]) -> list[Any]:
+    from spillway.agent.server import Agent, AgentConfig
+    from spillway.pki import TlsFiles
+
+    tls = TlsFiles(spec["tls"]["cert"], spec["tls"]["key"], spec["tls"]["ca"])
+    agents = []
+    for a in spec["agents"]:
+        cfg = AgentConfig(
+            backend="simulated", topology=Path(spec["topology"]), node_name=a["node"], socket=Path(a["socket"]),
+            listen=a["endpoint"], tls=tls, state_dir=None, metrics_port=None, refresh_s=5.0,
+            publish=True, advertise_endpoint=a["endpoint"],
+        )
+        agent = Agent(cfg)
+        await agent.start()
+        agents.append(agent)
+    return agents
+
+
+# --- the benchmark -------------------------------------------------------------------------
+
+
+def _tenants(n: int) -> str:
+    """Half borrowers (60Gi model + 8Gi of peer memory), half lenders (16Gi model), priorities mixed."""
+    items = []
+    for i in range(n):
+        borrower = i % 2 == 0
+        spec: dict[str, Any] = {
+            "replicas": 1,
+            "priority": (i % 3) * 10,
+            "model": {"image": "spillway/toy-server:0.1.0", "memory": "60Gi" if borrower else "16Gi"},
+        }
+        if borrower:
+            spec["peerMemory"] = {"request": "8Gi", "limit": "8Gi", "fallback": "HostMemory"}
+        items.append({"apiVersion": "spillway.dev/v1alpha1", "kind": "InferenceTenant",
+                      "metadata": {"name": f"t{i:04d}"}, "spec": spec})
+    return json.dumps({"apiVersion": "v1", "kind": "List", "items": items})
+
+
+def _plain_pods(n: int) -> str:
+    items = [{
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"p{i:04d}", "labels": {"bench": "plain"}},
+        "spec": {"containers": [{"name": "m", "image": "spillway/toy-server:0.1.0",
+                                 "resources": {"limits": {"nvidia.com/gpu": "1"}}}],
+                 "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]},
+    } for i in range(n)]
+    return json.dumps({"apiVersion": "v1", "kind": "List", "items": items})
+
+
+def _count(cluster: Any, *args: str, jsonpath: str) -> list[str]:
+    out = cluster.kubectl("get", *args, "-o", f"jsonpath={jsonpath}", check=False, timeout=120).stdout
+    return out.split()
+
+
+def _wait_count(cluster: Any, want: int, timeout: float, *args: str, jsonpath: str, value: str) -> float:
+    t0 = time.monotonic()
+    while True:
+        got = sum(1 for x in _count(cluster, *args, jsonpath=jsonpath) if x == value)
+        if got >= want:
+            return time.monotonic() - t0
+        if time.monotonic() - t0 > timeout:
+            raise TimeoutError(f"only {got} of {want} reached {value} in {timeout:.0f} s")
+        time.sleep(1.0)
+
+
+def run(nodes: int, tenants: int, timeout: float) -> dict[str, float]:
+    from spillway.operator.sandbox import H100_LABELS, Sandbox, free_port, wait_for
+
+    results: dict[str, float] = {}
+    sb = Sandbox()
+    helper: subprocess.Popen[bytes] | None = None
+    try:
+        t0 = time.monotonic()
+        sb.start()
+        cluster = sb.cluster
+        assert cluster is not None
+        results["cluster_start_s"] = time.monotonic() - t0
+        names = [f"gpu-{i:03d}" for i in range(nodes)]
+        spec = {
+            "topology": str(REPO / "examples" / "topologies" / "dgx-h100.yaml"),
+            "tls": {k: str(getattr(sb.server_tls, k)) for k in ("cert", "key", "ca")},
+            "agents": [{"node": n, "endpoint": f"127.0.0.1:{free_port()}",
+                        "socket": str(sb.workdir / "a" / f"{n}.sock")} for n in names],
+        }
+        (sb.workdir / "a").mkdir(exist_ok=True)
+        spec_path = sb.workdir / "agents.json"
+        spec_path.write_text(json.dumps(spec))
+        env = dict(os.environ, KUBECONFIG=str(sb.kubeconfig), PYTHONPATH=str(REPO), SPILLWAY_LOG_LEVEL="WARNING")
+        t0 = time.monotonic()
+        with (sb.workdir / "agents.log").open("wb") as log:
+            helper = subprocess.Popen([sys.executable, "-m", "benchmarks.bench_scale", "--agents-host", str(spec_path)],
+                                      stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
+        wait_for(lambda: len(sb.pools()) >= nodes, timeout=300, what=f"{nodes} MemoryPools", interval=1.0)
+        results["agents_start_s"] = time.monotonic() - t0
+        first = sb.pools()[names[0]]
+        units = sum(int(g.get("lendableBytes", 0)) for g in first["status"]["gpus"]) >> 30
+        t0 = time.monotonic()
+        for n in names:
+            cluster.add_node(n, {"nvidia.com/gpu": "8", "spillway.dev/peer-hbm": str(units)}, H100_LABELS, wait=False)
+        _wait_count(cluster, nodes, 300, "nodes", "-l", "type=kwok",
+                    jsonpath="{.items[*].status.conditions[?(@.type=='Ready')].status}", value="True")
+        results["nodes_ready_s"] = time.monotonic() - t0
+
+        # Baseline: kube-scheduler binds plain GPU pods (kwok runs them).
+        cluster.create_namespace("plain")
+        t0 = time.monotonic()
+        cluster.kubectl("create", "-n", "plain", "-f", "-", input=_plain_pods(tenants), timeout=300)
+        _wait_count(cluster, tenants, timeout, "pods", "-n", "plain", jsonpath="{.items[*].status.phase}",
+                    value="Running")
+        results["plain_pods_running_s"] = time.monotonic() - t0  # from the create call, as for the tenants
+        cluster.kubectl("delete", "pods", "--all", "-n", "plain", "--wait=true", "--timeout=300s", timeout=400)
+
+        # Spillway: the operator places, reserves and creates one pod per tenant.
+        sb.start_operator(["--resync-interval", "60s", "--lease-ttl", "5m"])
+        cluster.create_namespace("bench")
+        t0 = time.monotonic()
+        cluster.kubectl("create", "-n", "bench", "-f", "-", input=_tenants(tenants), timeout=300)
+        results["tenants_created_s"] = time.monotonic() - t0
+        _wait_count(cluster, tenants, timeout, "inferencetenants", "-n", "bench",
+                    jsonpath="{.items[*].status.phase}", value="Running")
+        results["tenants_running_s"] = time.monotonic() - t0
+        leases = 0
+        for x in _count(cluster, "memorypools", jsonpath="{.items[*].status.totals.leased}"):
+            leases += x not in ("0", "")
+        results["pools_with_leases"] = float(leases)
+        results["ratio"] = results["tenants_running_s"] / results["plain_pods_running_s"]
+        return results
+    finally:
+        if sb.operator is not None:
+            print(f"operator log: {sb.operator_log}", file=sys.stderr)
+        sb.stop_operator()
+        if helper is not None:
+            helper.terminate()
+            try:
+                helper.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                helper.kill()
+        sb.stop()
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="bench_scale")
+    parser.add_argument("--nodes", type=int, default=100)
+    parser.add_argument("--tenants", type=int, default=500)
+    parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument("--agents-host", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.agents_host:
+        from spillway import logging as slog
+
+        slog.setup("WARNING")
+        host_spec = json.loads(Path(args.agents_host).read_text())
+
+        async def serve() -> None:
+            agents = await _agents_host(host_spec)
+            print(f"{len(agents)} agents serving", flush=True)
+            await asyncio.Event().wait()
+
+        asyncio.run(serve())
+        return 0
+    with tempfile.TemporaryDirectory():
+        r = run(args.nodes, args.tenants, args.timeout)
+    print(f"{args.tenants} tenants on {args.nodes} kwok nodes x 8 simulated GPUs (agents in one process)")
+    print(f"  control plane start     {r['cluster_start_s']:7.1f} s")
+    print(f"  {args.nodes} agents + MemoryPools {r['agents_start_s']:7.1f} s")
+    print(f"  {args.nodes} nodes Ready          {r['nodes_ready_s']:7.1f} s")
+    print(f"  plain pods Running      {r['plain_pods_running_s']:7.1f} s  (kube-scheduler alone, {args.tenants} pods)")
+    print(f"  tenants Running         {r['tenants_running_s']:7.1f} s  (operator: place, reserve, create, status)")
+    print(f"  ratio                   {r['ratio']:7.2f} x")
+    print(f"  pools with leases       {int(r['pools_with_leases'])} of {args.nodes}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
