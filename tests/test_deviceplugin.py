@@ -247,3 +247,44 @@ def test_pod_resources_names_pods_and_gone_pods_release_their_lease(
     while lease().state != agent_pb2.RELEASED:
         assert time.monotonic() < deadline, f"the gone pod's lease was not released: {lease()}"
         time.sleep(0.2)
+
+
+def test_pool_shrink_turns_free_units_unhealthy_first(
+        stack: tuple[AgentProcess, PluginProcess, Kubelet, PodResourcesServer]) -> None:
+    agent, _, kubelet, pods = stack
+    gpu = asyncio.run(_inventory(agent)).gpus[0]
+    mine = [d["id"] for d in kubelet.devices() if d["id"].startswith(gpu.uuid + "::")]
+    used = mine[5:7]  # not the lowest IDs, so "in use first" is what keeps them Healthy
+    alloc = kubelet.allocate(used)
+    assert "error" not in alloc, alloc
+    pods.set_pod("team-b/borrower", {"server": used})
+
+    # The GPU's own tenant keeps all but 1 GiB of what was lendable: 1 free + 2 leased = 3 units.
+    g = next(x for x in asyncio.run(_inventory(agent)).gpus if x.uuid == gpu.uuid)
+    keep = int(g.total_bytes - g.headroom_bytes - g.leased_bytes) - GiB
+
+    async def shrink() -> None:
+        async with agent.client() as c:
+            await c.set_gpu_local(gpu.uuid, reserved=keep)
+    asyncio.run(shrink())
+
+    def three_healthy(ds: list[dict[str, str]]) -> bool:
+        return sum(d["health"] == HEALTHY for d in ds if d["id"].startswith(gpu.uuid + "::")) == 3
+    devices = kubelet.wait_devices(three_healthy, 5, "GPU 0 down to 3 Healthy units")
+    health = {d["id"]: d["health"] for d in devices if d["id"].startswith(gpu.uuid + "::")}
+    assert len(health) == len(mine)                       # IDs stay; surplus goes Unhealthy
+    assert health[used[0]] == health[used[1]] == HEALTHY  # units in use are the last to go
+    assert [i for i, h in health.items() if h == HEALTHY] == [mine[0], *used]
+
+
+def test_allocate_without_room_fails_and_changes_nothing(
+        stack: tuple[AgentProcess, PluginProcess, Kubelet, PodResourcesServer]) -> None:
+    agent, _, kubelet, _ = stack
+    inv = asyncio.run(_inventory(agent))
+    most = max(int(g.lendable_bytes) // GiB for g in inv.gpus)
+    ids = [d["id"] for d in kubelet.devices()][: most + 1]   # more than any one GPU can lend
+    alloc = kubelet.allocate(ids)
+    assert alloc["error"].startswith("rpc error: code = ResourceExhausted")
+    assert "no room" in alloc["error"]
+    assert asyncio.run(_leases(agent)) == []
+    assert [g.lendable_bytes for g in asyncio.run(_inventory(agent)).gpus] == [g.lendable_bytes for g in inv.gpus]

@@ -86,6 +86,8 @@ def pod_candidates(pods: Iterable[Mapping[str, Any]], units: int) -> list[PodRef
             continue
         annotations = meta.get("annotations") or {}
         taken = parse_allocation(annotations)
+        # A pod's reservation is claimed once, by its first container that asks; others lease on the spot.
+        claimed = any(isinstance(v, dict) and v.get("result") == "reservation" for v in taken.values())
         for container in (pod.get("spec") or {}).get("containers") or []:
             if _units(container) != units or container.get("name") in taken:
                 continue
@@ -97,8 +99,8 @@ def pod_candidates(pods: Iterable[Mapping[str, Any]], units: int) -> list[PodRef
                 created=meta.get("creationTimestamp", ""),
                 container=container.get("name", ""),
                 units=units,
-                reservations=_split(annotations.get(ANN_RESERVATION)),
-                tokens=_split(annotations.get(ANN_TOKEN)),
+                reservations=() if claimed else _split(annotations.get(ANN_RESERVATION)),
+                tokens=() if claimed else _split(annotations.get(ANN_TOKEN)),
                 reservation_node=(annotations.get(ANN_NODE) or "").strip(),
                 lender_gpus=_split(annotations.get(ANN_LENDERS)),
                 allocation=taken,

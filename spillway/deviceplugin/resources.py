@@ -135,7 +135,7 @@ class ResourceManager:
         self._in_use: set[str] = set()
         self._units: list[Unit] = []
         self._version = 0
-        self._cond = asyncio.Condition()
+        self._changed = asyncio.Event()   # set (and replaced) whenever the unit list changes
         self._kick = asyncio.Event()
         self._first = asyncio.Event()
 
@@ -162,9 +162,9 @@ class ResourceManager:
 
     async def wait_changed(self, seen: int) -> int:
         """Wait until the unit list differs from version `seen`; return the new version."""
-        async with self._cond:
-            await self._cond.wait_for(lambda: self._version != seen)
-            return self._version
+        while self._version == seen:
+            await self._changed.wait()
+        return self._version
 
     async def wait_first(self, within_s: float) -> bool:
         with contextlib.suppress(TimeoutError):
@@ -263,11 +263,8 @@ class ResourceManager:
             self._units = units
             self._version += 1
             log.info("units changed", extra={"units": len(units), "healthy": healthy, "version": self._version})
-            asyncio.get_running_loop().create_task(self._notify())
-
-    async def _notify(self) -> None:
-        async with self._cond:
-            self._cond.notify_all()
+            changed, self._changed = self._changed, asyncio.Event()
+            changed.set()
 
 
 def _describe(exc: BaseException) -> str:
