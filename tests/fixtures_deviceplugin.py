@@ -217,7 +217,7 @@ class PluginProcess:
         self.state_dir = workdir / "dpstate"
         self.metrics_port = free_port()
         self.log_path = workdir / "deviceplugin.log"
-        self.cmd = [sys.executable, "-m", "spillway", "--log-level", "debug", "deviceplugin",
+        self.cmd = [sys.executable, "-m", "spillway", "deviceplugin",
                     "--agent-socket", str(agent_socket), "--node-name", node,
                     "--kubelet-dir", str(self.kubelet_dir), "--pod-resources-socket", str(self.pod_resources),
                     "--state-dir", str(self.state_dir), "--metrics-port", str(self.metrics_port),

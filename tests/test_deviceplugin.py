@@ -30,12 +30,12 @@ def test_unit_ids_round_trip() -> None:
 
 
 def test_capacity_counts_reservations_but_not_elastic_leases() -> None:
-    inv = agent_pb2.Inventory(gpus=[agent_pb2.Gpu(uuid="A", index=0, lendable_bytes=10 * GiB + 5),
-                                    agent_pb2.Gpu(uuid="B", index=1, lendable_bytes=2 * GiB)])
+    inv = agent_pb2.Inventory(gpus=[
+        agent_pb2.Gpu(uuid="A", index=0, lendable_bytes=10 * GiB + 5, leased_bytes=3 * GiB),
+        agent_pb2.Gpu(uuid="B", index=1, lendable_bytes=2 * GiB, leased_bytes=4 * GiB)])
     leases = [agent_pb2.Lease(id="r", gpu_uuid="A", kind=agent_pb2.RESERVATION, bytes=3 * GiB, state=agent_pb2.ACTIVE),
               agent_pb2.Lease(id="e", gpu_uuid="B", kind=agent_pb2.ELASTIC, bytes=4 * GiB, state=agent_pb2.ACTIVE),
-              agent_pb2.Lease(id="x", gpu_uuid="B", kind=agent_pb2.RESERVATION, bytes=4 * GiB,
-                              state=agent_pb2.RELEASED)]
+              agent_pb2.Lease(id="x", gpu_uuid="B", kind=agent_pb2.ELASTIC, bytes=4 * GiB, state=agent_pb2.RELEASED)]
     assert gpu_capacity_units(inv, leases, GiB) == {"A": 13, "B": 2}
 
 

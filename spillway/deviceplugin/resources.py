@@ -67,12 +67,17 @@ class Unit:
 def gpu_capacity_units(
     inventory: agent_pb2.Inventory, leases: Iterable[agent_pb2.Lease], unit_bytes: int
 ) -> dict[str, int]:
-    """Units each GPU can back: its lendable bytes plus its live RESERVATION leases, per unit."""
-    reserved: dict[str, int] = {}
+    """Units each GPU can back: its lendable bytes plus its live RESERVATION leases, per unit.
+
+    Computed as lendable + leased - live ELASTIC leases, so the inventory alone (consistent per
+    GPU) carries the RESERVATION bytes: a lease made between reading the inventory and the
+    lease list cannot be counted twice."""
+    elastic: dict[str, int] = {}
     for lease in leases:
-        if lease.kind == agent_pb2.RESERVATION and lease.state in LIVE_STATES:
-            reserved[lease.gpu_uuid] = reserved.get(lease.gpu_uuid, 0) + int(lease.bytes)
-    return {g.uuid: (int(g.lendable_bytes) + reserved.get(g.uuid, 0)) // unit_bytes for g in inventory.gpus}
+        if lease.kind == agent_pb2.ELASTIC and lease.state in LIVE_STATES:
+            elastic[lease.gpu_uuid] = elastic.get(lease.gpu_uuid, 0) + int(lease.bytes)
+    return {g.uuid: max(0, int(g.lendable_bytes) + int(g.leased_bytes) - elastic.get(g.uuid, 0)) // unit_bytes
+            for g in inventory.gpus}
 
 
 def compute_units(
