@@ -60,6 +60,17 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
     return {"ttl": ttl, "resync": resync, "step": step}
 
 
+def _drop_kopf_extras(record: logging.LogRecord) -> bool:
+    """kopf attaches its whole settings object and the object reference to every log record; the
+    structured log line keeps only the object's namespace/name."""
+    record.__dict__.pop("settings", None)
+    ref = record.__dict__.pop("k8s_ref", None)
+    record.__dict__.pop("k8s_skip", None)
+    if isinstance(ref, dict) and ref.get("name"):
+        record.__dict__["object"] = f"{ref.get('namespace', '')}/{ref['name']}".lstrip("/")
+    return True
+
+
 def run(args: argparse.Namespace) -> int:
     cfg = _config(args)
     if args.kubeconfig:
@@ -77,6 +88,8 @@ async def _main(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
     from spillway.operator.reservations import AgentPool, Reservations, Tls
     from spillway.operator.slo import DEFAULT_SELECTOR
 
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_drop_kopf_extras)
     tls = Tls(args.tls_cert, args.tls_key, args.tls_ca) if args.tls_cert else None
     metrics = OperatorMetrics()
     engine = Engine(

@@ -73,6 +73,7 @@ class _TenantMemory:
     slo_condition: tuple[str, str, str] | None = None
     slo_missed: bool = False
     last_phase: str = ""
+    last_pending: dict[int, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -386,14 +387,17 @@ class Engine:
                 self.assignments[key] = a
                 for gpu, nbytes in a.lenders:
                     self._debit(a.node, gpu, nbytes)
+        mem = self._mem(f"{spec.namespace}/{spec.name}")
         for r in replicas:
             key = ReplicaKey(spec.namespace, spec.name, r)
             a = plan.assignments.get(key)
             if a is None:
                 self.metrics.placements.labels(outcome="pending").inc()
-                if r in pending:
+                if r in pending and mem.last_pending.get(r) != pending[r]:
                     self.event(body, "Warning", "Unplaced", f"replica {r}: {pending[r]}")
+                    mem.last_pending[r] = pending[r]
                 continue
+            mem.last_pending.pop(r, None)
             pod = await self._reserve_and_create(body, spec, tenant, a, pending)
             if pod is not None:
                 created.append(pod)

@@ -58,6 +58,13 @@ def register(
             except Exception:
                 log.exception("reconcile after a pod event failed", extra={"tenant": f"{ns}/{name}"})
 
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        """In a pod: its service account; elsewhere: $KUBECONFIG (what --kubeconfig sets)."""
+        info: kopf.ConnectionInfo | None = kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(
+            **kwargs)
+        return info
+
     @kopf.on.startup(registry=registry)
     async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
@@ -66,6 +73,7 @@ def register(
         )
         settings.persistence.finalizer = f"{PREFIX}/finalizer"
         settings.posting.level = logging.WARNING  # our own events tell the story; kopf's only on trouble
+        settings.posting.reporting_component = "spillway-operator"
         settings.watching.server_timeout = 300
         settings.batching.worker_limit = 64
         released = await engine.startup_sync()
