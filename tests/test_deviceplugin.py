@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -288,3 +289,39 @@ def test_allocate_without_room_fails_and_changes_nothing(
     assert "no room" in alloc["error"]
     assert asyncio.run(_leases(agent)) == []
     assert [g.lendable_bytes for g in asyncio.run(_inventory(agent)).gpus] == [g.lendable_bytes for g in inv.gpus]
+
+
+def test_plugin_restart_keeps_unit_ids_and_still_releases_its_leases(
+        stack: tuple[AgentProcess, PluginProcess, Kubelet, PodResourcesServer]) -> None:
+    agent, plugin, kubelet, pods = stack
+    before = kubelet.devices()
+    ids = [d["id"] for d in before][10:12]
+    alloc = kubelet.allocate(ids)
+    assert "error" not in alloc, alloc
+    lease_id = alloc["response"]["envs"]["SPILLWAY_LEASE_ID"]
+    pods.set_pod("team-c/borrower", {"server": ids})
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{plugin.metrics_port}/readyz", timeout=5) as r:
+        assert r.status == 200
+
+    plugin.stop()
+    mark = kubelet.mark()
+    plugin.start()
+    kubelet.wait_for(lambda e: e["event"] == "registered", 30, "registration of the restarted plugin", since=mark)
+    after = kubelet.wait_devices(lambda ds: len(ds) > 0, 10, "units from the restarted plugin")
+    assert after == before  # same IDs, same health
+
+    # The restarted plugin still holds the lease's token (state dir): a gone pod's lease is released.
+    pods.remove_pod("team-c/borrower")
+
+    def state() -> int:
+        return next(x.state for x in asyncio.run(_all_leases(agent)) if x.id == lease_id)
+    deadline = time.monotonic() + 10
+    while state() != agent_pb2.RELEASED:
+        assert time.monotonic() < deadline, "the restarted plugin did not release the gone pod's lease"
+        time.sleep(0.2)
+
+
+async def _all_leases(agent: AgentProcess) -> list[agent_pb2.Lease]:
+    async with agent.client() as c:
+        return await c.leases(include_ended=True)
