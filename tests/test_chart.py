@@ -1,0 +1,454 @@
+"""The Helm chart (charts/spillway) against the real helm, kubectl and kube-apiserver.
+
+Without a cluster: the CRD copies match crds/, and the sync script notices drift. With the
+control-plane binaries (helm comes from there): lint, schema refusals, the rendered command
+lines parse with the real `spillway` CLI, the Helm-made certificates carry mutual TLS to a real
+agent, every example renders and passes a server-side dry run, and install / upgrade /
+uninstall work, with each ServiceAccount allowed exactly what its part needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import importlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from spillway.testing.cluster import Cluster, ensure_binaries, wait_until
+
+REPO = Path(__file__).resolve().parents[1]
+CHART = REPO / "charts" / "spillway"
+EXAMPLES = sorted((REPO / "examples" / "values").glob("*.yaml"))
+CHART_ONLY_CRDS = {"kopf-peerings.yaml"}
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def helm(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """Runs the harness's helm (no cluster), with its state in a temporary directory."""
+    binary = ensure_binaries() / "helm"
+    home = tmp_path_factory.mktemp("helm-home")
+    env = {**os.environ, "HELM_CONFIG_HOME": str(home / "c"), "HELM_CACHE_HOME": str(home / "k"),
+           "HELM_DATA_HOME": str(home / "d"), "KUBECONFIG": str(home / "none")}
+
+    def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run([str(binary), *args], capture_output=True, text=True, env=env, timeout=120)
+        if check and result.returncode != 0:
+            raise AssertionError(f"helm {' '.join(args)} failed:\n{result.stderr}")
+        return result
+
+    return run
+
+
+def docs(text: str) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(text) if d]
+
+
+def render(helm: Any, *args: str) -> list[dict[str, Any]]:
+    return docs(helm("template", "sw", str(CHART), "-n", "spillway-system", *args).stdout)
+
+
+def find(objs: list[dict[str, Any]], kind: str, suffix: str = "") -> dict[str, Any]:
+    hits = [o for o in objs if o["kind"] == kind and o["metadata"]["name"].endswith(suffix)]
+    assert len(hits) == 1, f"expected one {kind} *{suffix}, got {[o['metadata']['name'] for o in hits]}"
+    return hits[0]
+
+
+def cli_parser() -> argparse.ArgumentParser:
+    """The real `spillway` parser, with every component's commands (whether or not
+    spillway/cli.py lists them yet)."""
+    from spillway import cli
+
+    parser = argparse.ArgumentParser(prog="spillway")
+    parser.add_argument("--log-level")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("spillway.agent.cli", "spillway.deviceplugin.cli", "spillway.operator.cli"):
+        importlib.import_module(name).add_commands(sub)
+    assert cli.build_parser() is not None
+    return parser
+
+
+# --- CRDs ----------------------------------------------------------------------------------
+
+
+def test_chart_crds_are_byte_identical_copies() -> None:
+    sources = sorted((REPO / "crds").glob("*.yaml"))
+    assert sources, "crds/ has no CRDs"
+    for src in sources:
+        copy = CHART / "crds" / src.name
+        assert copy.is_file(), f"{copy} missing: run hack/sync-crds.sh"
+        assert copy.read_bytes() == src.read_bytes(), f"{copy} drifted from {src}: run hack/sync-crds.sh"
+    extra = {p.name for p in (CHART / "crds").glob("*.yaml")} - {p.name for p in sources}
+    assert extra == CHART_ONLY_CRDS
+    names = [d["metadata"]["name"] for p in sorted((CHART / "crds").glob("*.yaml")) for d in docs(p.read_text())]
+    assert len(names) == len(set(names)), f"a CRD is defined twice in the chart: {names}"
+    assert {"clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"} <= set(names)
+    assert subprocess.run([str(REPO / "hack" / "sync-crds.sh"), "--check"], capture_output=True).returncode == 0
+
+
+def test_sync_crds_check_notices_drift_and_sync_repairs_it(tmp_path: Path) -> None:
+    tree = tmp_path / "repo"
+    (tree / "hack").mkdir(parents=True)
+    shutil.copy(REPO / "hack" / "sync-crds.sh", tree / "hack")
+    shutil.copytree(REPO / "crds", tree / "crds")
+    shutil.copytree(CHART / "crds", tree / "charts" / "spillway" / "crds")
+    script = tree / "hack" / "sync-crds.sh"
+    target = tree / "charts" / "spillway" / "crds" / "memorypool.yaml"
+    target.write_text(target.read_text() + "# edited by hand\n")
+    (tree / "charts" / "spillway" / "crds" / "stray.yaml").write_text("kind: Nothing\n")
+
+    check = subprocess.run([str(script), "--check"], capture_output=True, text=True)
+    assert check.returncode == 1
+    assert "memorypool.yaml differs" in check.stderr and "stray.yaml has no source" in check.stderr
+    assert "# edited by hand" in target.read_text(), "--check must change nothing"
+
+    assert subprocess.run([str(script)], capture_output=True).returncode == 0
+    assert target.read_bytes() == (REPO / "crds" / "memorypool.yaml").read_bytes()
+    assert not (tree / "charts" / "spillway" / "crds" / "stray.yaml").exists()
+    assert (tree / "charts" / "spillway" / "crds" / "kopf-peerings.yaml").exists()
+    assert subprocess.run([str(script), "--check"], capture_output=True).returncode == 0
+
+
+# --- helm without a cluster ------------------------------------------------------------------
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("values", [None, *EXAMPLES], ids=lambda p: p.name if p else "defaults")
+def test_helm_lint_strict(helm: Any, values: Path | None) -> None:
+    args = ["lint", "--strict", str(CHART)] + (["-f", str(values)] if values else [])
+    result = helm(*args, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 chart(s) failed" in result.stdout
+
+
+BAD_VALUES = [
+    ("devicePlugin.unit=-1Gi", "/devicePlugin/unit"),
+    ("devicePlugin.unit=0", "/devicePlugin/unit"),
+    ("agent.headroomMin=-2Gi", "/agent/headroomMin"),
+    ("agent.granularity=-64Mi", "/agent/granularity"),
+    ("devicePlugin.deviceListStrategy=mig", "/devicePlugin/deviceListStrategy"),
+    ("agent.backend=cuda", "/agent/backend"),
+    ("image.repository=", "/image/repository"),
+    ("image.repository=null", "/image"),
+    ("operator.replicas=-1", "/operator/replicas"),
+    ("agent.defaultTtl=soon", "/agent/defaultTtl"),
+    ("node.hostPaths.stateDir=var/lib/spillway", "/node/hostPaths/stateDir"),
+    ("devicePlugin.unti=2Gi", "/devicePlugin"),
+]
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize(("setting", "field"), BAD_VALUES, ids=[b[0] for b in BAD_VALUES])
+def test_schema_refuses_bad_values_naming_the_field(helm: Any, setting: str, field: str) -> None:
+    result = helm("template", "sw", str(CHART), "--set", setting, check=False)
+    assert result.returncode != 0, f"{setting} was accepted"
+    assert "values don't meet the specifications of the schema" in result.stderr
+    assert f"at '{field}'" in result.stderr, result.stderr
+    assert result.stdout == "", "nothing may render from refused values"
+
+
+@pytest.mark.cluster
+def test_defaults_render_every_part(helm: Any) -> None:
+    objs = render(helm)
+    kinds = sorted(o["kind"] for o in objs)
+    for kind in ("Deployment", "DaemonSet", "ClusterRole", "ServiceAccount", "Service", "Secret", "ConfigMap", "Pod"):
+        assert kind in kinds
+    # No Prometheus-operator objects without its CRDs; no PDB or peering with one replica.
+    assert not {"ServiceMonitor", "PrometheusRule", "PodDisruptionBudget", "ClusterKopfPeering"} & set(kinds)
+    op = find(objs, "Deployment", "-operator")["spec"]["template"]["spec"]["containers"][0]
+    assert "--standalone" in op["args"]
+    assert op["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert op["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert op["image"] == "spillway/spillway:" + yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
+    ds = find(objs, "DaemonSet")["spec"]["template"]["spec"]
+    assert [c["name"] for c in ds["containers"]] == ["agent", "deviceplugin"]
+    assert ds["automountServiceAccountToken"] is False and ds["hostPID"] is True
+    assert ds["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert any(t["key"] == "nvidia.com/gpu" for t in ds["tolerations"])
+    paths = {v["hostPath"]["path"] for v in ds["volumes"] if "hostPath" in v}
+    assert paths == {"/var/lib/kubelet/device-plugins", "/var/lib/kubelet/pod-resources", "/var/lib/spillway",
+                     "/run/spillway"}
+    env = {e["name"]: e for e in ds["containers"][0]["env"]}
+    assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+    dashboards = [o for o in objs
+                  if o["kind"] == "ConfigMap" and o["metadata"]["labels"].get("grafana_dashboard") == "1"]
+    assert len(dashboards) == 3
+    for cm in dashboards:
+        (text,) = cm["data"].values()
+        assert json.loads(text)["panels"]
+
+
+@pytest.mark.cluster
+def test_ha_monitoring_and_cert_manager_render(helm: Any) -> None:
+    objs = render(helm, "--set", "operator.replicas=2", "--set", "certManager.enabled=true",
+                  "--set", "node.runtimeClassName=nvidia", "--api-versions", "monitoring.coreos.com/v1")
+    kinds = [o["kind"] for o in objs]
+    assert kinds.count("ServiceMonitor") == 2 and kinds.count("PrometheusRule") == 1
+    assert kinds.count("Certificate") == 3 and kinds.count("Issuer") == 2
+    assert "PodDisruptionBudget" in kinds and "ClusterKopfPeering" in kinds
+    assert not [o for o in objs if o["kind"] == "Secret" and o["type"] == "kubernetes.io/tls"], \
+        "with cert-manager, Helm makes no certificates"
+    op = find(objs, "Deployment", "-operator")
+    assert "--peering=sw-spillway" in op["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert find(objs, "DaemonSet")["spec"]["template"]["spec"]["runtimeClassName"] == "nvidia"
+    rule = find(objs, "PrometheusRule")
+    plain = yaml.safe_load((CHART / "rules" / "spillway.rules.yaml").read_text())
+    assert [g["name"] for g in rule["spec"]["groups"]] == [g["name"] for g in plain["groups"]]
+
+
+def _container_argv(container: dict[str, Any], env: dict[str, str]) -> list[str]:
+    """What the container would run after the entry point `spillway` (Kubernetes $(VAR)
+    expansion, and the agent's sh -c wrapper, done by hand)."""
+    args = []
+    for a in container["args"]:
+        for k, v in env.items():
+            a = a.replace(f"$({k})", v)
+        args.append(a)
+    if container.get("command"):
+        script = container["command"][2]
+        assert script.startswith('exec spillway "$@" ')
+        out = subprocess.run(["/bin/sh", "-c", f'printf "%s\\n" {script[len("exec spillway "):]}', "spillway", *args],
+                             capture_output=True, text=True, env={**os.environ, **env}, check=True)
+        return out.stdout.splitlines()
+    return args
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("values", [None, *EXAMPLES], ids=lambda p: p.name if p else "defaults")
+def test_rendered_command_lines_parse_with_the_real_cli(helm: Any, values: Path | None) -> None:
+    objs = render(helm, *(["-f", str(values)] if values else []))
+    parser = cli_parser()
+    env = {"NODE_NAME": "gpu-0", "POD_IP": "10.1.2.3", "POD_NAMESPACE": "spillway-system"}
+    seen = set()
+    for obj in objs:
+        if obj["kind"] not in ("Deployment", "DaemonSet", "Pod"):
+            continue
+        spec = obj["spec"] if obj["kind"] == "Pod" else obj["spec"]["template"]["spec"]
+        for c in spec["containers"]:
+            argv = _container_argv(c, env)
+            args = parser.parse_args(argv)  # SystemExit (exit 2) on a flag the CLI does not know
+            seen.add(args.command)
+            if args.command == "agent":
+                assert args.node_name == "gpu-0"
+                if "--publish" in argv:
+                    assert args.advertise_endpoint == "10-1-2-3.spillway-system.pod.cluster.local:7443"
+    assert {"agent", "deviceplugin", "operator", "pool"} <= seen
+
+
+def _secret_files(objs: list[dict[str, Any]], suffix: str, into: Path) -> tuple[Path, Path, Path]:
+    secret = find(objs, "Secret", suffix)
+    into.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for key in ("tls.crt", "tls.key", "ca.crt"):
+        p = into / key
+        p.write_bytes(base64.b64decode(secret["data"][key]))
+        paths.append(p)
+    return paths[0], paths[1], paths[2]
+
+
+@pytest.mark.cluster
+def test_helm_made_certificates_carry_mutual_tls_to_a_real_agent(helm: Any, tmp_path: Path) -> None:
+    """The agent serves with the chart's agent certificate; the helm-test pod's command (the
+    operator's client certificate) reads its pool over TCP; a client without a certificate is
+    refused. The simulated backend stands in for the GPU."""
+    from cryptography import x509
+
+    from spillway.testing.agentproc import DEFAULT_TOPOLOGY, free_port
+
+    objs = render(helm, "--set", "tls.agentServerName=localhost")
+    server = _secret_files(objs, "-agent-tls", tmp_path / "agent")
+    client = _secret_files(objs, "-operator-tls", tmp_path / "operator")
+    cert = x509.load_pem_x509_certificate(server[0].read_bytes())
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
+    assert "*.spillway-system.pod.cluster.local" in sans and "sw-spillway-agent.spillway-system.svc" in sans
+
+    port, metrics = free_port(), free_port()
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "spillway", "agent", "--backend", "simulated", "--topology", str(DEFAULT_TOPOLOGY),
+         "--node-name", "chart-node", "--socket", str(tmp_path / "a.sock"), "--listen", f"127.0.0.1:{port}",
+         "--tls-cert", str(server[0]), "--tls-key", str(server[1]), "--tls-ca", str(server[2]),
+         "--state-dir", str(tmp_path / "state"), "--metrics-port", str(metrics)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        pod = find(objs, "Pod", "-test-agents")["spec"]["containers"][0]
+        argv = []
+        for a in pod["args"]:
+            if a.startswith("--target="):
+                a = f"--target=localhost:{port}"
+            for key, path in zip(("tls.crt", "tls.key", "ca.crt"), client, strict=True):
+                a = a.replace(f"/etc/spillway/tls/{key}", str(path))
+            argv.append(a)
+
+        def answer() -> subprocess.CompletedProcess[str] | None:
+            r = subprocess.run([sys.executable, "-m", "spillway", *argv], capture_output=True, text=True,
+                               env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)
+            return r if r.returncode == 0 else None
+
+        result = wait_until(answer, timeout=60, interval=1, what="the agent to answer the helm test's command")
+        pool = json.loads(result.stdout)
+        assert pool["node_name" if "node_name" in pool else "nodeName"] == "chart-node"
+
+        from spillway.agent.client import AgentClient
+
+        async def no_cert() -> str:
+            async with AgentClient(f"localhost:{port}", tls=None, timeout=10) as c:
+                try:
+                    await c.inventory()
+                except Exception as exc:  # refused: no client certificate
+                    return type(exc).__name__
+            return "answered"
+
+        assert asyncio.run(no_cert()) != "answered"
+    finally:
+        agent.terminate()
+        agent.wait(timeout=30)
+
+
+# --- against the real API server ------------------------------------------------------------
+
+STAND_IN_CRDS = {
+    "monitoring.coreos.com": [("ServiceMonitor", "servicemonitors"), ("PodMonitor", "podmonitors"),
+                              ("PrometheusRule", "prometheusrules")],
+    "cert-manager.io": [("Issuer", "issuers"), ("Certificate", "certificates")],
+}
+
+
+def _stand_in_crds() -> str:
+    """Minimal CRDs (any content allowed) for the Prometheus operator's and cert-manager's
+    kinds, so that the API server knows them; their real schemas are not checked here."""
+    out = []
+    for group, kinds in STAND_IN_CRDS.items():
+        for kind, plural in kinds:
+            out.append({
+                "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+                "metadata": {"name": f"{plural}.{group}"},
+                "spec": {"group": group, "scope": "Namespaced",
+                         "names": {"kind": kind, "plural": plural, "singular": kind.lower()},
+                         "versions": [{"name": "v1", "served": True, "storage": True, "schema": {"openAPIV3Schema": {
+                             "type": "object", "x-kubernetes-preserve-unknown-fields": True}}}]},
+            })
+    return yaml.safe_dump_all(out)
+
+
+@pytest.fixture(scope="module")
+def chart_cluster(cluster: Cluster) -> Iterator[Cluster]:
+    cluster.kubectl("apply", "--server-side", "-f", str(CHART / "crds"))
+    cluster.kubectl("apply", "--server-side", "-f", "-", input=_stand_in_crds())
+    for crd in ("inferencetenants.spillway.dev", "memorypools.spillway.dev", "clusterkopfpeerings.kopf.dev",
+                "kopfpeerings.kopf.dev", "servicemonitors.monitoring.coreos.com", "certificates.cert-manager.io"):
+        cluster.kubectl("wait", "--for=condition=Established", f"crd/{crd}", "--timeout=60s")
+    yield cluster
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("values", [None, *EXAMPLES], ids=lambda p: p.name if p else "defaults")
+def test_rendering_passes_server_side_dry_run(chart_cluster: Cluster, values: Path | None) -> None:
+    c = chart_cluster
+    ns = c.create_namespace(f"dry-{(values.stem if values else 'defaults')[:20]}")
+    try:
+        args = ["template", "sw", str(CHART), "-n", ns, "--api-versions", "monitoring.coreos.com/v1"]
+        text = c.helm(*args, *(["-f", str(values)] if values else [])).stdout
+        for other in sorted({o["metadata"].get("namespace") for o in docs(text)} - {None, ns}):
+            if c.kubectl("get", "namespace", other, check=False).returncode != 0:
+                c.create_namespace(other)
+        result = c.kubectl("apply", "--dry-run=server", "-f", "-", input=text, check=False)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.count("(server dry run)") == len(docs(text))
+    finally:
+        c.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+
+
+def can_i(c: Cluster, ns: str, sa: str, verb: str, resource: str, *extra: str) -> bool:
+    r = c.kubectl("auth", "can-i", verb, resource, *extra, as_user=f"system:serviceaccount:{ns}:{sa}", check=False)
+    return r.stdout.strip() == "yes"
+
+
+@pytest.mark.cluster
+def test_install_rbac_upgrade_uninstall(chart_cluster: Cluster, kwok_nodes: Any) -> None:
+    c = chart_cluster
+    ns = c.create_namespace("spillway-it")
+    node = kwok_nodes({"nvidia.com/gpu": "8"}, labels={"spillway.dev/simulated": "true"}, prefix="gpu")
+    values = REPO / "examples" / "values" / "simulated.yaml"
+    install = c.helm("install", "sw", str(CHART), "-n", ns, "-f", str(values), "--set", "operator.replicas=2",
+                     check=False)
+    assert install.returncode == 0, install.stderr
+    assert "helm test sw" in install.stdout, "NOTES.txt tells the next steps"
+    try:
+        for kind, name in (("deployment", "sw-spillway-operator"), ("daemonset", "sw-spillway-node"),
+                           ("service", "sw-spillway-agent"), ("service", "sw-spillway-operator"),
+                           ("secret", "sw-spillway-agent-tls"), ("secret", "sw-spillway-operator-tls"),
+                           ("poddisruptionbudget", "sw-spillway-operator"), ("serviceaccount", "sw-spillway-agent"),
+                           ("serviceaccount", "sw-spillway-deviceplugin"), ("serviceaccount", "sw-spillway-operator")):
+            c.kubectl("get", kind, name, "-n", ns)
+        c.kubectl("get", "clusterkopfpeering", "sw-spillway")
+        # The DaemonSet lands on the (simulated) GPU node.
+        wait_until(lambda: c.get_json("daemonset", "sw-spillway-node", "-n", ns)["status"].get(
+            "desiredNumberScheduled") == 1, timeout=60, what="the DaemonSet to schedule on the GPU node")
+        pods = c.get_json("pods", "-n", ns, "-l", "app.kubernetes.io/component=node")["items"]
+        assert [p["spec"]["nodeName"] for p in pods] == [node]
+        # Each container's token is its own ServiceAccount's, filled in by the token controller.
+        for part in ("agent", "deviceplugin"):
+            def token(part: str = part) -> bool:
+                data = c.get_json("secret", f"sw-spillway-{part}-token", "-n", ns).get("data") or {}
+                return "token" in data
+            wait_until(token, timeout=60, what=f"the {part} token")
+
+        op, agent, dp = "sw-spillway-operator", "sw-spillway-agent", "sw-spillway-deviceplugin"
+        allowed = [
+            (op, "list", "inferencetenants.spillway.dev"), (op, "patch", "inferencetenants.spillway.dev/status"),
+            (op, "watch", "memorypools.spillway.dev"), (op, "create", "pods"), (op, "delete", "pods"),
+            (op, "patch", "pods"), (op, "create", "events"), (op, "patch", "clusterkopfpeerings.kopf.dev"),
+            (op, "create", "pods/eviction"),
+            (agent, "create", "memorypools.spillway.dev"), (agent, "patch", "memorypools.spillway.dev/status"),
+            (agent, "update", "memorypools.spillway.dev"), (agent, "get", "nodes"),
+            (dp, "list", "pods"), (dp, "watch", "pods"), (dp, "patch", "pods"), (dp, "create", "events"),
+        ]
+        denied = [
+            (op, "delete", "nodes"), (op, "list", "secrets"), (op, "create", "memorypools.spillway.dev"),
+            (op, "delete", "memorypools.spillway.dev"), (op, "create", "clusterroles.rbac.authorization.k8s.io"),
+            (agent, "list", "secrets"), (agent, "get", "secrets"), (agent, "delete", "memorypools.spillway.dev"),
+            (agent, "list", "nodes"), (agent, "patch", "nodes"), (agent, "list", "pods"), (agent, "create", "pods"),
+            (dp, "create", "pods"), (dp, "delete", "pods"), (dp, "list", "secrets"), (dp, "get", "nodes"),
+            (dp, "patch", "memorypools.spillway.dev"),
+        ]
+        wrong = [f"{sa} cannot {v} {r}" for sa, v, r in allowed if not can_i(c, ns, sa, v, r)]
+        wrong += [f"{sa} can {v} {r}" for sa, v, r in denied if can_i(c, ns, sa, v, r)]
+        assert can_i(c, ns, op, "update", "leases.coordination.k8s.io", "-n", ns)
+        assert not can_i(c, ns, op, "update", "leases.coordination.k8s.io", "-n", "kube-system")
+        assert not wrong, wrong
+
+        # Upgrade: same certificates (looked up, not made again), new values applied.
+        before = c.get_json("secret", "sw-spillway-agent-tls", "-n", ns)["data"]
+        up = c.helm("upgrade", "sw", str(CHART), "-n", ns, "-f", str(values), "--set", "operator.replicas=1",
+                    "--set", "devicePlugin.unit=2Gi", check=False)
+        assert up.returncode == 0, up.stderr
+        assert c.get_json("secret", "sw-spillway-agent-tls", "-n", ns)["data"] == before
+        ds = c.get_json("daemonset", "sw-spillway-node", "-n", ns)
+        assert "--unit=2Gi" in ds["spec"]["template"]["spec"]["containers"][1]["args"]
+        assert c.kubectl("get", "poddisruptionbudget", "sw-spillway-operator", "-n", ns, check=False).returncode != 0
+        assert c.kubectl("get", "clusterkopfpeering", "sw-spillway", check=False).returncode != 0
+        history = c.helm("history", "sw", "-n", ns, "-o", "json").stdout
+        assert [h["status"] for h in json.loads(history)] == ["superseded", "deployed"]
+    finally:
+        un = c.helm("uninstall", "sw", "-n", ns, "--wait", "--timeout", "120s", check=False)
+    assert un.returncode == 0, un.stderr
+    left = c.kubectl("get", "all,secrets,serviceaccounts,roles,rolebindings,configmaps,poddisruptionbudgets", "-n", ns,
+                     "-l", "app.kubernetes.io/instance=sw", "-o", "name").stdout.split()
+    assert left == []
+    cluster_left = c.kubectl("get", "clusterroles,clusterrolebindings,clusterkopfpeerings", "-l",
+                             "app.kubernetes.io/instance=sw", "-o", "name").stdout.split()
+    assert cluster_left == []
+    c.kubectl("delete", "namespace", ns, "--wait=false", check=False)
