@@ -325,3 +325,31 @@ def test_plugin_restart_keeps_unit_ids_and_still_releases_its_leases(
 async def _all_leases(agent: AgentProcess) -> list[agent_pb2.Lease]:
     async with agent.client() as c:
         return await c.leases(include_ended=True)
+
+
+@pytest.mark.gpu
+def test_allocate_on_a_real_gpu_names_an_existing_device_node(dpconformance_bin: Path, dp_workdir: Path) -> None:
+    from spillway.agent.inventory import nvidia_gpu_present
+
+    if not nvidia_gpu_present():
+        pytest.skip("no NVIDIA GPU on this machine")
+    with AgentProcess(node_name="gpu-node", extra_args=["--backend", "nvml"]) as agent:
+        plugin = PluginProcess(dp_workdir, agent.socket, agent.node_name)
+        kubelet = Kubelet(dpconformance_bin, plugin.kubelet_dir).start()
+        plugin.start()
+        try:
+            kubelet.wait_for(lambda e: e["event"] == "registered", 30, "the plugin to register")
+            healthy = [d["id"] for d in kubelet.devices() if d["health"] == HEALTHY]
+            if not healthy:
+                pytest.fail("the real GPU offers no lendable unit (is it full?)")
+            alloc = kubelet.allocate(healthy[:1])
+            assert "error" not in alloc, alloc
+            spec = alloc["response"]["devices"][0]
+            assert Path(spec["host_path"]).is_char_device(), spec
+            inv = asyncio.run(_inventory(agent))
+            assert not inv.simulated
+            gpu = next(g for g in inv.gpus if g.uuid == alloc["response"]["envs"]["SPILLWAY_LENDER_GPUS"])
+            assert spec["host_path"] == f"/dev/nvidia{gpu.index}"
+        finally:
+            plugin.stop()
+            kubelet.stop()
