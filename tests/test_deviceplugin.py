@@ -353,3 +353,21 @@ def test_allocate_on_a_real_gpu_names_an_existing_device_node(dpconformance_bin:
         finally:
             plugin.stop()
             kubelet.stop()
+
+
+def test_cli_rejects_bad_flags_with_a_clear_message() -> None:
+    from spillway.cli import build_parser
+    from spillway.deviceplugin.cli import build_config
+
+    parser = build_parser()
+    base = ["deviceplugin", "--node-name", "n1", "--no-kubernetes"]
+    with pytest.raises(SystemExit, match="--unit: size 'lots' is not a quantity"):
+        build_config(parser.parse_args([*base, "--unit", "lots"]))
+    with pytest.raises(SystemExit, match="must be an absolute path"):
+        build_config(parser.parse_args([*base, "--agent-socket", "agent.sock"]))
+    with pytest.raises(SystemExit, match="--node-name"):
+        build_config(parser.parse_args(["deviceplugin", "--node-name", ""]))
+    with pytest.raises(SystemExit, match="not a duration"):
+        build_config(parser.parse_args([*base, "--sync-interval", "often"]))
+    config = build_config(parser.parse_args([*base, "--unit", "512Mi", "--device-list-strategy", "cdi"]))
+    assert config.unit_bytes == 512 << 20 and config.cdi and not config.use_kubernetes
