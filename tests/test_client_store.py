@@ -206,3 +206,40 @@ def test_allocator_never_overlaps_and_accounts_exactly(ops: list[tuple[bool, int
     for off in list(live):
         alloc.free(off)
     assert alloc.largest_free == alloc.capacity
+
+
+@pytest.mark.parametrize("row_shape", [(2, 2, 4, 16, 16), (1000,), (3, 7)])  # 16 KiB fp16 rows; unaligned rows
+def test_pool_rows_round_trip_with_one_gather_and_one_scatter(row_shape: tuple[int, ...]) -> None:
+    gen = torch.Generator().manual_seed(5)
+    pool = torch.randn(64, *row_shape, generator=gen).to(torch.float16)
+    store = make_store(4 << 20)
+    rows = [5, 3, 60, 0, 17, 42, 41, 40]
+    want = [digest(pool[r]) for r in rows]
+    keys = [("ctx", i) for i in range(len(rows))]
+    store.put_rows(keys, pool, rows).synchronize()
+    if row_shape == (2, 2, 4, 16, 16):  # aligned rows: one contiguous range, in batch order
+        offs = [store._index[k].extent.offset for k in keys]
+        assert offs == sorted(offs) and offs[-1] - offs[0] == (len(rows) - 1) * pool[0].nbytes
+    pool[rows] = 0  # the store holds its own copy
+    back = [9, 1, 2, 63, 30, 31, 32, 33]
+    store.get_rows(keys, pool, back).synchronize()
+    assert [digest(pool[r]) for r in back] == want
+    # the general get sees the same blocks, shape and dtype
+    got = store.get(keys).result()
+    assert got[0].shape == row_shape and got[0].dtype == torch.float16
+    assert [digest(t) for t in got] == want
+
+
+def test_pool_rows_fall_back_when_fragmented_and_respect_the_budget() -> None:
+    row = 16 << 10
+    store = make_store(16 * row)
+    pool = torch.arange(32 * row, dtype=torch.int64).remainder(251).to(torch.uint8).view(32, row)
+    store.put_rows(list(range(16)), pool, list(range(16)))
+    with pytest.raises(OutOfPeerMemory):
+        store.put_rows(["x"], pool, [20])
+    store.evict(range(0, 16, 2))  # 8 single-row holes
+    store.put_rows([f"f{i}" for i in range(8)], pool, list(range(16, 24)))  # no contiguous room: per-row path
+    assert store.primary.used_bytes == 16 * row
+    out = torch.zeros(8, row, dtype=torch.uint8)
+    store.get_rows([f"f{i}" for i in range(8)], out, list(range(8)))
+    assert torch.equal(out, pool[16:24])

@@ -210,14 +210,13 @@ class Engine:
     def _swap_out(self, seq: Sequence) -> None:
         n = len(seq.blocks)
         keys = seq.keys(n)
-        views = [self.pool[b] for b in seq.blocks]
         t0 = time.perf_counter()
         store = self.swap
         try:
-            handle = store.put(keys, views)
+            handle = store.put_rows(keys, self.pool, seq.blocks)
         except OutOfPeerMemory:
             store = self.overflow
-            handle = store.put(keys, views)
+            handle = store.put_rows(keys, self.pool, seq.blocks)
             self.stats.overflow_blocks += n
         # the freed local blocks may be overwritten by the next forward: wait for the copy
         if self.model.device.type == "cuda":
@@ -238,7 +237,7 @@ class Engine:
         assert seq.swap_store is not None
         blocks = [self.free.pop() for _ in range(n)]
         t0 = time.perf_counter()
-        handle = seq.swap_store.get(seq.keys(n), out=[self.pool[b] for b in blocks])
+        handle = seq.swap_store.get_rows(seq.keys(n), self.pool, blocks)
         handle.synchronize()
         dt = time.perf_counter() - t0
         seq.swap_store.evict(seq.keys(n))

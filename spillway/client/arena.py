@@ -49,6 +49,19 @@ class RangeAllocator:
                 return off
         return None
 
+    def alloc_split(self, sizes: list[int]) -> int | None:
+        """Reserve one contiguous range for all `sizes` (aligned) and record each as its own
+        allocation, so each frees on its own. Returns the start offset, or None."""
+        off = self.alloc(sum(sizes))
+        if off is None:
+            return None
+        del self._used[off]
+        pos = off
+        for n in sizes:
+            self._used[pos] = n
+            pos += n
+        return off
+
     def reserve(self, offset: int, nbytes: int) -> None:
         """Mark exactly `[offset, offset+nbytes)` used; it must lie inside one free range."""
         i = bisect.bisect_right(self._free_offsets, offset) - 1
@@ -127,7 +140,7 @@ class Arena:
         return self.tensor[offset : offset + nbytes]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Extent:
     """Where one block's bytes live: an arena and an aligned byte range in it."""
 
@@ -177,16 +190,12 @@ class Tier:
         total = sum(aligned)
         for attempt in range(2):
             for arena in self.arenas:
-                off = arena.allocator.alloc(total)
+                off = arena.allocator.alloc_split(aligned)
                 if off is not None:
                     out, pos = [], off
                     for a in aligned:
                         out.append(Extent(arena, pos, a))
                         pos += a
-                    # split the one range into per-block ranges so each block frees on its own
-                    arena.allocator.free(off)
-                    for e in out:
-                        arena.allocator.reserve(e.offset, e.size)
                     return out
             got: list[Extent] = []
             for a in aligned:

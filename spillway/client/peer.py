@@ -249,6 +249,17 @@ class PeerMemory:
         self._check_open()
         return self._store.put(keys, tensors)
 
+    def put_rows(self, keys: Sequence[object], pool: torch.Tensor, rows: Sequence[int]) -> Transfer:
+        """Store rows of a paged KV pool (`pool[rows[i]]` under `keys[i]`) with one gather and one
+        copy per batch. All or nothing, like `put`."""
+        self._check_open()
+        return self._store.put_rows(keys, pool, rows)
+
+    def get_rows(self, keys: Sequence[object], pool: torch.Tensor, rows: Sequence[int]) -> Transfer:
+        """Fetch blocks into rows of a paged KV pool with one copy and one scatter per batch."""
+        self._check_open()
+        return self._store.get_rows(keys, pool, rows)
+
     def get(
         self,
         keys: Sequence[object],

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from spillway.client.arena import Arena, Extent, Tier
+from spillway.client.arena import ALIGNMENT, Arena, Extent, Tier
 from spillway.units import format_bytes
 
 log = logging.getLogger("spillway.client")
@@ -42,7 +42,7 @@ class UnknownBlock(StoreError, KeyError):
         return str(self.args[0]) if self.args else "unknown block"
 
 
-@dataclass
+@dataclass(slots=True)
 class Block:
     key: object
     tier: Tier
@@ -237,6 +237,85 @@ class BlockStore:
                     keep.append(staging)
                 keep.extend(parts)
         return keep
+
+    # ---- pool form: blocks that are rows of one tensor (a paged KV cache) ----------------
+    def put_rows(self, keys: Sequence[object], pool: torch.Tensor, rows: Sequence[int]) -> Transfer:
+        """Store `pool[rows[i]]` under `keys[i]`: one gather kernel and at most one copy for the
+        whole batch when it lands in one contiguous range (the usual case), whatever the block
+        size. Same guarantees as `put`."""
+        if len(keys) != len(rows):
+            raise ValueError(f"put_rows got {len(keys)} keys but {len(rows)} rows")
+        if len(set(keys)) != len(keys):
+            raise ValueError("put_rows got the same key twice in one batch")
+        if not keys:
+            return Transfer(None, [], [])
+        if not pool.is_contiguous():
+            raise ValueError("put_rows needs a contiguous pool tensor")
+        row_bytes = pool[0].numel() * pool.element_size()
+        with self._lock:
+            tier = self.primary if self._primary_open else self.fallback
+            if row_bytes % ALIGNMENT:
+                return self.put(keys, [pool[r] for r in rows])
+            extents = tier.alloc_batch([row_bytes] * len(keys))
+            if extents is None or len(_runs(extents)) != 1:
+                if extents is not None:
+                    for e in extents:
+                        tier.free(e)
+                return self.put(keys, [pool[r] for r in rows])  # fragmented or full: the general path
+            arena, start = extents[0].arena, extents[0].offset
+            dst = arena.view(start, row_bytes * len(keys)).view(pool.dtype).view(len(keys), *pool.shape[1:])
+            idx = torch.as_tensor(list(rows), dtype=torch.long, device=pool.device)
+            self._begin([pool])
+            keep: list[torch.Tensor] = [idx]
+            with self._stream_ctx():
+                if pool.device == arena.tensor.device:
+                    torch.index_select(pool, 0, idx, out=dst)
+                else:
+                    staging = pool.index_select(0, idx)
+                    dst.copy_(staging, non_blocking=True)
+                    keep.append(staging)
+            transfer = self._finish([], keep)
+            shape, dtype, device = tuple(pool.shape[1:]), pool.dtype, pool.device
+            for k, ext in zip(keys, extents, strict=True):
+                old = self._index.get(k)
+                self._index[k] = Block(k, tier, ext, row_bytes, dtype, shape, device)
+                if old is not None:
+                    old.tier.free(old.extent)
+            return transfer
+
+    def get_rows(self, keys: Sequence[object], pool: torch.Tensor, rows: Sequence[int]) -> Transfer:
+        """Fetch blocks into `pool[rows[i]]`: one copy and one scatter kernel when the blocks lie
+        in one contiguous range in order (as `put_rows` left them)."""
+        if len(keys) != len(rows):
+            raise ValueError(f"get_rows got {len(keys)} keys but {len(rows)} rows")
+        if not keys:
+            return Transfer(None, [], [])
+        row_bytes = pool[0].numel() * pool.element_size()
+        with self._lock:
+            blocks = []
+            for k in keys:
+                b = self._index.get(k)
+                if b is None:
+                    raise UnknownBlock(f"no block with key {k!r}: it was never put or was evicted")
+                if b.nbytes != row_bytes:
+                    raise ValueError(f"block {k!r} has {b.nbytes} bytes, a pool row {row_bytes}")
+                blocks.append(b)
+            exts = [b.extent for b in blocks]
+            if len(_runs(exts)) != 1 or not pool.is_contiguous() or row_bytes % ALIGNMENT:
+                return self._copy_out(blocks, [pool[r] for r in rows], None)
+            arena, start = exts[0].arena, exts[0].offset
+            src = arena.view(start, row_bytes * len(keys)).view(pool.dtype).view(len(keys), *pool.shape[1:])
+            idx = torch.as_tensor(list(rows), dtype=torch.long, device=pool.device)
+            self._begin([pool])
+            keep: list[torch.Tensor] = [idx, pool]
+            with self._stream_ctx():
+                if src.device != pool.device:
+                    staging = torch.empty(src.shape, dtype=src.dtype, device=pool.device)
+                    staging.copy_(src, non_blocking=True)
+                    keep.append(staging)
+                    src = staging
+                pool.index_copy_(0, idx, src)
+            return self._finish([], keep)
 
     # ---- get ---------------------------------------------------------------------------
     def get(
