@@ -121,11 +121,22 @@ class Allocator:
                 with contextlib.suppress(PodSourceError):
                     await self.pods.update_mark(pod, {"result": "error", "units": len(ids), "message": exc.message})
             raise
-        self.store.add(Allocation(
+        record = Allocation(
             lease_ids=[lease.id for lease in grant.leases], tokens=list(grant.tokens), device_ids=ids,
             gpu_uuids=[lease.gpu_uuid for lease in grant.leases], result=grant.result,
             pod=pod.key if pod else "", container=pod.container if pod else "",
-            ttl_s=max((lease.ttl_ms for lease in grant.leases), default=0) / 1000.0))
+            ttl_s=max((lease.ttl_ms for lease in grant.leases), default=0) / 1000.0)
+        try:
+            self.store.add(record)
+        except OSError as exc:
+            # Without the record nobody could release the lease when the pod goes: give it back.
+            if grant.result == "on_the_spot":
+                await self._release(grant)
+            message = f"cannot record the lease in the state directory ({exc}); nothing was allocated"
+            if pod is not None and self.pods is not None:
+                with contextlib.suppress(PodSourceError):
+                    await self.pods.update_mark(pod, {"result": "error", "units": len(ids), "message": message})
+            raise AllocationError(message, grpc.StatusCode.INTERNAL) from exc
         self.resources.add_in_use(ids)
         self.resources.kick()
         if pod is not None and self.pods is not None:

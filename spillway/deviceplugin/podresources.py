@@ -68,7 +68,10 @@ class Attributor:
 
     async def run(self) -> None:
         while True:
-            await self.sync_once()
+            try:
+                await self.sync_once()
+            except Exception:  # keep attributing; a bug in one round must not stop the plugin
+                log.exception("pod attribution round failed")
             await asyncio.sleep(self.interval_s)
 
     async def sync_once(self) -> None:

@@ -153,10 +153,12 @@ class PluginServer:
                     self.registered = False
                     try:
                         await self._register()
-                    except grpc.aio.AioRpcError as exc:
+                    except Exception as exc:  # any failure: the kubelet may be restarting; try again
                         self.metrics.registration(False)
+                        reason = (f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.aio.AioRpcError)
+                                  else str(exc) or type(exc).__name__)
                         log.warning("registration with the kubelet failed; retrying", extra={
-                            "kubelet_socket": str(self.kubelet_socket), "error": f"{exc.code().name}: {exc.details()}"})
+                            "kubelet_socket": str(self.kubelet_socket), "error": reason})
                         await asyncio.sleep(max(self.poll_s, 0.5))
                         continue
                     kubelet_stamp = current
