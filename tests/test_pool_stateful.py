@@ -45,7 +45,7 @@ class PoolMachine(RuleBasedStateMachine):
     def _new_pool(self) -> Pool:
         counter = iter(range(10**9))
         base = len(getattr(self, "tokens", {}))
-        return Pool(facts(self.used), clock_ms=lambda: self.now, key=KEY,
+        return Pool(facts(self.used), clock_ms=lambda: self.now, key=KEY, retention_ms=20_000, max_ended=6,
                     new_id=lambda: f"l-{base}-{next(counter)}")
 
     def _commit(self) -> None:
@@ -165,6 +165,8 @@ class PoolMachine(RuleBasedStateMachine):
             if x.live:
                 assert x.expires_at_ms > self.now
                 assert x.state != State.REVOKING or x.revoke_deadline_ms > self.now
+            else:
+                assert x.ended_at_ms + 20_000 > self.now, "ended leases are forgotten after the retention"
         if due is not None:
             assert due > self.now
         self._commit()
@@ -215,6 +217,11 @@ class PoolMachine(RuleBasedStateMachine):
                 local = max(acct.reserved, acct.local_used)
                 assert v.leased == 0 or v.leased <= v.total - acct.headroom_nominal - local
                 assert v.headroom >= min(acct.headroom_nominal, v.total - local)
+
+    @invariant()
+    def indexes_consistent(self) -> None:
+        assert set(self.pool.live) == {k for k, v in self.pool.leases.items() if v.state in LIVE}
+        assert len(self.pool.leases) - len(self.pool.live) <= 6, "ended leases are forgotten beyond the cap"
 
     @invariant()
     def store_matches_memory(self) -> None:

@@ -98,9 +98,8 @@ class _PoolCollector(Collector):
         from spillway.agent.pool import LIVE, Kind, State
 
         counts = {(s, k): 0 for s in LIVE for k in Kind}
-        for x in pool.leases.values():
-            if x.live:
-                counts[(x.state, x.kind)] += 1
+        for x in pool.live.values():
+            counts[(x.state, x.kind)] += 1
         for (s, k), n in sorted(counts.items()):
             leases.add_metric([m.node, State(s).name, Kind(k).name], n)
         yield leases

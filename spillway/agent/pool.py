@@ -37,6 +37,7 @@ DEFAULT_TTL_MS = 60_000
 DEFAULT_REVOKE_MS = 5_000
 MAX_TTL_MS = 30 * 24 * 3600 * 1000
 DEFAULT_RETENTION_MS = 10 * 60_000
+DEFAULT_MAX_ENDED = 10_000
 
 
 class Kind(IntEnum):
@@ -162,6 +163,7 @@ class Pool:
         default_ttl_ms: int = DEFAULT_TTL_MS,
         default_revoke_ms: int = DEFAULT_REVOKE_MS,
         retention_ms: int = DEFAULT_RETENTION_MS,
+        max_ended: int = DEFAULT_MAX_ENDED,
         new_id: Callable[[], str] | None = None,
     ) -> None:
         if granularity <= 0:
@@ -178,7 +180,11 @@ class Pool:
         self.inventory = inventory
         self.gpus: dict[str, GpuAccount] = {}
         self.links: dict[frozenset[str], LinkFacts] = {}
-        self.leases: dict[str, Lease] = {}
+        self.leases: dict[str, Lease] = {}  # every lease remembered, live or ended
+        self.live: dict[str, Lease] = {}  # live leases (RESERVED, ACTIVE, REVOKING)
+        self._live_gpu: dict[str, dict[str, Lease]] = {}  # GPU -> its live leases
+        self._ended: dict[str, None] = {}  # ended leases, oldest end first
+        self.max_ended = max_ended
         self._by_key: dict[str, str] = {}
         self._seq = 0
         self._events: list[Event] = []
@@ -227,17 +233,16 @@ class Pool:
     # --- accounting -----------------------------------------------------------------
 
     def leased_on(self, gpu_uuid: str) -> int:
-        return sum(x.bytes for x in self.leases.values() if x.gpu_uuid == gpu_uuid and x.live)
+        return sum(x.bytes for x in self._live_gpu.get(gpu_uuid, {}).values())
 
     def view(self, gpu_uuid: str) -> GpuView:
         acct = self._gpu(gpu_uuid)
         total = acct.facts.total_bytes
         leased = revoking = 0
-        for x in self.leases.values():
-            if x.gpu_uuid == gpu_uuid and x.live:
-                leased += x.bytes
-                if x.state == State.REVOKING:
-                    revoking += x.bytes
+        for x in self._live_gpu.get(gpu_uuid, {}).values():
+            leased += x.bytes
+            if x.state == State.REVOKING:
+                revoking += x.bytes
         raw_local = max(acct.reserved, acct.local_used)
         local = min(raw_local, max(0, total - leased))
         lendable = max(0, total - acct.headroom_nominal - raw_local - leased)
@@ -306,12 +311,13 @@ class Pool:
         if nbytes > biggest:
             raise PoolError("INVALID_ARGUMENT", f"size {format_bytes(nbytes)} is more than the total memory of "
                             f"{where} ({format_bytes(biggest)}); ask for less")
-        fits = [u for u in candidates if self.view(u).lendable >= nbytes]
+        lendable = {u: self.view(u).lendable for u in candidates}
+        fits = [u for u in candidates if lendable[u] >= nbytes]
         if not fits:
-            largest = self.largest_grantable(candidates)
+            largest = max(lendable.values(), default=0)
             raise PoolError("RESOURCE_EXHAUSTED", f"no room for {format_bytes(nbytes)} on {where}: the largest lease "
                             f"that can be granted now is {format_bytes(largest)} ({largest} bytes)", largest=largest)
-        chosen = self._place(fits, near_gpu_uuid)
+        chosen = self._place(fits, near_gpu_uuid, lendable)
         now = self.clock_ms()
         ttl = ttl_ms or self.default_ttl_ms
         lease_id = self._new_id()
@@ -323,19 +329,20 @@ class Pool:
                       state=State.RESERVED, created_at_ms=now, expires_at_ms=now + ttl, ttl_ms=ttl,
                       token_hash=hash_token(token), node_name=self.node_name, idempotency_key=idempotency_key,
                       pod=pod, seq=self._seq)
-        self.leases[lease_id] = lease
+        self._add(lease)
         if idempotency_key:
             self._by_key[idempotency_key] = lease_id
         self._emit_lease(lease)
         self._emit_capacity(chosen)
         return replace(lease), token
 
-    def _place(self, fits: Sequence[str], near: str) -> str:
+    def _place(self, fits: Sequence[str], near: str, lendable: dict[str, int]) -> str:
+        """NVLink peers of the borrower GPU first (more links first), then the most lendable."""
+
         def key(u: str) -> tuple[int, int, int, int]:
-            v = self.view(u)
             link = self.links.get(frozenset((u, near))) if near else None
             nvlink = bool(link and link.nvlink)
-            return (0 if nvlink else 1, -(link.nvlink_count if link else 0), -v.lendable, v.index)
+            return (0 if nvlink else 1, -(link.nvlink_count if link else 0), -lendable[u], self.gpus[u].facts.index)
 
         return min(fits, key=key)
 
@@ -396,8 +403,8 @@ class Pool:
     def list_leases(self, holder: str = "", include_ended: bool = False, gpu_uuid: str = "") -> list[Lease]:
         if gpu_uuid:
             self._gpu(gpu_uuid)
-        out = [replace(x) for x in self.leases.values()
-               if (include_ended or x.live) and (not holder or x.holder == holder)
+        out = [replace(x) for x in (self.leases if include_ended else self.live).values()
+               if (not holder or x.holder == holder)
                and (not gpu_uuid or x.gpu_uuid == gpu_uuid)]
         return sorted(out, key=lambda x: (x.created_at_ms, x.seq))
 
@@ -426,7 +433,7 @@ class Pool:
 
     def _revoke(self, gpu_uuid: str, size: int, reason: str, deadline_ms: int, trigger: str = "api") -> list[Lease]:
         now = self.clock_ms()
-        live = [x for x in self.leases.values() if x.gpu_uuid == gpu_uuid and x.live]
+        live = list(self._live_gpu.get(gpu_uuid, {}).values())
         wanted = size - sum(x.bytes for x in live if x.state == State.REVOKING)
         victims: list[Lease] = []
         for x in victim_order(y for y in live if y.state != State.REVOKING):
@@ -450,34 +457,47 @@ class Pool:
         ones. Returns when the next thing is due (ms), or None."""
         now = self.clock_ms()
         due: int | None = None
-        for lease in list(self.leases.values()):
-            if lease.live:
-                if lease.state == State.REVOKING and lease.revoke_deadline_ms <= now:
-                    self._end(lease, State.REVOKED, f"{lease.reason}; not released by the revoke deadline")
-                    continue
-                if lease.expires_at_ms <= now:
-                    self._end(lease, State.EXPIRED, f"TTL of {lease.ttl_ms} ms ran out without a renew")
-                    continue
-                nxt = lease.expires_at_ms
-                if lease.state == State.REVOKING:
-                    nxt = min(nxt, lease.revoke_deadline_ms)
-                due = nxt if due is None else min(due, nxt)
-            elif lease.ended_at_ms + self.retention_ms <= now:
-                del self.leases[lease.id]
-                if self._by_key.get(lease.idempotency_key) == lease.id:
-                    del self._by_key[lease.idempotency_key]
-                self._events.append(Event("forget", lease=replace(lease), time_ms=now))
-            else:
+        for lease in list(self.live.values()):
+            if lease.state == State.REVOKING and lease.revoke_deadline_ms <= now:
+                self._end(lease, State.REVOKED, f"{lease.reason}; not released by the revoke deadline")
+                continue
+            if lease.expires_at_ms <= now:
+                self._end(lease, State.EXPIRED, f"TTL of {lease.ttl_ms} ms ran out without a renew")
+                continue
+            nxt = lease.expires_at_ms
+            if lease.state == State.REVOKING:
+                nxt = min(nxt, lease.revoke_deadline_ms)
+            due = nxt if due is None else min(due, nxt)
+        while self._ended:
+            lease = self.leases[next(iter(self._ended))]
+            if lease.ended_at_ms + self.retention_ms > now:
                 nxt = lease.ended_at_ms + self.retention_ms
                 due = nxt if due is None else min(due, nxt)
+                break
+            self._forget(lease)
         return due
+
+    def _forget(self, lease: Lease) -> None:
+        del self.leases[lease.id]
+        self._ended.pop(lease.id, None)
+        if self._by_key.get(lease.idempotency_key) == lease.id:
+            del self._by_key[lease.idempotency_key]
+        self._events.append(Event("forget", lease=replace(lease), time_ms=self.clock_ms()))
+
+    def _add(self, lease: Lease) -> None:
+        self.leases[lease.id] = lease
+        if lease.live:
+            self.live[lease.id] = lease
+            self._live_gpu.setdefault(lease.gpu_uuid, {})[lease.id] = lease
+        else:
+            self._ended[lease.id] = None
 
     # --- restore --------------------------------------------------------------------
 
     def restore(self, leases: Iterable[Lease]) -> None:
         """Load leases from the store (restart). Live leases whose GPU is gone expire."""
-        for lease in sorted(leases, key=lambda x: x.seq):
-            self.leases[lease.id] = lease
+        for lease in sorted(leases, key=lambda x: (x.ended_at_ms, x.seq)):
+            self._add(lease)
             self._seq = max(self._seq, lease.seq)
             if lease.idempotency_key:
                 self._by_key[lease.idempotency_key] = lease.id
@@ -515,12 +535,17 @@ class Pool:
         return acct
 
     def _end(self, lease: Lease, state: State, reason: str) -> None:
+        self.live.pop(lease.id, None)
+        self._live_gpu.get(lease.gpu_uuid, {}).pop(lease.id, None)
+        self._ended[lease.id] = None
         lease.state = state
         lease.reason = reason
         lease.ended_at_ms = self.clock_ms()
         self._emit_lease(lease)
         if lease.gpu_uuid in self.gpus:
             self._emit_capacity(lease.gpu_uuid)
+        while len(self._ended) > self.max_ended:
+            self._forget(self.leases[next(iter(self._ended))])
 
     def _emit_lease(self, lease: Lease, reclaim_ms: int = 0) -> None:
         self._events.append(Event("lease", lease=replace(lease), time_ms=self.clock_ms(), reclaim_ms=reclaim_ms))

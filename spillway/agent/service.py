@@ -71,6 +71,7 @@ class AgentCore:
         self.watchers: list[_Watcher] = []
         self.inventory_error = ""
         self._wake = asyncio.Event()
+        self._next_due = float("inf")  # ms: when the timer wakes next on its own
         self._tasks: list[asyncio.Task[None]] = []
         metrics.bind(lambda: self.pool)
 
@@ -92,6 +93,7 @@ class AgentCore:
     async def _timer(self) -> None:
         while True:
             due = self.pool.tick()
+            self._next_due = float("inf") if due is None else due
             self.commit()
             self._wake.clear()
             timeout = None if due is None else max(0.0, (due - now_ms()) / 1000.0) + 0.0005
@@ -124,8 +126,8 @@ class AgentCore:
 
     def borrower_pids(self) -> dict[str, set[int]]:
         out: dict[str, set[int]] = {}
-        for x in self.pool.leases.values():
-            if x.live and x.pid:
+        for x in self.pool.live.values():
+            if x.pid:
                 out.setdefault(x.gpu_uuid, set()).add(x.pid)
         return out
 
@@ -142,9 +144,23 @@ class AgentCore:
         for trigger, _ in reclaims:
             self.metrics.reclaims.labels(self.metrics.node, trigger).inc()
         if events:
-            self._wake.set()
+            self._maybe_wake(events)
             self._publish(events, decided)
         return events
+
+    def _maybe_wake(self, events: list[Event]) -> None:
+        """Wake the timer only when a change brings its next deadline closer (the sweep is
+        O(leases); most calls do not need it)."""
+        for ev in events:
+            x = ev.lease
+            if x is None:
+                continue
+            due = x.expires_at_ms if x.live else x.ended_at_ms + self.pool.retention_ms
+            if x.state == State.REVOKING:
+                due = min(due, x.revoke_deadline_ms)
+            if due < self._next_due:
+                self._next_due = due
+                self._wake.set()
 
     def _publish(self, events: list[Event], decided: float | None) -> None:
         capacity: list[str] = []
@@ -166,7 +182,7 @@ class AgentCore:
             we = pb.WatchEvent(kind=pb.WatchEvent.LEASE, sequence=self.sequence, time_ms=ev.time_ms, lease=lease_pb(x))
             stamp = (decided or time.perf_counter()) if ev.reclaim_ms else 0.0
             self._send(we, x.id, stamp)
-        if capacity:
+        if capacity and self.watchers:
             self.sequence += 1
             inv = self.inventory_pb(only=set(capacity))
             self._send(pb.WatchEvent(kind=pb.WatchEvent.CAPACITY, sequence=self.sequence, time_ms=now_ms(),
