@@ -48,11 +48,14 @@ class Stack:
     def gpus(self) -> list[agent_pb2.Gpu]:
         return list(self.run(lambda c: c.inventory()).gpus)
 
-    def pod(self, name: str, units: int, grant: agent_pb2.AcquireResponse | None = None) -> None:
+    def pod(self, name: str, units: int, *grants: agent_pb2.AcquireResponse) -> None:
+        """A pod as the operator makes it: one comma-separated entry per lease in each annotation."""
         annotations = {}
-        if grant is not None:
-            annotations = {"spillway.dev/reservation": grant.lease.id, "spillway.dev/reservation-token": grant.token,
-                           "spillway.dev/reservation-node": self.node, "spillway.dev/lender-gpus": grant.lease.gpu_uuid}
+        if grants:
+            annotations = {"spillway.dev/reservation": ",".join(g.lease.id for g in grants),
+                           "spillway.dev/reservation-token": ",".join(g.token for g in grants),
+                           "spillway.dev/reservation-node": self.node,
+                           "spillway.dev/lender-gpus": ",".join(g.lease.gpu_uuid for g in grants)}
         self.cluster.apply({
             "apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": name, "namespace": self.namespace, "annotations": annotations},
@@ -172,3 +175,21 @@ def test_two_pending_pods_same_size_oldest_first_no_double_take(stack: Stack) ->
     c = stack.kubelet.allocate(stack.units_on(gpus[6].uuid, 2))
     assert "error" not in c
     assert c["response"]["envs"]["SPILLWAY_LEASE_ID"] not in (first.lease.id, second.lease.id)
+
+
+def test_allocate_claims_every_lease_of_a_two_lender_reservation(stack: Stack) -> None:
+    gpus = stack.gpus()
+    a = stack.reserve("2Gi", gpus[0].uuid, 0)
+    b = stack.reserve("1Gi", gpus[7].uuid, 0)
+    stack.pod("wide", 3, a, b)
+    alloc = stack.kubelet.allocate(stack.units_on(gpus[0].uuid, 3))
+    assert "error" not in alloc, alloc
+    resp = alloc["response"]
+    assert resp["envs"]["SPILLWAY_LEASE_ID"] == f"{a.lease.id},{b.lease.id}"
+    assert resp["envs"]["SPILLWAY_LEASE_TOKEN"] == f"{a.token},{b.token}"
+    assert resp["envs"]["SPILLWAY_LENDER_GPUS"] == f"{gpus[0].uuid},{gpus[7].uuid}"
+    assert [d["host_path"] for d in resp["devices"]] == [f"/dev/nvidia{gpus[0].index}", f"/dev/nvidia{gpus[7].index}"]
+    leases = stack.leases()
+    for g in (a, b):
+        assert leases[g.lease.id].state == agent_pb2.ACTIVE
+        assert leases[g.lease.id].pod == f"{stack.namespace}/wide"
