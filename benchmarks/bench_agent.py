@@ -103,27 +103,29 @@ async def paced(name: str, rate: float, seconds: float, op: Callable[[int], Awai
 # --- the agent ---------------------------------------------------------------------------
 
 
+async def agent_level(agent: AgentProcess, concurrency: int, total: int) -> Result:
+    """One client (its own channel) per worker."""
+    clients: list[AgentClient] = []
+
+    async def make(i: int) -> Callable[[int], Awaitable[None]]:
+        client = AgentClient(str(agent.socket))
+        clients.append(client)
+
+        async def op(n: int) -> None:
+            got = await client.acquire("64Mi", f"bench-{i}")
+            await client.release(got.lease.id, got.token)
+
+        return op
+
+    async def close() -> None:
+        for cl in clients:
+            await cl.close()
+
+    return await closed_loop("agent Acquire+Release (unix socket)", concurrency, total, make, close)
+
+
 async def agent_runs(agent: AgentProcess, levels: list[int], per_level: int) -> list[Result]:
-    results = []
-    for c in levels:
-        clients: list[AgentClient] = []
-
-        async def make(i: int) -> Callable[[int], Awaitable[None]]:
-            client = AgentClient(str(agent.socket))
-            clients.append(client)
-
-            async def op(n: int) -> None:
-                got = await client.acquire("64Mi", f"bench-{i}")
-                await client.release(got.lease.id, got.token)
-
-            return op
-
-        async def close() -> None:
-            for cl in clients:
-                await cl.close()
-
-        results.append(await closed_loop("agent Acquire+Release (unix socket)", c, per_level, make, close))
-    return results
+    return [await agent_level(agent, c, per_level) for c in levels]
 
 
 async def agent_paced(agent: AgentProcess, rate: float, seconds: float) -> Result:
@@ -238,7 +240,7 @@ async def run(args: argparse.Namespace) -> int:
         except Exception as exc:  # the comparison needs the control-plane binaries
             kube_note = f"Lease-object comparison not run: {exc}"
     print(f"\nmachine: {os.cpu_count()} CPUs; agent: simulated dgx-h100, SQLite WAL synchronous=NORMAL\n")
-    _table(agent_results + [pacing] + kube)
+    _table([*agent_results, pacing, *kube])
     if kube:
         print()
         for a, k in zip(agent_results, kube, strict=True):
