@@ -13,6 +13,7 @@ So a batch of 16 KiB blocks costs a handful of kernels/copies, not one per block
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -54,25 +55,34 @@ class Block:
 
 
 class Transfer:
-    """Handle of one batched put or get. On CUDA the copies run on the store's copy stream;
-    `wait()` makes the caller's current stream wait for them (no host block), `synchronize()`
-    blocks the host until they are done. On CPU everything is already done."""
+    """Handle of one batched put or get. On CUDA the copies run on the store's own streams (one
+    per GPU involved); `wait()` makes the caller's current streams wait for them (no host
+    block), `synchronize()` blocks the host until they are done. On CPU it is already done."""
 
-    def __init__(self, event: torch.cuda.Event | None, tensors: list[torch.Tensor], keep: list[torch.Tensor]) -> None:
-        self.event = event
+    def __init__(
+        self,
+        events: list[torch.cuda.Event],
+        tensors: list[torch.Tensor],
+        keep: list[torch.Tensor],
+        devices: list[torch.device] | None = None,
+    ) -> None:
+        self.events = events
+        self.devices = devices or []  # the GPU of each event
         self.tensors = tensors
         self._keep = keep  # staging and sources that must live until the copies finish
 
     def done(self) -> bool:
-        return self.event is None or bool(self.event.query())
+        return all(bool(e.query()) for e in self.events)
 
     def wait(self, stream: torch.cuda.Stream | None = None) -> None:
-        if self.event is not None:
-            (stream or torch.cuda.current_stream(self.event.device)).wait_event(self.event)
+        """Order later work on `stream` (default: the current stream of each GPU involved) after
+        these copies."""
+        for e, dev in zip(self.events, self.devices, strict=True):
+            (stream or torch.cuda.current_stream(dev)).wait_event(e)
 
     def synchronize(self) -> list[torch.Tensor]:
-        if self.event is not None:
-            self.event.synchronize()
+        for e in self.events:
+            e.synchronize()
         self._keep = []
         return self.tensors
 
@@ -103,22 +113,13 @@ def _runs(extents: Sequence[Extent]) -> list[tuple[int, int]]:
 class BlockStore:
     """Thread-safe key -> block store over a primary tier and a host fallback tier."""
 
-    def __init__(self, primary: Tier, fallback: Tier, *, copy_device: torch.device | None = None) -> None:
+    def __init__(self, primary: Tier, fallback: Tier) -> None:
         self.primary = primary
         self.fallback = fallback
         self._index: dict[object, Block] = {}
         self._lock = threading.RLock()
         self._primary_open = True
-        dev = copy_device
-        if dev is None:
-            for tier in (primary, fallback):
-                if tier.device.type == "cuda":
-                    dev = tier.device
-                    break
-        self._stream: torch.cuda.Stream | None = None
-        if dev is not None and dev.type == "cuda":
-            self._stream = torch.cuda.Stream(device=dev)
-        self._copy_device = dev
+        self._streams: dict[int, torch.cuda.Stream] = {}
 
     # ---- inspection -------------------------------------------------------------------
     @property
@@ -148,28 +149,49 @@ class BlockStore:
             return {"primary": primary, "fallback": len(self._index) - primary}
 
     # ---- stream plumbing ---------------------------------------------------------------
-    def _begin(self, tensors: Iterable[torch.Tensor]) -> None:
-        """Order the copy stream after the work that produced (or will read) these tensors."""
-        if self._stream is None:
-            return
-        seen: set[int] = set()
-        for t in tensors:
-            if t.is_cuda and t.device.index not in seen:
-                seen.add(t.device.index)
-                self._stream.wait_stream(torch.cuda.current_stream(t.device))
+    # Every GPU that a transfer touches gets its current stream set to one of the store's own
+    # streams for the duration (PyTorch runs a cross-GPU copy on the source GPU's current
+    # stream and syncs the destination's), so copies overlap the model's compute stream.
+    def _stream(self, dev: torch.device) -> torch.cuda.Stream:
+        idx = dev.index if dev.index is not None else torch.cuda.current_device()
+        s = self._streams.get(idx)
+        if s is None:
+            s = self._streams[idx] = torch.cuda.Stream(device=torch.device("cuda", idx))
+        return s
 
-    def _finish(self, tensors: list[torch.Tensor], keep: list[torch.Tensor]) -> Transfer:
-        if self._stream is None:
-            return Transfer(None, tensors, [])
+    @staticmethod
+    def _cuda(devices: Iterable[torch.device]) -> list[torch.device]:
+        out: list[torch.device] = []
+        for d in devices:
+            if d.type == "cuda":
+                d = torch.device("cuda", d.index if d.index is not None else torch.cuda.current_device())
+                if d not in out:
+                    out.append(d)
+        return out
+
+    def _begin(self, devices: list[torch.device]) -> None:
+        """Order our streams after the work already queued on the callers' current streams."""
+        for d in devices:
+            self._stream(d).wait_stream(torch.cuda.current_stream(d))
+
+    def _finish(self, devices: list[torch.device], tensors: list[torch.Tensor], keep: list[torch.Tensor]) -> Transfer:
+        if not devices:
+            return Transfer([], tensors, [])
         for t in keep:
             if t.is_cuda:
-                t.record_stream(self._stream)
-        event = torch.cuda.Event()
-        event.record(self._stream)
-        return Transfer(event, tensors, keep)
+                t.record_stream(self._stream(t.device))
+        events = []
+        for d in devices:
+            e = torch.cuda.Event()
+            e.record(self._stream(d))
+            events.append(e)
+        return Transfer(events, tensors, keep, devices)
 
-    def _stream_ctx(self) -> torch.cuda.StreamContext | _NullCtx:
-        return torch.cuda.stream(self._stream) if self._stream is not None else _NullCtx()
+    def _stream_ctx(self, devices: list[torch.device]) -> contextlib.ExitStack:
+        stack = contextlib.ExitStack()
+        for d in devices:
+            stack.enter_context(torch.cuda.stream(self._stream(d)))
+        return stack
 
     # ---- put ---------------------------------------------------------------------------
     def put(self, keys: Sequence[object], tensors: Sequence[torch.Tensor]) -> Transfer:
@@ -181,7 +203,7 @@ class BlockStore:
         if len(set(keys)) != len(keys):
             raise ValueError("put got the same key twice in one batch")
         if not keys:
-            return Transfer(None, [], [])
+            return Transfer([], [], [])
         srcs = list(tensors)
         sizes = [t.numel() * t.element_size() for t in srcs]
         for k, s in zip(keys, sizes, strict=True):
@@ -202,8 +224,9 @@ class BlockStore:
                     f"host memory limit reached: cannot store {format_bytes(sum(sizes))} more "
                     f"({format_bytes(tier.used_bytes)} in use); nothing was stored"
                 )
-            keep = self._copy_in(srcs, sizes, extents)
-            transfer = self._finish([], keep)
+            devices = self._cuda([*(t.device for t in srcs), *(e.arena.tensor.device for e in extents)])
+            keep = self._copy_in(srcs, sizes, extents, devices)
+            transfer = self._finish(devices, [], keep)
             for k, t, ext, s in zip(keys, srcs, extents, sizes, strict=True):
                 old = self._index.get(k)
                 self._index[k] = Block(k, tier, ext, s, t.dtype, tuple(t.shape), t.device)
@@ -211,10 +234,12 @@ class BlockStore:
                     old.tier.free(old.extent)  # same stream: later writes to it are ordered after
             return transfer
 
-    def _copy_in(self, srcs: list[torch.Tensor], sizes: list[int], extents: list[Extent]) -> list[torch.Tensor]:
-        keep: list[torch.Tensor] = []
-        self._begin(srcs)
-        with self._stream_ctx():
+    def _copy_in(
+        self, srcs: list[torch.Tensor], sizes: list[int], extents: list[Extent], devices: list[torch.device]
+    ) -> list[torch.Tensor]:
+        keep: list[torch.Tensor] = list(srcs)
+        self._begin(devices)
+        with self._stream_ctx(devices):
             for i, j in _runs(extents):
                 arena = extents[i].arena
                 start = extents[i].offset
@@ -248,7 +273,7 @@ class BlockStore:
         if len(set(keys)) != len(keys):
             raise ValueError("put_rows got the same key twice in one batch")
         if not keys:
-            return Transfer(None, [], [])
+            return Transfer([], [], [])
         if not pool.is_contiguous():
             raise ValueError("put_rows needs a contiguous pool tensor")
         row_bytes = pool[0].numel() * pool.element_size()
@@ -264,17 +289,19 @@ class BlockStore:
                 return self.put(keys, [pool[r] for r in rows])  # fragmented or full: the general path
             arena, start = extents[0].arena, extents[0].offset
             dst = arena.view(start, row_bytes * len(keys)).view(pool.dtype).view(len(keys), *pool.shape[1:])
-            idx = torch.as_tensor(list(rows), dtype=torch.long, device=pool.device)
-            self._begin([pool])
-            keep: list[torch.Tensor] = [idx]
-            with self._stream_ctx():
+            devices = self._cuda([pool.device, arena.tensor.device])
+            self._begin(devices)
+            keep: list[torch.Tensor] = [pool]
+            with self._stream_ctx(devices):
+                idx = torch.as_tensor(list(rows), dtype=torch.long).to(pool.device, non_blocking=True)
+                keep.append(idx)
                 if pool.device == arena.tensor.device:
                     torch.index_select(pool, 0, idx, out=dst)
                 else:
                     staging = pool.index_select(0, idx)
                     dst.copy_(staging, non_blocking=True)
                     keep.append(staging)
-            transfer = self._finish([], keep)
+            transfer = self._finish(devices, [], keep)
             shape, dtype, device = tuple(pool.shape[1:]), pool.dtype, pool.device
             for k, ext in zip(keys, extents, strict=True):
                 old = self._index.get(k)
@@ -289,7 +316,7 @@ class BlockStore:
         if len(keys) != len(rows):
             raise ValueError(f"get_rows got {len(keys)} keys but {len(rows)} rows")
         if not keys:
-            return Transfer(None, [], [])
+            return Transfer([], [], [])
         row_bytes = pool[0].numel() * pool.element_size()
         with self._lock:
             blocks = []
@@ -305,17 +332,19 @@ class BlockStore:
                 return self._copy_out(blocks, [pool[r] for r in rows], None)
             arena, start = exts[0].arena, exts[0].offset
             src = arena.view(start, row_bytes * len(keys)).view(pool.dtype).view(len(keys), *pool.shape[1:])
-            idx = torch.as_tensor(list(rows), dtype=torch.long, device=pool.device)
-            self._begin([pool])
-            keep: list[torch.Tensor] = [idx, pool]
-            with self._stream_ctx():
+            devices = self._cuda([pool.device, arena.tensor.device])
+            self._begin(devices)
+            keep: list[torch.Tensor] = [pool]
+            with self._stream_ctx(devices):
+                idx = torch.as_tensor(list(rows), dtype=torch.long).to(pool.device, non_blocking=True)
+                keep.append(idx)
                 if src.device != pool.device:
                     staging = torch.empty(src.shape, dtype=src.dtype, device=pool.device)
                     staging.copy_(src, non_blocking=True)
                     keep.append(staging)
                     src = staging
                 pool.index_copy_(0, idx, src)
-            return self._finish([], keep)
+            return self._finish(devices, [], keep)
 
     # ---- get ---------------------------------------------------------------------------
     def get(
@@ -353,8 +382,9 @@ class BlockStore:
         results: list[torch.Tensor] = []
         keep: list[torch.Tensor] = []
         dests = [o.device for o in out] if out is not None else [device or b.device for b in blocks]
-        self._begin(list(out or []))
-        with self._stream_ctx():
+        devices = self._cuda([*dests, *(b.extent.arena.tensor.device for b in blocks)])
+        self._begin(devices)
+        with self._stream_ctx(devices):
             extents = [b.extent for b in blocks]
             for i, j in _runs(extents):
                 # split a run further where destination devices differ
@@ -367,7 +397,7 @@ class BlockStore:
                             )
                         )
                         sub_start = k
-        return self._finish(results, keep)
+        return self._finish(devices, results, keep)
 
     def _copy_run(
         self, blocks: list[Block], out: Sequence[torch.Tensor] | None, dest: torch.device, keep: list[torch.Tensor]
@@ -378,10 +408,12 @@ class BlockStore:
         region = arena.view(start, end - start)
         staged = region.device != dest
         if staged:
-            staging = torch.empty(
-                end - start, dtype=torch.uint8, device=dest, pin_memory=dest.type == "cpu" and self._stream is not None
-            )
-            staging.copy_(region, non_blocking=True)
+            # Into host memory: a pinned staging buffer copied asynchronously when the caller gets
+            # it back (it synchronizes before reading); a blocking copy when we scatter it on
+            # the CPU ourselves right after.
+            to_host = dest.type == "cpu"
+            staging = torch.empty(end - start, dtype=torch.uint8, device=dest, pin_memory=to_host and out is None)
+            staging.copy_(region, non_blocking=not (to_host and out is not None))
             keep.append(staging)
             region = staging
         views = [region[b.extent.offset - start : b.extent.offset - start + b.nbytes] for b in blocks]
@@ -415,8 +447,8 @@ class BlockStore:
         return n
 
     def synchronize(self) -> None:
-        if self._stream is not None:
-            self._stream.synchronize()
+        for st in self._streams.values():
+            st.synchronize()
 
     def close_primary(self) -> tuple[int, int, float]:
         """Move every block of the primary tier to the fallback tier and stop using the primary.
@@ -441,7 +473,10 @@ class BlockStore:
                 for b in moved:
                     if b.extent.arena is arena:
                         new_extents[id(b)] = Extent(new_arena, b.extent.offset, b.extent.size)
-            with self._stream_ctx():
+            self.synchronize()  # puts still in flight into the arena land first
+            devices = self._cuda([self.primary.device])
+            self._begin(devices)
+            with self._stream_ctx(devices):
                 for dst, src in copies:
                     dst.copy_(src, non_blocking=True)
             self.synchronize()
