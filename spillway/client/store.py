@@ -279,7 +279,8 @@ class BlockStore:
         row_bytes = pool[0].numel() * pool.element_size()
         with self._lock:
             tier = self.primary if self._primary_open else self.fallback
-            if row_bytes % ALIGNMENT:
+            if row_bytes % ALIGNMENT or pool.device.type != "cuda":
+                # (on the CPU, index_select is an element loop: one torch.cat of the rows is faster)
                 return self.put(keys, [pool[r] for r in rows])
             extents = tier.alloc_batch([row_bytes] * len(keys))
             if extents is None or len(_runs(extents)) != 1:
@@ -328,7 +329,7 @@ class BlockStore:
                     raise ValueError(f"block {k!r} has {b.nbytes} bytes, a pool row {row_bytes}")
                 blocks.append(b)
             exts = [b.extent for b in blocks]
-            if len(_runs(exts)) != 1 or not pool.is_contiguous() or row_bytes % ALIGNMENT:
+            if len(_runs(exts)) != 1 or not pool.is_contiguous() or row_bytes % ALIGNMENT or not pool.is_cuda:
                 return self._copy_out(blocks, [pool[r] for r in rows], None)
             arena, start = exts[0].arena, exts[0].offset
             src = arena.view(start, row_bytes * len(keys)).view(pool.dtype).view(len(keys), *pool.shape[1:])
