@@ -260,9 +260,15 @@ def _place_one(state: _State, t: TenantSpec, key: ReplicaKey, mode: str) -> Assi
 
 
 def _commit(
-    state: _State, node: _Node, host: _Gpu, t: TenantSpec, key: ReplicaKey, lenders: tuple[tuple[str, int], ...]
+    state: _State,
+    node: _Node,
+    host: _Gpu,
+    t: TenantSpec,
+    key: ReplicaKey,
+    lenders: tuple[tuple[str, int], ...],
+    memory: int | None = None,
 ) -> None:
-    state.occupy(node, host.uuid, key, t.memory, t.lending)
+    state.occupy(node, host.uuid, key, t.memory if memory is None else memory, t.lending)
     state.lend(node, lenders)
     if t.borrower:
         node.borrowers += 1
@@ -308,6 +314,7 @@ def _kept(
     state: _State,
     t: TenantSpec | None,
     a: Assignment,
+    exact_only: bool = False,
 ) -> tuple[Assignment | None, str]:
     """Re-check a current assignment; returns the (possibly new-lender) assignment, or None + why."""
     node = state.nodes.get(a.node)
@@ -324,8 +331,10 @@ def _kept(
         state.lend(node, [(u, b) for u, b in a.lenders if u in node.gpus])
         node.refresh()
         return a, ""
-    if host.room < t.memory:
-        return None, f"GPU {a.gpu_uuid} on {a.node} no longer has room for {format_bytes(t.memory)}"
+    # What the GPU's local use shows belongs to this replica (it may use more than it declared).
+    keeps = max(t.memory, state.local.get(host.uuid, 0))
+    if host.room < keeps:
+        return None, f"GPU {a.gpu_uuid} on {a.node} no longer has room for {format_bytes(keeps)}"
     # Same lenders if they still link and have room, else new lenders on this node.
     lenders: tuple[tuple[str, int], ...] | None = None
     if (
@@ -336,6 +345,10 @@ def _kept(
         )
     ):
         lenders = a.lenders
+    elif t.borrower and a.host_fallback and t.fallback == "HostMemory" and exact_only:
+        lenders = ()  # stays on host memory for now; the upgrade pass may find it lenders
+    elif exact_only:
+        return None, "deferred"
     elif t.borrower:
         lenders = _pick_lenders(node, host, t.peer_request, tight(t))
     else:
@@ -344,7 +357,7 @@ def _kept(
         if t.fallback == "None":
             return None, (f"its lenders on {a.node} no longer have {format_bytes(t.peer_request)} and fallback is None")
         lenders = ()
-    _commit(state, node, host, t, a.key, lenders)
+    _commit(state, node, host, t, a.key, lenders, memory=keeps)
     return Assignment(a.key, a.node, a.gpu_uuid, lenders, host_fallback=(t.borrower and not lenders)), ""
 
 
@@ -368,15 +381,25 @@ def plan(
         t = by_key.get(item[0].tenant_key)
         return (0 if t is None else 1, -(t.priority if t else 0), item[0])
 
+    # Keep what is still valid as it is first, then re-pick lenders for those that lost theirs.
     moved: dict[ReplicaKey, str] = {}
+    again: list[tuple[ReplicaKey, Assignment]] = []
     for key, old in sorted(current.items(), key=cur_rank):
         t = by_key.get(key.tenant_key)
         if t is not None and key.replica >= t.replicas:
             continue  # scaled down
-        kept, why = _kept(state, t, old)
+        kept, why = _kept(state, t, old, exact_only=True)
         if kept is not None:
             if t is not None:
                 out[key] = kept
+        elif why == "deferred":
+            again.append((key, old))
+        else:
+            moved[key] = why
+    for key, old in again:
+        kept, why = _kept(state, by_key.get(key.tenant_key), old)
+        if kept is not None:
+            out[key] = kept
         else:
             moved[key] = why
 
