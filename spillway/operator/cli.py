@@ -90,6 +90,9 @@ async def _main(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
 
     for handler in logging.getLogger().handlers:
         handler.addFilter(_drop_kopf_extras)
+    if logging.getLogger().level > logging.DEBUG:
+        # kopf logs every handler run at info; our own log lines and events tell the story.
+        logging.getLogger("kopf").setLevel(logging.WARNING)
     tls = Tls(args.tls_cert, args.tls_key, args.tls_ca) if args.tls_cert else None
     metrics = OperatorMetrics()
     engine = Engine(

@@ -282,15 +282,20 @@ class Engine:
         except ReservationError:
             return pod
         lost: list[LeaseRef] = []
+        whys: list[str] = []
         for lease in pod.all_leases():
             try:
-                renewed = await self.reservations.renew(endpoint, lease)
+                renewed, why = await self.reservations.renew(endpoint, lease)
             except ReservationError as exc:
                 log.warning("renew failed", extra={"lease": lease.id, "error": str(exc)})
                 continue
             if renewed is None:
                 lost.append(lease)
+                whys.append(why)
                 self._lease_facts.pop(lease.id, None)
+                self.event(body, "Warning", "LeaseRevoking" if "REVOKING" in why else "LeaseLost",
+                           f"replica {pod.replica}: lease {lease.id} ({format_bytes(lease.bytes)} on "
+                           f"{lease.gpu_uuid}) cannot be renewed: {why}")
             else:
                 self._lease_facts[lease.id] = {
                     "state": state_name(renewed.state),
@@ -299,7 +304,7 @@ class Engine:
                 }
         if not lost:
             return pod
-        return await self.replace_lost(body, spec, pod, lost, "lease ended at the agent")
+        return await self.replace_lost(body, spec, pod, lost, "; ".join(whys))
 
     async def replace_lost(
         self, body: Mapping[str, Any], spec: TenantSpec, pod: rc.ObservedPod, lost: Sequence[LeaseRef], why: str

@@ -154,18 +154,19 @@ class Reservations:
                 await self.release(endpoint, LeaseRef(lease.id, resp.token, lease.gpu_uuid, int(lease.bytes)))
         raise ReservationError(f"acquire for {holder} on {gpu_uuid}: {MAX_ATTEMPTS} ended leases under its key")
 
-    async def renew(self, endpoint: str, lease: LeaseRef) -> agent_pb2.Lease | None:
-        """The renewed lease; None when it has ended or is being revoked (the replica lost it)."""
+    async def renew(self, endpoint: str, lease: LeaseRef) -> tuple[agent_pb2.Lease | None, str]:
+        """(the renewed lease, ""), or (None, why) when it has ended or is being revoked: the
+        replica lost it."""
         client = self.agents.client(endpoint)
         try:
             renewed = await self._call(endpoint, f"renew {lease.id}", client.renew(lease.id, lease.token, self.ttl_s))
         except ReservationError as exc:
             if exc.code in ("NOT_FOUND", "FAILED_PRECONDITION"):
-                return None
+                return None, str(exc)
             raise
         if renewed.state not in LIVE_STATES or renewed.state == agent_pb2.REVOKING:
-            return None
-        return renewed
+            return None, f"lease {lease.id} is {state_name(renewed.state)}"
+        return renewed, ""
 
     async def release(self, endpoint: str, lease: LeaseRef) -> None:
         """Give a lease back; an unknown or already ended lease is not an error."""
