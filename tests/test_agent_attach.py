@@ -83,3 +83,18 @@ async def test_attach_garbage_does_not_hurt(agent: AgentProcess) -> None:
     w.close()
     async with agent.client() as c:
         assert len((await c.inventory()).gpus) == 8
+
+
+async def test_attachment_does_not_survive_kill9(agent: AgentProcess) -> None:
+    async with agent.client() as c:
+        got = await c.acquire("1Gi", "borrower")
+    a = await asyncio.to_thread(attach, agent.socket, got.lease.id, got.token)
+    try:
+        await wait_pid(agent, got.lease.id, os.getpid())
+        agent.kill()
+        agent.start()
+        async with agent.client() as c:
+            (x,) = await c.leases()
+        assert x.id == got.lease.id and x.pid == 0, "a restarted agent forgets PIDs: borrowers re-attach"
+    finally:
+        a.close()

@@ -207,9 +207,12 @@ class PoolMachine(RuleBasedStateMachine):
         for u in self.pool.gpus:
             v = self.pool.view(u)
             assert v.leased + v.lendable + v.headroom + v.local == v.total
+            assert self.pool.lendable(u) == v.lendable
             assert v.lendable >= 0 and v.headroom >= 0 and v.local >= 0
             live = sum(x.bytes for x in self.pool.leases.values() if x.gpu_uuid == u and x.state in LIVE)
             assert v.leased == live
+            assert v.revoking == sum(x.bytes for x in self.pool.leases.values()
+                                     if x.gpu_uuid == u and x.state == State.REVOKING)
             acct = self.pool.gpus[u]
             if v.revoking == 0:
                 # without a reclaim in flight, leases never reach into the GPU's own memory or the

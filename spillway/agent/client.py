@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from types import TracebackType
 from typing import Any, cast
 
@@ -100,7 +100,7 @@ class AgentClient:
                                                                       gpu_uuid=gpu_uuid), timeout=self.timeout)
         return list(resp.leases)
 
-    async def watch(self, lease_id: str = "", token: str = "") -> AsyncIterator[agent_pb2.WatchEvent]:
+    async def watch(self, lease_id: str = "", token: str = "") -> AsyncGenerator[agent_pb2.WatchEvent, None]:
         call = self.stub.Watch(agent_pb2.WatchRequest(lease_id=lease_id, token=token))
         try:
             async for ev in call:

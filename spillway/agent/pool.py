@@ -183,6 +183,8 @@ class Pool:
         self.leases: dict[str, Lease] = {}  # every lease remembered, live or ended
         self.live: dict[str, Lease] = {}  # live leases (RESERVED, ACTIVE, REVOKING)
         self._live_gpu: dict[str, dict[str, Lease]] = {}  # GPU -> its live leases
+        self._leased: dict[str, int] = {}  # GPU -> bytes of its live leases
+        self._revoking: dict[str, int] = {}  # GPU -> bytes of its REVOKING leases
         self._ended: dict[str, None] = {}  # ended leases, oldest end first
         self.max_ended = max_ended
         self._by_key: dict[str, str] = {}
@@ -233,16 +235,13 @@ class Pool:
     # --- accounting -----------------------------------------------------------------
 
     def leased_on(self, gpu_uuid: str) -> int:
-        return sum(x.bytes for x in self._live_gpu.get(gpu_uuid, {}).values())
+        return self._leased.get(gpu_uuid, 0)
 
     def view(self, gpu_uuid: str) -> GpuView:
         acct = self._gpu(gpu_uuid)
         total = acct.facts.total_bytes
-        leased = revoking = 0
-        for x in self._live_gpu.get(gpu_uuid, {}).values():
-            leased += x.bytes
-            if x.state == State.REVOKING:
-                revoking += x.bytes
+        leased = self._leased.get(gpu_uuid, 0)
+        revoking = self._revoking.get(gpu_uuid, 0)
         raw_local = max(acct.reserved, acct.local_used)
         local = min(raw_local, max(0, total - leased))
         lendable = max(0, total - acct.headroom_nominal - raw_local - leased)
@@ -250,6 +249,13 @@ class Pool:
         headroom = total - leased - local - lendable
         return GpuView(gpu_uuid, acct.facts.index, total, acct.local_used, acct.reserved, local, leased, lendable,
                        headroom, revoking)
+
+    def lendable(self, gpu_uuid: str) -> int:
+        """`view(gpu_uuid).lendable`, without building the view (the Acquire hot path)."""
+        acct = self.gpus[gpu_uuid]
+        free = (acct.facts.total_bytes - acct.headroom_nominal - max(acct.reserved, acct.local_used)
+                - self._leased.get(gpu_uuid, 0))
+        return max(0, free - free % self.granularity)
 
     def views(self) -> list[GpuView]:
         return [self.view(u) for u in sorted(self.gpus, key=lambda u: self.gpus[u].facts.index)]
@@ -311,7 +317,7 @@ class Pool:
         if nbytes > biggest:
             raise PoolError("INVALID_ARGUMENT", f"size {format_bytes(nbytes)} is more than the total memory of "
                             f"{where} ({format_bytes(biggest)}); ask for less")
-        lendable = {u: self.view(u).lendable for u in candidates}
+        lendable = {u: self.lendable(u) for u in candidates}
         fits = [u for u in candidates if lendable[u] >= nbytes]
         if not fits:
             largest = max(lendable.values(), default=0)
@@ -440,6 +446,7 @@ class Pool:
             if wanted <= 0:
                 break
             x.state = State.REVOKING
+            self._revoking[gpu_uuid] = self._revoking.get(gpu_uuid, 0) + x.bytes
             x.revoke_deadline_ms = now + deadline_ms
             x.reason = reason
             wanted -= x.bytes
@@ -489,6 +496,9 @@ class Pool:
         if lease.live:
             self.live[lease.id] = lease
             self._live_gpu.setdefault(lease.gpu_uuid, {})[lease.id] = lease
+            self._leased[lease.gpu_uuid] = self._leased.get(lease.gpu_uuid, 0) + lease.bytes
+            if lease.state == State.REVOKING:
+                self._revoking[lease.gpu_uuid] = self._revoking.get(lease.gpu_uuid, 0) + lease.bytes
         else:
             self._ended[lease.id] = None
 
@@ -503,6 +513,9 @@ class Pool:
                 self._by_key[lease.idempotency_key] = lease.id
             if lease.live and lease.gpu_uuid not in self.gpus:
                 self._end(lease, State.EXPIRED, "its GPU is no longer on this node")
+            elif lease.pid:
+                lease.pid = 0  # attach connections do not survive a restart: the borrower re-attaches
+                self._emit_lease(lease)
 
     # --- plumbing -------------------------------------------------------------------
 
@@ -535,8 +548,11 @@ class Pool:
         return acct
 
     def _end(self, lease: Lease, state: State, reason: str) -> None:
-        self.live.pop(lease.id, None)
-        self._live_gpu.get(lease.gpu_uuid, {}).pop(lease.id, None)
+        if self.live.pop(lease.id, None) is not None:
+            self._live_gpu[lease.gpu_uuid].pop(lease.id, None)
+            self._leased[lease.gpu_uuid] -= lease.bytes
+            if lease.state == State.REVOKING:
+                self._revoking[lease.gpu_uuid] -= lease.bytes
         self._ended[lease.id] = None
         lease.state = state
         lease.reason = reason
