@@ -20,6 +20,7 @@ from spillway.testing.agentproc import AgentProcess
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from toy_server import EngineConfig, ModelConfig, TinyDecoder, ToyServer
 
+REPO = Path(__file__).resolve().parents[1]
 MODEL = ModelConfig(d_model=64, n_layers=2, n_heads=4, d_ff=128)
 
 
@@ -160,3 +161,85 @@ async def _metrics_of(server: ToyServer) -> dict[str, float]:
             name, value = line.rsplit(" ", 1)
             out[name] = float(value)
     return out
+
+
+@pytest.mark.timeout(180)
+async def test_the_server_process_swaps_into_the_lease_from_its_environment(
+    agent: AgentProcess, tmp_path: Path
+) -> None:
+    """`python -m toy_server --swap env` in its own process, with the environment the device
+    plugin gives a pod: it claims and attaches the lease, swaps into it, releases on SIGTERM."""
+    import os
+    import signal
+
+    from spillway.api.v1 import agent_pb2
+    from spillway.testing.agentproc import free_port
+
+    gpu = await _first_gpu(agent)
+    async with agent.client() as c:
+        got = await c.acquire("64Mi", "tenant-toy", gpu_uuid=gpu, ttl_s=60)
+    repo = REPO
+    port = free_port()
+    env = dict(
+        os.environ,
+        PYTHONPATH=f"{repo}{os.pathsep}{repo / 'examples'}",
+        SPILLWAY_LEASE_ID=got.lease.id,
+        SPILLWAY_LEASE_TOKEN=got.token,
+        SPILLWAY_AGENT_SOCKET=str(agent.socket),
+        SPILLWAY_LENDER_GPUS=gpu,
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "toy_server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--device",
+        "cpu",
+        "--kv-blocks",
+        "24",
+        "--d-model",
+        "64",
+        "--layers",
+        "2",
+        "--prefill-chunk",
+        "32",
+        "--model-name",
+        "toy-test",
+        "--swap",
+        "env",
+    ]
+    log = tmp_path / "toy.log"
+    with open(log, "wb") as out:  # noqa: ASYNC230 - opening a local file is instant
+        proc = await asyncio.create_subprocess_exec(*cmd, env=env, stdout=out, stderr=out)
+    try:
+        async with aiohttp.ClientSession() as http:
+            for _ in range(600):
+                assert proc.returncode is None, log.read_text()
+                try:
+                    async with http.get(f"http://127.0.0.1:{port}/healthz") as r:
+                        if r.status == 200:
+                            break
+                except aiohttp.ClientConnectionError:
+                    await asyncio.sleep(0.1)
+        async with agent.client() as c:
+            lease = next(x for x in await c.leases() if x.id == got.lease.id)
+        assert lease.state == agent_pb2.ACTIVE and lease.pid == proc.pid
+        prompts = [f"{i} " + "a long prompt that will not fit twice " * 8 for i in range(3)]
+        results = await asyncio.gather(*(stream(port, p, 3, i) for i, p in enumerate(prompts)))
+        assert all(len(r) == 3 for r in results)
+        m = await metrics(port)
+        assert m['spillway_client_swap_bytes_total{direction="out",model_name="toy-test",tier="simulated-cpu"}'] > 0
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), 30)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+    async with agent.client() as c:
+        lease = next(x for x in await c.leases(include_ended=True) if x.id == got.lease.id)
+    assert lease.state == agent_pb2.RELEASED
