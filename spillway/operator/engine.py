@@ -429,6 +429,13 @@ class Engine:
             if leases:
                 await self._release_all(a.node, leases)
                 leases = []
+            if exc.code not in ("RESOURCE_EXHAUSTED", "FAILED_PRECONDITION"):
+                # The agent did not answer (or refused the call itself): no fallback, try again next resync.
+                self.assignments.pop(a.key, None)
+                pending[r] = f"cannot reserve at the agent of {a.node}: {reason}"
+                self.metrics.placements.labels(outcome="pending").inc()
+                self.event(body, "Warning", "ReservationFailed", f"replica {r}: {pending[r]}")
+                return None
             if spec.fallback == "None":
                 self.assignments.pop(a.key, None)
                 pending[r] = f"peer memory could not be reserved: {reason}"
