@@ -94,6 +94,7 @@ class PeerMemory:
         device: torch.device | str | None = None,
         host_limit: int | str | None = None,
         renew_ttl_s: float = 0.0,
+        reserve_host: bool = False,
     ) -> PeerMemory:
         """Claim a lease, attach this PID to it and allocate its bytes on the lender.
 
@@ -101,7 +102,9 @@ class PeerMemory:
         that (for example the one GPU of a single-GPU benchmark machine). When the agent's GPU
         is simulated and no override is given, the peer tier is a CPU arena labelled
         `simulated-cpu`. `max_bytes` caps the arena below the leased size. `renew_ttl_s` is the TTL
-        each background renewal asks for (0: the lease's own)."""
+        each background renewal asks for (0: the lease's own). `reserve_host` sets aside (pinned)
+        host memory of the arena's size now, so a revocation only copies: use it for large
+        leases, where pinning at revocation time could miss the deadline."""
         holder = holder or f"pid-{os.getpid()}"
         store_box: list[BlockStore] = []
 
@@ -137,6 +140,8 @@ class PeerMemory:
             host = _host_tier(None if host_limit is None else parse_quantity(host_limit))
             primary = Tier(kind, dev, fixed_bytes=size)
             store = BlockStore(primary, host)
+            if reserve_host:
+                store.spare_host = host._empty(size)
             store_box.append(store)
             if keeper.revoked:  # REVOKING arrived while we allocated
                 store.close_primary()
@@ -167,6 +172,7 @@ class PeerMemory:
         device: torch.device | str | None = None,
         fallback: str = "HostMemory",
         renew_ttl_s: float = 0.0,
+        reserve_host: bool = False,
     ) -> PeerMemory:
         """Attach the lease the device plugin put in the environment. Without one, use host
         memory (fallback "HostMemory") or raise (fallback "None")."""
@@ -198,6 +204,7 @@ class PeerMemory:
             max_bytes=max_bytes,
             device=device,
             renew_ttl_s=renew_ttl_s,
+            reserve_host=reserve_host,
         )
         lenders = [u.strip() for u in env.get(ENV_LENDER_GPUS, "").split(",") if u.strip()]
         if lenders and pm.lender_gpu not in lenders:
@@ -220,6 +227,7 @@ class PeerMemory:
         ttl_s: float = 0.0,
         priority: int = 0,
         device: torch.device | str | None = None,
+        reserve_host: bool = False,
     ) -> PeerMemory:
         """Ask the agent for a new lease (ELASTIC by default: first to be reclaimed) and attach it."""
         from spillway.agent.client import AgentClient
@@ -240,7 +248,9 @@ class PeerMemory:
                 return resp
 
         resp = _run_coroutine(_acquire())
-        return cls.attach(agent_socket, resp.lease.id, resp.token, holder=holder, device=device)
+        return cls.attach(
+            agent_socket, resp.lease.id, resp.token, holder=holder, device=device, reserve_host=reserve_host
+        )
 
     # ---- block store -------------------------------------------------------------------
     def put(self, keys: Sequence[object], tensors: Sequence[torch.Tensor]) -> Transfer:

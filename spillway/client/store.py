@@ -120,6 +120,9 @@ class BlockStore:
         self._lock = threading.RLock()
         self._primary_open = True
         self._streams: dict[int, torch.cuda.Stream] = {}
+        # Host memory set aside for a revocation (pinning a large buffer takes time; doing it
+        # ahead keeps the move within the revoke deadline). None: allocate when needed.
+        self.spare_host: torch.Tensor | None = None
 
     # ---- inspection -------------------------------------------------------------------
     @property
@@ -187,6 +190,12 @@ class BlockStore:
             events.append(e)
         return Transfer(events, tensors, keep, devices)
 
+    def _host_barrier(self) -> None:
+        """Before the CPU itself reads or writes host arena memory: let asynchronous copies
+        from or to GPUs that may touch it finish first."""
+        if self._streams:
+            self.synchronize()
+
     def _stream_ctx(self, devices: list[torch.device]) -> contextlib.ExitStack:
         stack = contextlib.ExitStack()
         for d in devices:
@@ -253,6 +262,8 @@ class BlockStore:
                 src_dev = srcs[i].device
                 same_dev = all(t.device == src_dev for t in srcs[i:j])
                 if same_dev and src_dev == arena.tensor.device:
+                    if src_dev.type == "cpu":
+                        self._host_barrier()
                     torch.cat(parts, out=dst) if len(parts) > 1 else dst.copy_(parts[0])
                 else:
                     if not same_dev:
@@ -417,6 +428,8 @@ class BlockStore:
             staging.copy_(region, non_blocking=not (to_host and out is not None))
             keep.append(staging)
             region = staging
+        if not staged and dest.type == "cpu":
+            self._host_barrier()
         views = [region[b.extent.offset - start : b.extent.offset - start + b.nbytes] for b in blocks]
         if out is None:
             tensors = [v.view(b.dtype).view(b.shape) for v, b in zip(views, blocks, strict=True)]
@@ -468,7 +481,11 @@ class BlockStore:
                 ranges = arena.allocator.used_ranges()
                 if hw == 0:
                     continue
-                host = self.fallback._empty(hw)
+                spare = self.spare_host
+                if spare is not None and spare.numel() >= hw:
+                    host, self.spare_host = spare[:hw], None
+                else:
+                    host = self.fallback._empty(hw)
                 copies.append((host, arena.view(0, hw)))
                 new_arena = self.fallback.adopt(host, ranges)
                 for b in moved:
