@@ -224,7 +224,8 @@ async def run(args: argparse.Namespace) -> int:
     per = 300 if args.quick else args.ops
     with AgentProcess(node_name="bench") as agent:
         agent_results = await agent_runs(agent, levels, per)
-        pacing = await agent_paced(agent, args.rate, 2.0 if args.quick else args.paced_seconds)
+        rates = [float(r) for r in args.rate.split(",")]
+        pacings = [await agent_paced(agent, r, 2.0 if args.quick else args.paced_seconds) for r in rates]
         notify = await reclaim_notify(agent, 50 if args.quick else args.reclaims)
     kube: list[Result] = []
     kube_note = ""
@@ -240,7 +241,7 @@ async def run(args: argparse.Namespace) -> int:
         except Exception as exc:  # the comparison needs the control-plane binaries
             kube_note = f"Lease-object comparison not run: {exc}"
     print(f"\nmachine: {os.cpu_count()} CPUs; agent: simulated dgx-h100, SQLite WAL synchronous=NORMAL\n")
-    _table([*agent_results, pacing, *kube])
+    _table([*agent_results, *pacings, *kube])
     if kube:
         print()
         for a, k in zip(agent_results, kube, strict=True):
@@ -253,7 +254,9 @@ async def run(args: argparse.Namespace) -> int:
     p99 = notify[min(len(notify) - 1, int(0.99 * len(notify)))]
     print(f"\nReclaim -> REVOKING in the holder's stream ({len(notify)} rounds): p50 {p50 * 1000:.2f} ms, "
           f"p99 {p99 * 1000:.2f} ms, max {notify[-1] * 1000:.2f} ms")
-    print(f"paced run: p99 {pacing.pct(0.99) * 1000:.2f} ms at {pacing.rate:.0f} ops/s (goal: < 2 ms at 500/s)")
+    for pacing in pacings:
+        print(f"paced run: p99 {pacing.pct(0.99) * 1000:.2f} ms at {pacing.rate:.0f} ops/s achieved "
+              f"(goal: p99 < 2 ms at 500/s)")
     return 0
 
 
@@ -261,8 +264,8 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="bench_agent", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer operations (a smoke run)")
     parser.add_argument("--ops", type=int, default=3000, help="Acquire+Release round trips per concurrency level")
-    parser.add_argument("--rate", type=float, default=500.0, help="paced run: operations per second")
-    parser.add_argument("--paced-seconds", type=float, default=10.0)
+    parser.add_argument("--rate", default="100,250,500", help="paced runs: operations per second, comma-separated")
+    parser.add_argument("--paced-seconds", type=float, default=5.0)
     parser.add_argument("--reclaims", type=int, default=300, help="reclaim-notification rounds")
     parser.add_argument("--no-cluster", action="store_true", help="skip the kube-apiserver Lease comparison")
     args = parser.parse_args(argv)
