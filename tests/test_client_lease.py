@@ -117,17 +117,17 @@ def test_a_wrong_token_is_refused_and_nothing_is_allocated(agent: AgentProcess) 
 
 
 def test_the_lease_is_renewed_while_in_use(agent: AgentProcess) -> None:
-    env, _ = acquire_env(agent, ttl_s=1.5)
+    env, _ = acquire_env(agent, ttl_s=2.0)
     with PeerMemory.from_env(env) as pm:
         first = lease_of(agent, env["SPILLWAY_LEASE_ID"])
-        for i in range(8):  # in use for well past the TTL
+        for i in range(10):  # in use for well past the TTL
             pm.put([i], [torch.full((1 << 16,), i, dtype=torch.uint8)])
             time.sleep(0.5)
         lease = lease_of(agent, env["SPILLWAY_LEASE_ID"])
         assert lease.state == agent_pb2.ACTIVE
         assert lease.expires_at_ms > first.expires_at_ms + 2000
         assert pm.stats().renewals >= 4
-        assert all(int(t[0]) == i for i, t in enumerate(pm.get(list(range(8))).result()))
+        assert all(int(t[0]) == i for i, t in enumerate(pm.get(list(range(10))).result()))
 
 
 def test_the_byte_budget_is_never_exceeded(agent: AgentProcess) -> None:
@@ -202,7 +202,7 @@ def test_revocation_under_load_loses_nothing_and_finishes_before_the_deadline(ag
 BORROWER = """
 import sys, time, torch
 from spillway.client import PeerMemory
-pm = PeerMemory.from_env(holder="victim", renew_ttl_s=2.0)
+pm = PeerMemory.from_env(holder="victim", renew_ttl_s=3.0)
 pm.put(["x"], [torch.ones(1 << 20)])
 print("ready", pm.stats().renewals, flush=True)
 time.sleep(600)
@@ -210,14 +210,14 @@ time.sleep(600)
 
 
 def test_the_lease_expires_after_the_borrower_is_killed(agent: AgentProcess) -> None:
-    env, _ = acquire_env(agent, ttl_s=60.0)  # room for the child to import torch; it renews with a 2 s TTL
+    env, _ = acquire_env(agent, ttl_s=60.0)  # room for the child to import torch; it renews with a 3 s TTL
     child_env = dict(os.environ, PYTHONPATH=str(REPO), **env)
     proc = subprocess.Popen([sys.executable, "-c", BORROWER], env=child_env, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
         assert line.startswith("ready"), f"borrower did not start: {line!r}"
-        time.sleep(3.0)  # longer than the TTL: the child's renewals keep it alive
+        time.sleep(4.0)  # longer than the TTL: the child's renewals keep it alive
         lease = lease_of(agent, env["SPILLWAY_LEASE_ID"])
         assert lease.state == agent_pb2.ACTIVE and lease.pid == proc.pid
         proc.kill()  # SIGKILL: no release, no goodbye
@@ -228,7 +228,7 @@ def test_the_lease_expires_after_the_borrower_is_killed(agent: AgentProcess) -> 
             15,
             "the agent to expire the dead borrower's lease",
         )
-        assert ended.ended_at_ms / 1000 - killed_at < 2.0 + 3.0  # within the TTL (+ the agent's sweep period)
+        assert ended.ended_at_ms / 1000 - killed_at < 3.0 + 3.0  # within the TTL (+ the agent's sweep period)
     finally:
         if proc.poll() is None:
             proc.kill()

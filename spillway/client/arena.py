@@ -238,6 +238,10 @@ class Tier:
 
     def free(self, extent: Extent) -> None:
         extent.arena.allocator.free(extent.offset)
-        if self.fixed_bytes is None and len(self.arenas) > 1 and extent.arena.allocator.used_bytes == 0:
-            # give a whole empty chunk back (pinned host memory is precious); keep the first
-            self.arenas.remove(extent.arena)
+        if self.fixed_bytes is None and extent.arena.allocator.used_bytes == 0:
+            # give empty chunks back (pinned host memory is precious) but keep the largest empty
+            # one, so a put/evict cycle does not allocate and pin a chunk every time
+            empty = [a for a in self.arenas if a.allocator.used_bytes == 0]
+            if len(empty) > 1:
+                keep = max(empty, key=lambda a: a.capacity)
+                self.arenas = [a for a in self.arenas if a.allocator.used_bytes or a is keep]
