@@ -233,7 +233,7 @@ class BlockStore:
                     f"host memory limit reached: cannot store {format_bytes(sum(sizes))} more "
                     f"({format_bytes(tier.used_bytes)} in use); nothing was stored"
                 )
-            devices = self._cuda([*(t.device for t in srcs), *(e.arena.tensor.device for e in extents)])
+            devices = self._cuda([*{t.device for t in srcs}, *_arena_devices(extents)])
             keep = self._copy_in(srcs, sizes, extents, devices)
             transfer = self._finish(devices, [], keep)
             for k, t, ext, s in zip(keys, srcs, extents, sizes, strict=True):
@@ -292,13 +292,13 @@ class BlockStore:
             tier = self.primary if self._primary_open else self.fallback
             if row_bytes % ALIGNMENT or pool.device.type != "cuda":
                 # (on the CPU, index_select is an element loop: one torch.cat of the rows is faster)
-                return self.put(keys, [pool[r] for r in rows])
+                return self.put(keys, _rows(pool, rows))
             extents = tier.alloc_batch([row_bytes] * len(keys))
             if extents is None or len(_runs(extents)) != 1:
                 if extents is not None:
                     for e in extents:
                         tier.free(e)
-                return self.put(keys, [pool[r] for r in rows])  # fragmented or full: the general path
+                return self.put(keys, _rows(pool, rows))  # fragmented or full: the general path
             arena, start = extents[0].arena, extents[0].offset
             dst = arena.view(start, row_bytes * len(keys)).view(pool.dtype).view(len(keys), *pool.shape[1:])
             devices = self._cuda([pool.device, arena.tensor.device])
@@ -341,7 +341,7 @@ class BlockStore:
                 blocks.append(b)
             exts = [b.extent for b in blocks]
             if len(_runs(exts)) != 1 or not pool.is_contiguous() or row_bytes % ALIGNMENT or not pool.is_cuda:
-                return self._copy_out(blocks, [pool[r] for r in rows], None)
+                return self._copy_out(blocks, _rows(pool, rows), None)
             arena, start = exts[0].arena, exts[0].offset
             src = arena.view(start, row_bytes * len(keys)).view(pool.dtype).view(len(keys), *pool.shape[1:])
             devices = self._cuda([pool.device, arena.tensor.device])
@@ -394,7 +394,7 @@ class BlockStore:
         results: list[torch.Tensor] = []
         keep: list[torch.Tensor] = []
         dests = [o.device for o in out] if out is not None else [device or b.device for b in blocks]
-        devices = self._cuda([*dests, *(b.extent.arena.tensor.device for b in blocks)])
+        devices = self._cuda([*set(dests), *_arena_devices([b.extent for b in blocks])])
         self._begin(devices)
         with self._stream_ctx(devices):
             extents = [b.extent for b in blocks]
@@ -508,6 +508,15 @@ class BlockStore:
             with torch.cuda.device(self.primary.device):
                 torch.cuda.empty_cache()  # give the lender GPU its bytes back, not to our cache
         return len(moved), nbytes, time.monotonic() - t0
+
+
+def _arena_devices(extents: Iterable[Extent]) -> list[torch.device]:
+    return [a.tensor.device for a in {id(e.arena): e.arena for e in extents}.values()]
+
+
+def _rows(pool: torch.Tensor, rows: Sequence[int]) -> list[torch.Tensor]:
+    views = pool.unbind(0)  # all row views in one call (indexing row by row costs microseconds each)
+    return [views[r] for r in rows]
 
 
 def _as_bytes_view(t: torch.Tensor) -> torch.Tensor:
