@@ -12,10 +12,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import importlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -372,7 +374,11 @@ def test_rendering_passes_server_side_dry_run(chart_cluster: Cluster, values: Pa
 
 
 def can_i(c: Cluster, ns: str, sa: str, verb: str, resource: str, *extra: str) -> bool:
-    r = c.kubectl("auth", "can-i", verb, resource, *extra, as_user=f"system:serviceaccount:{ns}:{sa}", check=False)
+    """`kubectl auth can-i` as the ServiceAccount; "kind.group/sub" asks about a subresource."""
+    resource, _, sub = resource.partition("/")
+    sub_args = [f"--subresource={sub}"] if sub else []
+    r = c.kubectl("auth", "can-i", verb, resource, *sub_args, *extra, as_user=f"system:serviceaccount:{ns}:{sa}",
+                  check=False)
     return r.stdout.strip() == "yes"
 
 
@@ -409,7 +415,8 @@ def test_install_rbac_upgrade_uninstall(chart_cluster: Cluster, kwok_nodes: Any)
         op, agent, dp = "sw-spillway-operator", "sw-spillway-agent", "sw-spillway-deviceplugin"
         allowed = [
             (op, "list", "inferencetenants.spillway.dev"), (op, "patch", "inferencetenants.spillway.dev/status"),
-            (op, "watch", "memorypools.spillway.dev"), (op, "create", "pods"), (op, "delete", "pods"),
+            (op, "watch", "memorypools.spillway.dev"), (op, "patch", "memorypools.spillway.dev"),
+            (op, "create", "pods"), (op, "delete", "pods"),
             (op, "patch", "pods"), (op, "create", "events"), (op, "patch", "clusterkopfpeerings.kopf.dev"),
             (op, "create", "pods/eviction"),
             (agent, "create", "memorypools.spillway.dev"), (agent, "patch", "memorypools.spillway.dev/status"),
@@ -418,11 +425,14 @@ def test_install_rbac_upgrade_uninstall(chart_cluster: Cluster, kwok_nodes: Any)
         ]
         denied = [
             (op, "delete", "nodes"), (op, "list", "secrets"), (op, "create", "memorypools.spillway.dev"),
-            (op, "delete", "memorypools.spillway.dev"), (op, "create", "clusterroles.rbac.authorization.k8s.io"),
+            (op, "delete", "memorypools.spillway.dev"), (op, "patch", "memorypools.spillway.dev/status"),
+            (op, "create", "clusterroles.rbac.authorization.k8s.io"),
             (agent, "list", "secrets"), (agent, "get", "secrets"), (agent, "delete", "memorypools.spillway.dev"),
             (agent, "list", "nodes"), (agent, "patch", "nodes"), (agent, "list", "pods"), (agent, "create", "pods"),
             (dp, "create", "pods"), (dp, "delete", "pods"), (dp, "list", "secrets"), (dp, "get", "nodes"),
-            (dp, "patch", "memorypools.spillway.dev"),
+            (dp, "patch", "memorypools.spillway.dev"), (dp, "create", "pods/eviction"),
+            (agent, "create", "pods/eviction"),
+            (agent, "patch", "inferencetenants.spillway.dev/status"), (dp, "patch", "memorypools.spillway.dev/status"),
         ]
         wrong = [f"{sa} cannot {v} {r}" for sa, v, r in allowed if not can_i(c, ns, sa, v, r)]
         wrong += [f"{sa} can {v} {r}" for sa, v, r in denied if can_i(c, ns, sa, v, r)]
@@ -452,3 +462,79 @@ def test_install_rbac_upgrade_uninstall(chart_cluster: Cluster, kwok_nodes: Any)
                              "app.kubernetes.io/instance=sw", "-o", "name").stdout.split()
     assert cluster_left == []
     c.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_real_agent_and_operator_work_with_only_their_chart_accounts(
+        chart_cluster: Cluster, kwok_nodes: Any, tmp_path: Path) -> None:
+    """The agent publishes its MemoryPool and the operator (with --peering, as with
+    replicas > 1) joins the chart's ClusterKopfPeering and writes a tenant's status, each
+    authenticated as its own ServiceAccount from the chart: the RBAC is enough for the real
+    processes, not only for `can-i`."""
+    from spillway.testing.agentproc import DEFAULT_TOPOLOGY, free_port
+
+    c = chart_cluster
+    ns = c.create_namespace("spillway-rt")
+    tenants = c.create_namespace("tenants-rt")
+    node = kwok_nodes({"nvidia.com/gpu": "8"}, labels={"spillway.dev/simulated": "true"}, prefix="rt")
+    c.helm("install", "rt", str(CHART), "-n", ns, "-f", str(REPO / "examples" / "values" / "simulated.yaml"),
+           "--set", "operator.replicas=2")
+    procs: list[subprocess.Popen[bytes]] = []
+    logs = {name: tmp_path / f"{name}.log" for name in ("agent", "operator")}
+
+    def spawn(name: str, sa: str, argv: list[str]) -> None:
+        env = {**os.environ, "PYTHONPATH": str(REPO), "KUBECONFIG": str(c.kubeconfig_for_service_account(ns, sa)),
+               "POD_ID": f"{name}-0"}
+        with logs[name].open("ab") as log:
+            procs.append(subprocess.Popen([sys.executable, "-m", "spillway", *argv], stdout=log,
+                                          stderr=subprocess.STDOUT, env=env, start_new_session=True))
+
+    try:
+        spawn("agent", "rt-spillway-agent", [
+            "agent", "--backend", "simulated", "--topology", str(DEFAULT_TOPOLOGY), "--node-name", node,
+            "--socket", str(tmp_path / "a.sock"), "--state-dir", str(tmp_path / "state"),
+            "--metrics-port", str(free_port()), "--publish", "--advertise-endpoint", "127.0.0.1:1"])
+
+        def pool() -> dict[str, Any] | None:
+            r = c.kubectl("get", "memorypool", node, "-o", "json", check=False)
+            obj = json.loads(r.stdout) if r.returncode == 0 else None
+            return obj if obj and obj.get("status", {}).get("gpus") else None
+
+        published = wait_until(pool, timeout=90, interval=1, what="the agent's MemoryPool")
+        assert len(published["status"]["gpus"]) == 8
+
+        spawn("operator", "rt-spillway-operator", [
+            "operator", "--peering", "rt-spillway", "--metrics-port", str(free_port()), "--health-port", "-1",
+            "--resync-interval", "5s", "--lease-ttl", "60s"])
+
+        def peers() -> dict[str, Any] | None:
+            return (c.get_json("clusterkopfpeering", "rt-spillway").get("status") or None)
+
+        assert "operator-0" in wait_until(peers, timeout=90, interval=1, what="the operator in the peering object")
+        c.apply({"apiVersion": "spillway.dev/v1alpha1", "kind": "InferenceTenant", "metadata": {"name": "t"},
+                 "spec": {"replicas": 1, "model": {"image": "spillway/toy-server:0.1.0", "memory": "40Gi"}}}, tenants)
+
+        def status() -> dict[str, Any] | None:
+            return c.get_json("inferencetenant", "t", "-n", tenants).get("status") or None
+
+        assert wait_until(status, timeout=90, interval=1, what="the operator to write the tenant's status")
+        for name, path in logs.items():
+            text = path.read_text()
+            assert "Forbidden" not in text and " 403" not in text, f"{name} was refused something:\n{text[-3000:]}"
+    finally:
+        for p in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(timeout=10)
+        c.kubectl("delete", "inferencetenant", "t", "-n", tenants, "--wait=false", check=False)
+        c.kubectl("patch", "inferencetenant", "t", "-n", tenants, "--type=merge", "-p",
+                  '{"metadata":{"finalizers":null}}', check=False)
+        c.helm("uninstall", "rt", "-n", ns, check=False)
+        c.kubectl("delete", "memorypool", node, "--wait=false", check=False)
+        c.kubectl("delete", "namespace", ns, tenants, "--wait=false", check=False)
