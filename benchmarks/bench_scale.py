@@ -154,9 +154,12 @@ def run(nodes: int, tenants: int, timeout: float) -> dict[str, float]:
         results["ratio"] = results["tenants_running_s"] / results["plain_pods_running_s"]
         return results
     finally:
-        if sb.operator is not None:
-            print(f"operator log: {sb.operator_log}", file=sys.stderr)
         sb.stop_operator()
+        keep = os.environ.get("SPILLWAY_BENCH_LOGS")
+        if keep:
+            import shutil
+
+            shutil.copy(sb.operator_log, keep)
         if helper is not None:
             helper.terminate()
             try:

@@ -76,7 +76,15 @@ def register(
         settings.posting.reporting_component = "spillway-operator"
         settings.watching.server_timeout = 300
         settings.batching.worker_limit = 64
-        released = await engine.startup_sync()
+        for attempt in range(1, 61):
+            try:
+                released = await engine.startup_sync()
+                break
+            except Exception as exc:  # the API server may still be warming up (429 storage initializing)
+                if attempt == 60:
+                    raise
+                log.warning("startup sync failed; retrying", extra={"error": str(exc)[:300], "attempt": attempt})
+                await asyncio.sleep(1.0)
         log.info("operator synced", extra={"pools": len(engine.pools), "orphans_released": released})
 
     @kopf.on.cleanup(registry=registry)
@@ -86,7 +94,7 @@ def register(
     # -- MemoryPools and their agents --
 
     @kopf.on.event(API_GROUP, API_VERSION, POOL_PLURAL, registry=registry)
-    def pool_event(type: str, body: kopf.Body, name: str, **_: Any) -> None:
+    async def pool_event(type: str, body: kopf.Body, name: str, **_: Any) -> None:
         if type == "DELETED":
             engine.pool_deleted(name)
         else:
@@ -121,7 +129,9 @@ def register(
     # -- tenant pods --
 
     @kopf.on.event("", "v1", "pods", labels={LABEL_TENANT: kopf.PRESENT}, registry=registry)
-    def pod_event(type: str, body: kopf.Body, namespace: str | None, labels: Mapping[str, str], **_: Any) -> None:
+    async def pod_event(
+        type: str, body: kopf.Body, namespace: str | None, labels: Mapping[str, str], **_: Any
+    ) -> None:
         engine.pod_changed(body, deleted=type == "DELETED")
         if type is None:  # the initial listing
             return
