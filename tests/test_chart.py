@@ -538,3 +538,42 @@ def test_real_agent_and_operator_work_with_only_their_chart_accounts(
         c.helm("uninstall", "rt", "-n", ns, check=False)
         c.kubectl("delete", "memorypool", node, "--wait=false", check=False)
         c.kubectl("delete", "namespace", ns, tenants, "--wait=false", check=False)
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_real_device_plugin_works_with_only_its_chart_account(
+        chart_cluster: Cluster, kwok_nodes: Any, dpconformance_bin: Path, dp_workdir: Path, agent: Any) -> None:
+    """The device plugin, authenticated as the chart's device-plugin ServiceAccount, finds the
+    pending pod an Allocate is for and marks it (pods list/patch), behind the kubelet's own
+    registration and device-manager code; the agent is a real subprocess (simulated GPUs)."""
+    from tests.fixtures_deviceplugin import Kubelet, PluginProcess, PodResourcesServer
+
+    c = chart_cluster
+    ns = c.create_namespace("spillway-dp")
+    workload = c.create_namespace("workload-dp")
+    node = kwok_nodes({"spillway.dev/peer-hbm": "600", "nvidia.com/gpu": "8"}, prefix="dp")
+    c.helm("install", "dp", str(CHART), "-n", ns, "--set", "operator.enabled=false")
+    plugin = PluginProcess(dp_workdir, agent.socket, node,
+                           kubeconfig=c.kubeconfig_for_service_account(ns, "dp-spillway-deviceplugin"))
+    pods = PodResourcesServer(plugin.pod_resources)
+    kubelet = Kubelet(dpconformance_bin, plugin.kubelet_dir).start()
+    plugin.start()
+    try:
+        kubelet.wait_for(lambda e: e["event"] == "registered", 60, "the plugin to register")
+        c.apply({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "plain", "namespace": workload},
+                 "spec": {"nodeName": node, "containers": [{"name": "server", "image": "registry.example/llm:1",
+                          "resources": {"limits": {"spillway.dev/peer-hbm": "2"}}}]}})
+        ids = [d["id"] for d in kubelet.devices() if d["health"] == "Healthy"][:2]
+        alloc = kubelet.allocate(ids)
+        assert "error" not in alloc, alloc
+        pod = c.get_json("pod", "plain", "-n", workload)
+        mark = json.loads(pod["metadata"]["annotations"]["spillway.dev/allocation"])["server"]
+        assert mark["result"] == "on_the_spot"
+        assert "Forbidden" not in plugin.logs(), plugin.logs()[-3000:]
+    finally:
+        plugin.stop()
+        kubelet.stop()
+        pods.stop()
+        c.helm("uninstall", "dp", "-n", ns, check=False)
+        c.kubectl("delete", "namespace", ns, workload, "--wait=false", check=False)
