@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from spillway.client import HostMemory, OutOfPeerMemory, UnknownBlock
 from spillway.client.arena import ALIGNMENT, RangeAllocator, Tier, align_up
-from spillway.client.store import BlockStore
+from spillway.client.store import BlockStore, _as_block
 
 
 def digest(t: torch.Tensor) -> str:
@@ -218,7 +218,7 @@ def test_pool_rows_round_trip_with_one_gather_and_one_scatter(row_shape: tuple[i
     keys = [("ctx", i) for i in range(len(rows))]
     store.put_rows(keys, pool, rows).synchronize()
     if row_shape == (2, 2, 4, 16, 16):  # aligned rows: one contiguous range, in batch order
-        offs = [store._index[k].extent.offset for k in keys]
+        offs = [_as_block(k, store._index[k]).extent.offset for k in keys]
         assert offs == sorted(offs) and offs[-1] - offs[0] == (len(rows) - 1) * pool[0].nbytes
     pool[rows] = 0  # the store holds its own copy
     back = [9, 1, 2, 63, 30, 31, 32, 33]
@@ -234,7 +234,8 @@ def test_pool_rows_fall_back_when_fragmented_and_respect_the_budget() -> None:
     row = 16 << 10
     store = make_store(16 * row)
     pool = torch.arange(32 * row, dtype=torch.int64).remainder(251).to(torch.uint8).view(32, row)
-    store.put_rows(list(range(16)), pool, list(range(16)))
+    for i in range(16):  # one batch per row, so rows free one by one
+        store.put_rows([i], pool, [i])
     with pytest.raises(OutOfPeerMemory):
         store.put_rows(["x"], pool, [20])
     store.evict(range(0, 16, 2))  # 8 single-row holes
@@ -255,3 +256,30 @@ def test_a_revocation_copies_into_host_memory_set_aside_ahead() -> None:
     assert store.spare_host is None  # used, not a fresh allocation
     assert store._index[0].extent.arena.tensor.data_ptr() == spare.data_ptr()
     assert [digest(t) for t in store.get(list(range(8))).result()] == [digest(b) for b in blocks]
+
+
+def test_row_batches_free_their_range_when_the_last_block_goes() -> None:
+    row = 16 << 10
+    store = make_store(9 * row)  # one row spare: a replacement lands before the old copy goes
+    pool = torch.arange(8 * row).remainder(253).to(torch.uint8).view(8, row)
+    store.put_rows(list(range(8)), pool, list(range(8)))
+    assert store.primary.used_bytes == 8 * row
+    store.evict(range(7))  # partial: the batch's range stays (block 7 still lives in it)
+    assert store.primary.used_bytes == 8 * row
+    assert torch.equal(store.get([7]).result()[0], pool[7])
+    store.put_rows([7], pool, [0])  # replacing its last block frees the old range
+    assert store.primary.used_bytes == row
+    out = torch.zeros(1, row, dtype=torch.uint8)
+    store.get_rows([7], out, [0])
+    assert torch.equal(out[0], pool[0])
+    # migration moves row batches too, then they free on the host tier
+    store.put_rows(["a", "b"], pool, [3, 4])
+    moved, nbytes, _ = store.close_primary()
+    assert (moved, nbytes) == (3, 3 * row)
+    assert store.tier_of("a") == "host-pageable" and store.counts() == {"primary": 0, "fallback": 3}
+    store.get_rows(["a", "b"], out.expand(2, row).contiguous(), [0, 1])
+    got = torch.zeros(2, row, dtype=torch.uint8)
+    store.get_rows(["b", "a"], got, [0, 1])
+    assert torch.equal(got, pool[[4, 3]])
+    store.evict(["a", "b", 7])
+    assert store.fallback.used_bytes == 0

@@ -54,6 +54,25 @@ class Block:
     device: torch.device  # where it came from: the default destination of a get
 
 
+@dataclass(slots=True, eq=False)
+class RowBatch:
+    """The blocks of one `put_rows`: one allocation, block i at `extent.offset + i * stride`.
+    Its range is freed when the last of its blocks is evicted or replaced. Bookkeeping per
+    block is then one index entry `(batch, i)`, not an object per block."""
+
+    tier: Tier
+    extent: Extent
+    stride: int
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    device: torch.device
+    live: int
+
+
+Entry = Block | tuple[RowBatch, int]
+
+
 class Transfer:
     """Handle of one batched put or get. On CUDA the copies run on the store's own streams (one
     per GPU involved); `wait()` makes the caller's current streams wait for them (no host
@@ -116,7 +135,7 @@ class BlockStore:
     def __init__(self, primary: Tier, fallback: Tier) -> None:
         self.primary = primary
         self.fallback = fallback
-        self._index: dict[object, Block] = {}
+        self._index: dict[object, Entry] = {}
         self._lock = threading.RLock()
         self._primary_open = True
         self._streams: dict[int, torch.cuda.Stream] = {}
@@ -141,14 +160,14 @@ class BlockStore:
 
     def tier_of(self, key: object) -> str:
         with self._lock:
-            block = self._index.get(key)
-            if block is None:
+            entry = self._index.get(key)
+            if entry is None:
                 raise UnknownBlock(f"no block with key {key!r}")
-            return block.tier.kind
+            return _tier_of(entry).kind
 
     def counts(self) -> dict[str, int]:
         with self._lock:
-            primary = sum(1 for b in self._index.values() if b.tier is self.primary)
+            primary = sum(1 for e in self._index.values() if _tier_of(e) is self.primary)
             return {"primary": primary, "fallback": len(self._index) - primary}
 
     # ---- stream plumbing ---------------------------------------------------------------
@@ -240,7 +259,7 @@ class BlockStore:
                 old = self._index.get(k)
                 self._index[k] = Block(k, tier, ext, s, t.dtype, tuple(t.shape), t.device)
                 if old is not None:
-                    old.tier.free(old.extent)  # same stream: later writes to it are ordered after
+                    _release(old)  # same stream: later writes to it are ordered after
             return transfer
 
     def _copy_in(
@@ -288,38 +307,43 @@ class BlockStore:
         if not pool.is_contiguous():
             raise ValueError("put_rows needs a contiguous pool tensor")
         row_bytes = pool[0].numel() * pool.element_size()
+        n = len(keys)
         with self._lock:
             tier = self.primary if self._primary_open else self.fallback
-            if row_bytes % ALIGNMENT or pool.device.type != "cuda":
-                # (on the CPU, index_select is an element loop: one torch.cat of the rows is faster)
+            exts = None if row_bytes % ALIGNMENT else tier.alloc_batch([row_bytes * n])
+            if exts is None:  # unaligned rows, a fragmented or a full tier: the general path
                 return self.put(keys, _rows(pool, rows))
-            extents = tier.alloc_batch([row_bytes] * len(keys))
-            if extents is None or len(_runs(extents)) != 1:
-                if extents is not None:
-                    for e in extents:
-                        tier.free(e)
-                return self.put(keys, _rows(pool, rows))  # fragmented or full: the general path
-            arena, start = extents[0].arena, extents[0].offset
-            dst = arena.view(start, row_bytes * len(keys)).view(pool.dtype).view(len(keys), *pool.shape[1:])
+            ext = exts[0]
+            arena = ext.arena
+            dst = arena.view(ext.offset, row_bytes * n).view(pool.dtype).view(n, *pool.shape[1:])
             devices = self._cuda([pool.device, arena.tensor.device])
             self._begin(devices)
             keep: list[torch.Tensor] = [pool]
             with self._stream_ctx(devices):
-                idx = torch.as_tensor(list(rows), dtype=torch.long).to(pool.device, non_blocking=True)
-                keep.append(idx)
-                if pool.device == arena.tensor.device:
-                    torch.index_select(pool, 0, idx, out=dst)
+                if pool.is_cuda:  # one gather kernel (and one copy to a peer GPU or host)
+                    idx = torch.as_tensor(list(rows), dtype=torch.long).to(pool.device, non_blocking=True)
+                    keep.append(idx)
+                    if pool.device == arena.tensor.device:
+                        torch.index_select(pool, 0, idx, out=dst)
+                    else:
+                        staging = pool.index_select(0, idx)
+                        dst.copy_(staging, non_blocking=True)
+                        keep.append(staging)
+                elif arena.tensor.device.type == "cpu":  # (index_select is an element loop on the CPU)
+                    self._host_barrier()
+                    torch.stack(_rows(pool, rows), out=dst)
                 else:
-                    staging = pool.index_select(0, idx)
+                    staging = torch.stack(_rows(pool, rows))
                     dst.copy_(staging, non_blocking=True)
                     keep.append(staging)
             transfer = self._finish(devices, [], keep)
-            shape, dtype, device = tuple(pool.shape[1:]), pool.dtype, pool.device
-            for k, ext in zip(keys, extents, strict=True):
-                old = self._index.get(k)
-                self._index[k] = Block(k, tier, ext, row_bytes, dtype, shape, device)
+            batch = RowBatch(tier, ext, row_bytes, row_bytes, pool.dtype, tuple(pool.shape[1:]), pool.device, n)
+            index = self._index
+            for i, k in enumerate(keys):
+                old = index.get(k)
+                index[k] = (batch, i)
                 if old is not None:
-                    old.tier.free(old.extent)
+                    _release(old)
             return transfer
 
     def get_rows(self, keys: Sequence[object], pool: torch.Tensor, rows: Sequence[int]) -> Transfer:
@@ -330,33 +354,50 @@ class BlockStore:
         if not keys:
             return Transfer([], [], [])
         row_bytes = pool[0].numel() * pool.element_size()
+        n = len(keys)
         with self._lock:
-            blocks = []
+            entries = []
             for k in keys:
-                b = self._index.get(k)
-                if b is None:
+                e = self._index.get(k)
+                if e is None:
                     raise UnknownBlock(f"no block with key {k!r}: it was never put or was evicted")
+                entries.append(e)
+            e0 = entries[0]
+            if isinstance(e0, tuple) and pool.is_contiguous():
+                batch, i0 = e0
+                if batch.nbytes == row_bytes and entries == [(batch, i0 + j) for j in range(n)]:
+                    return self._get_run(batch, i0, n, pool, rows)
+            blocks = [_as_block(k, e) for k, e in zip(keys, entries, strict=True)]
+            for b in blocks:
                 if b.nbytes != row_bytes:
-                    raise ValueError(f"block {k!r} has {b.nbytes} bytes, a pool row {row_bytes}")
-                blocks.append(b)
-            exts = [b.extent for b in blocks]
-            if len(_runs(exts)) != 1 or not pool.is_contiguous() or row_bytes % ALIGNMENT or not pool.is_cuda:
-                return self._copy_out(blocks, _rows(pool, rows), None)
-            arena, start = exts[0].arena, exts[0].offset
-            src = arena.view(start, row_bytes * len(keys)).view(pool.dtype).view(len(keys), *pool.shape[1:])
-            devices = self._cuda([pool.device, arena.tensor.device])
-            self._begin(devices)
-            keep: list[torch.Tensor] = [pool]
-            with self._stream_ctx(devices):
-                idx = torch.as_tensor(list(rows), dtype=torch.long).to(pool.device, non_blocking=True)
-                keep.append(idx)
+                    raise ValueError(f"block {b.key!r} has {b.nbytes} bytes, a pool row {row_bytes}")
+            return self._copy_out(blocks, _rows(pool, rows), None)
+
+    def _get_run(self, batch: RowBatch, i0: int, n: int, pool: torch.Tensor, rows: Sequence[int]) -> Transfer:
+        """Blocks i0..i0+n of one batch into pool rows: one copy and one scatter."""
+        arena = batch.extent.arena
+        src = arena.view(batch.extent.offset + i0 * batch.stride, batch.stride * n)
+        src = src.view(pool.dtype).view(n, *pool.shape[1:])
+        devices = self._cuda([pool.device, arena.tensor.device])
+        self._begin(devices)
+        keep: list[torch.Tensor] = [pool]
+        with self._stream_ctx(devices):
+            if pool.is_cuda:
                 if src.device != pool.device:
                     staging = torch.empty(src.shape, dtype=src.dtype, device=pool.device)
                     staging.copy_(src, non_blocking=True)
                     keep.append(staging)
                     src = staging
+                idx = torch.as_tensor(list(rows), dtype=torch.long).to(pool.device, non_blocking=True)
+                keep.append(idx)
                 pool.index_copy_(0, idx, src)
-            return self._finish(devices, [], keep)
+            else:
+                if src.is_cuda:
+                    src = src.to("cpu")  # blocking: the CPU scatters it right after
+                else:
+                    self._host_barrier()
+                torch._foreach_copy_(_rows(pool, rows), list(src.unbind(0)))
+        return self._finish(devices, [], keep)
 
     # ---- get ---------------------------------------------------------------------------
     def get(
@@ -373,10 +414,10 @@ class BlockStore:
         with self._lock:
             blocks = []
             for k in keys:
-                b = self._index.get(k)
-                if b is None:
+                e = self._index.get(k)
+                if e is None:
                     raise UnknownBlock(f"no block with key {k!r}: it was never put or was evicted")
-                blocks.append(b)
+                blocks.append(_as_block(k, e))
             if out is not None:
                 for b, o in zip(blocks, out, strict=True):
                     if o.numel() * o.element_size() != b.nbytes:
@@ -451,12 +492,12 @@ class BlockStore:
         n = 0
         with self._lock:
             for k in keys:
-                b = self._index.pop(k, None)
-                if b is None:
+                e = self._index.pop(k, None)
+                if e is None:
                     if missing_ok:
                         continue
                     raise UnknownBlock(f"no block with key {k!r}")
-                b.tier.free(b.extent)
+                _release(e)
                 n += 1
         return n
 
@@ -471,14 +512,16 @@ class BlockStore:
         t0 = time.monotonic()
         with self._lock:
             self._primary_open = False  # new puts go to the fallback from now on
-            moved: list[Block] = [b for b in self._index.values() if b.tier is self.primary]
-            nbytes = sum(b.nbytes for b in moved)
-            by_arena: dict[int, Arena] = {id(b.extent.arena): b.extent.arena for b in moved}
-            new_extents: dict[int, Extent] = {}
+            entries = [e for e in self._index.values() if _tier_of(e) is self.primary]
+            nbytes = sum(e.nbytes if isinstance(e, Block) else e[0].nbytes for e in entries)
+            # what holds an extent: single blocks, and each row batch once
+            holders: list[Block | RowBatch] = [e for e in entries if isinstance(e, Block)]
+            holders += list({id(e[0]): e[0] for e in entries if isinstance(e, tuple)}.values())
+            by_arena: dict[int, Arena] = {id(h.extent.arena): h.extent.arena for h in holders}
+            new_arena_of: dict[int, Arena] = {}
             copies: list[tuple[torch.Tensor, torch.Tensor]] = []
-            for arena in by_arena.values():
+            for key, arena in by_arena.items():
                 hw = arena.allocator.high_water
-                ranges = arena.allocator.used_ranges()
                 if hw == 0:
                     continue
                 spare = self.spare_host
@@ -487,10 +530,7 @@ class BlockStore:
                 else:
                     host = self.fallback._empty(hw)
                 copies.append((host, arena.view(0, hw)))
-                new_arena = self.fallback.adopt(host, ranges)
-                for b in moved:
-                    if b.extent.arena is arena:
-                        new_extents[id(b)] = Extent(new_arena, b.extent.offset, b.extent.size)
+                new_arena_of[key] = self.fallback.adopt(host, arena.allocator.used_ranges())
             self.synchronize()  # puts still in flight into the arena land first
             devices = self._cuda([self.primary.device])
             self._begin(devices)
@@ -498,16 +538,40 @@ class BlockStore:
                 for dst, src in copies:
                     dst.copy_(src, non_blocking=True)
             self.synchronize()
-            for b in moved:  # the data is safely in host memory: switch the index over
-                b.tier = self.fallback
-                b.extent = new_extents[id(b)]
+            for h in holders:  # the data is safely in host memory: switch the index over
+                h.tier = self.fallback
+                h.extent = Extent(new_arena_of[id(h.extent.arena)], h.extent.offset, h.extent.size)
             for arena in self.primary.arenas:
                 arena.tensor = torch.empty(0, dtype=torch.uint8, device=arena.tensor.device)
             self.primary.arenas.clear()
         if self.primary.device.type == "cuda":
             with torch.cuda.device(self.primary.device):
                 torch.cuda.empty_cache()  # give the lender GPU its bytes back, not to our cache
-        return len(moved), nbytes, time.monotonic() - t0
+        return len(entries), nbytes, time.monotonic() - t0
+
+
+def _tier_of(entry: Entry) -> Tier:
+    return entry.tier if isinstance(entry, Block) else entry[0].tier
+
+
+def _release(entry: Entry) -> None:
+    """Free what an index entry holds (a row batch's range once its last block goes)."""
+    if isinstance(entry, Block):
+        entry.tier.free(entry.extent)
+        return
+    batch = entry[0]
+    batch.live -= 1
+    if batch.live == 0:
+        batch.tier.free(batch.extent)
+
+
+def _as_block(key: object, entry: Entry) -> Block:
+    """A read-only Block view of an entry (never freed on its own)."""
+    if isinstance(entry, Block):
+        return entry
+    b, i = entry
+    ext = Extent(b.extent.arena, b.extent.offset + i * b.stride, b.stride)
+    return Block(key, b.tier, ext, b.nbytes, b.dtype, b.shape, b.device)
 
 
 def _arena_devices(extents: Iterable[Extent]) -> list[torch.device]:
