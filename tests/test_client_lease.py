@@ -125,6 +125,7 @@ def test_the_lease_is_renewed_while_in_use(agent: AgentProcess) -> None:
             time.sleep(0.5)
         lease = lease_of(agent, env["SPILLWAY_LEASE_ID"])
         assert lease.state == agent_pb2.ACTIVE
+        assert lease.holder == "tenant-b"  # no holder given: the lease keeps the one it had
         assert lease.expires_at_ms > first.expires_at_ms + 2000
         assert pm.stats().renewals >= 4
         assert all(int(t[0]) == i for i, t in enumerate(pm.get(list(range(10))).result()))

@@ -105,7 +105,7 @@ class PeerMemory:
         each background renewal asks for (0: the lease's own). `reserve_host` sets aside (pinned)
         host memory of the arena's size now, so a revocation only copies: use it for large
         leases, where pinning at revocation time could miss the deadline."""
-        holder = holder or f"pid-{os.getpid()}"
+        # holder/pod "" keep what the lease has (the operator or device plugin named it)
         store_box: list[BlockStore] = []
 
         def on_revoke() -> tuple[int, int]:
