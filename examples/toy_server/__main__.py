@@ -45,7 +45,7 @@ def open_swap(args: argparse.Namespace) -> PeerMemory:
         return PeerMemory.acquire(
             args.agent_socket, args.lease_size, holder=f"toy-server/{args.model_name}", near_gpu_uuid=args.near_gpu
         )
-    return PeerMemory.from_env(holder=f"toy-server/{args.model_name}")
+    return PeerMemory.from_env()  # keeps the holder the operator gave the lease
 
 
 async def serve(args: argparse.Namespace) -> None:
