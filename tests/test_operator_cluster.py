@@ -8,6 +8,7 @@ import asyncio
 import json
 import random
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -140,6 +141,15 @@ def test_tenants_run_with_reservations_at_the_agents_and_delete_releases_them(
     assert not any(k.startswith("kopf.zalando.org") for k in t["metadata"]["annotations"])
     assert set(st) <= {"phase", "observedGeneration", "replicas", "readyReplicas", "selector", "peerMemoryBytes",
                        "peerMemory", "placements", "conditions", "slo"}
+
+    # Operator metrics, names as in docs/metrics.md.
+    with urllib.request.urlopen(f"http://127.0.0.1:{sandbox.operator_metrics_port}/metrics", timeout=5) as resp:
+        metrics = resp.read().decode()
+    assert 'spillway_operator_reconciles_total{result="ok"}' in metrics
+    assert 'spillway_operator_placements_total{outcome="placed"}' in metrics
+    assert 'spillway_operator_tenants{phase="Running"}' in metrics
+    assert "spillway_operator_reconcile_duration_seconds_bucket" in metrics
+    assert f'spillway_tenant_peer_memory_bytes{{kind="RESERVATION",namespace="{ns}",tenant="chat"}}' in metrics
 
     # Scale down through the scale subresource: replica 1's pod and lease go.
     cluster.kubectl("scale", "inferencetenant/chat", "-n", ns, "--replicas=1")
