@@ -289,3 +289,33 @@ def test_slo_feedback_reports_what_prometheus_saw_and_grows_peer_memory(
         assert not any(agent_leases(sandbox, f"tenant:{ns}/").values())
     finally:
         sandbox.start_operator()
+
+
+def test_a_node_whose_agent_stops_publishing_is_lost_and_its_replicas_are_re_placed(
+    cluster: Cluster, sandbox: Sandbox, k8s_namespace: str
+) -> None:
+    ns = k8s_namespace
+    sandbox.start_operator(["--resync-interval", "3s", "--lease-ttl", "60s", "--pool-stale-after", "15s"])
+    lost = ""
+    try:
+        cluster.apply(tenant("survivor", replicas=2, memory="40Gi", request="4Gi"), ns)
+        t = wait_phase(cluster, sandbox, ns, "survivor", "Running")
+        lost = t["status"]["placements"][0]["node"]
+        sandbox.kill_agent(lost)  # SIGKILL: the node's MemoryPool heartbeat stops
+
+        def moved() -> dict[str, Any] | None:
+            st = get_tenant(cluster, ns, "survivor").get("status") or {}
+            nodes = {p["node"] for p in st.get("placements", [])}
+            return st if st.get("phase") == "Running" and len(st["placements"]) == 2 and lost not in nodes else None
+
+        st = wait_for(moved, timeout=120, what="the lost node's replica to be re-placed")
+        assert all(p["leases"] for p in st["placements"])
+        assert "NodeLost" in {e["reason"] for e in events_of(cluster, ns, "survivor")}
+        pods = pods_of(cluster, ns, "survivor")
+        assert lost not in {p["spec"].get("nodeName") for p in pods if not p["metadata"].get("deletionTimestamp")}
+        cluster.kubectl("delete", "inferencetenant", "survivor", "-n", ns, "--timeout=60s")
+    finally:
+        if lost:
+            sandbox.start_agent(lost)
+            sandbox.wait_pools([lost])
+        sandbox.start_operator()

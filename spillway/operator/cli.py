@@ -36,6 +36,8 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--tls-ca", default=None, help="CA that signed the agents' server certificates")
     p.add_argument("--lease-ttl", default="2m", help="TTL of reservations; renewed every resync (default 2m)")
     p.add_argument("--resync-interval", default="30s", help="per-tenant resync: renew, re-check, SLO (default 30s)")
+    p.add_argument("--pool-stale-after", default="60s",
+                   help="a node whose MemoryPool heartbeat is older is lost: its replicas are re-placed (default 60s)")
     p.add_argument("--peering", default=None, help="kopf peering name (several operators, one active)")
     p.add_argument("--standalone", action="store_true", help="no peering (the default unless --peering is set)")
     p.set_defaults(func=run)
@@ -52,12 +54,13 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
         ttl = parse_duration(args.lease_ttl)
         resync = parse_duration(args.resync_interval)
         step = parse_quantity(args.slo_step)
+        stale = parse_duration(args.pool_stale_after)
     except (DurationError, QuantityError) as exc:
         raise SystemExit(f"spillway operator: {exc}") from exc
     if resync >= ttl:
         raise SystemExit(f"spillway operator: --resync-interval ({args.resync_interval}) must be shorter than "
                          f"--lease-ttl ({args.lease_ttl}), or reservations expire between renewals")
-    return {"ttl": ttl, "resync": resync, "step": step}
+    return {"ttl": ttl, "resync": resync, "step": step, "stale": stale}
 
 
 def _drop_kopf_extras(record: logging.LogRecord) -> bool:
@@ -101,7 +104,7 @@ async def _main(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
         metrics=metrics,
         config=EngineConfig(
             namespaces=tuple(args.namespace), lease_ttl_s=cfg["ttl"], prometheus_url=args.prometheus_url,
-            slo_selector=args.slo_selector or DEFAULT_SELECTOR, slo_step_bytes=cfg["step"],
+            slo_selector=args.slo_selector or DEFAULT_SELECTOR, slo_step_bytes=cfg["step"], pool_stale_s=cfg["stale"],
         ),
         event=handlers.post_event,
     )

@@ -63,7 +63,7 @@ class EngineConfig:
     prometheus_url: str = ""
     slo_selector: str = slomod.DEFAULT_SELECTOR
     slo_step_bytes: int = slomod.GIB
-    pool_stale_s: float = 0.0  # MemoryPools older than this are ignored (0: never)
+    pool_stale_s: float = 60.0  # a MemoryPool whose heartbeat is older counts as a lost node (0: never)
 
 
 @dataclass
@@ -107,6 +107,14 @@ class Engine:
             return
         if view.gpus and view.endpoint:
             self.pools[view.name] = view
+
+    def live_pools(self) -> dict[str, NodeView]:
+        """The pools whose agent published recently: a node whose heartbeat stopped is lost."""
+        limit = self.config.pool_stale_s
+        if limit <= 0:
+            return dict(self.pools)
+        now = time.time()
+        return {n: v for n, v in self.pools.items() if not v.heartbeat or now - v.heartbeat <= limit}
 
     def pool_deleted(self, name: str) -> None:
         self.pools.pop(name, None)
@@ -196,7 +204,7 @@ class Engine:
         tenant = TenantRef(name, ns, spec.uid)
         raw_pods = await self.kube.list_pods(ns, rc.selector(name))
         observed = [p for p in (rc.observe_pod(x) for x in raw_pods) if p is not None]
-        decision = rc.decide(spec, observed, self.pools)
+        decision = rc.decide(spec, observed, self.live_pools())
 
         for pod, reason, message in decision.remove:
             await self._remove_pod(body, tenant, pod, reason, message)
@@ -380,7 +388,7 @@ class Engine:
         created: list[rc.ObservedPod] = []
         async with self._place_lock:
             current = {k: v for k, v in self.assignments.items()}
-            nodes = list(self.pools.values())
+            nodes = list(self.live_pools().values())
             plan = self._planner()(nodes, [spec], current)
             for r in replicas:
                 key = ReplicaKey(spec.namespace, spec.name, r)

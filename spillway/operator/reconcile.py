@@ -146,7 +146,8 @@ def decide(spec: TenantSpec, pods: Sequence[ObservedPod], nodes: Mapping[str, No
         elif p.replica in seen:
             remove.append((p, "Duplicate", f"pod {p.name} duplicates replica {p.replica}"))
         elif p.node not in nodes:
-            remove.append((p, "NodeLost", f"node {p.node} of replica {p.replica} has no MemoryPool any more"))
+            remove.append((p, "NodeLost", f"node {p.node} of replica {p.replica} has no live MemoryPool (its agent "
+                                          "stopped publishing)"))
         elif p.phase in ("Failed", "Succeeded"):
             remove.append((p, "PodFailed", f"pod {p.name} is {p.phase}; re-placing replica {p.replica}"))
         else:
