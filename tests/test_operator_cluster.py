@@ -319,3 +319,28 @@ def test_a_node_whose_agent_stops_publishing_is_lost_and_its_replicas_are_re_pla
             sandbox.start_agent(lost)
             sandbox.wait_pools([lost])
         sandbox.start_operator()
+
+
+def test_no_peer_memory_to_be_had_falls_back_or_stays_pending_with_the_reason(
+    cluster: Cluster, sandbox: Sandbox, k8s_namespace: str
+) -> None:
+    ns = k8s_namespace
+    # More peer memory than a whole node can lend.
+    cluster.apply(tenant("spill", replicas=1, memory="40Gi", request="700Gi", fallback="HostMemory"), ns)
+    cluster.apply(tenant("strict", replicas=1, memory="40Gi", request="700Gi", fallback="None"), ns)
+    st = wait_phase(cluster, sandbox, ns, "spill", "Degraded")["status"]
+    assert st["placements"][0]["hostFallback"] is True and st["placements"][0]["leases"] == []
+    conds = {c["type"]: c for c in st["conditions"]}
+    assert conds["PeerMemoryReserved"]["reason"] == "HostMemoryFallback"
+    pod = pods_of(cluster, ns, "spill")[0]
+    assert pod["metadata"]["annotations"]["spillway.dev/fallback"] == "HostMemory"
+    assert "spillway.dev/peer-hbm" not in pod["spec"]["containers"][0]["resources"]["limits"]
+    assert "FellBackToHostMemory" in {e["reason"] for e in events_of(cluster, ns, "spill")}
+
+    strict = wait_phase(cluster, sandbox, ns, "strict", "Pending")["status"]
+    placed = {c["type"]: c for c in strict["conditions"]}["Placed"]
+    assert placed["status"] == "False" and "replica 0:" in placed["message"]
+    assert not pods_of(cluster, ns, "strict")
+    assert "Unplaced" in {e["reason"] for e in events_of(cluster, ns, "strict")}
+    assert not any(agent_leases(sandbox, f"tenant:{ns}/strict/").values())
+    cluster.kubectl("delete", "inferencetenant", "spill", "strict", "-n", ns, "--timeout=60s")
