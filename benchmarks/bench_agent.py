@@ -41,6 +41,7 @@ class Result:
     ops: int
     seconds: float
     latencies: list[float]
+    errors: int = 0
 
     @property
     def rate(self) -> float:
@@ -51,8 +52,8 @@ class Result:
         return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
 
     def row(self) -> str:
-        return (f"| {self.name} | {self.concurrency} | {self.ops} | {self.pct(0.5) * 1000:.2f} | "
-                f"{self.pct(0.99) * 1000:.2f} | {self.rate:,.0f} |")
+        return (f"| {self.name} | {self.concurrency or '-'} | {self.ops} | {self.pct(0.5) * 1000:.2f} | "
+                f"{self.pct(0.99) * 1000:.2f} | {self.rate:,.0f} | {self.errors} |")
 
 
 async def closed_loop(name: str, concurrency: int, total: int,
@@ -84,9 +85,18 @@ async def paced(name: str, rate: float, seconds: float, op: Callable[[int], Awai
     latencies: list[float] = []
     tasks = []
 
+    errors = 0
+
     async def one(n: int) -> None:
+        nonlocal errors
         t0 = time.perf_counter()
-        await op(n)
+        try:
+            await op(n)
+        except Exception as exc:  # counted and reported, not hidden: an open loop must not stop
+            errors += 1
+            if errors == 1:
+                print(f"  {name}: first error: {exc!r}"[:300], flush=True)
+            return
         latencies.append(time.perf_counter() - t0)
 
     n_total = int(rate * seconds)
@@ -97,7 +107,7 @@ async def paced(name: str, rate: float, seconds: float, op: Callable[[int], Awai
             await asyncio.sleep(delay)
         tasks.append(asyncio.create_task(one(n)))
     await asyncio.gather(*tasks)
-    return Result(name, 0, n_total, time.perf_counter() - start, latencies)
+    return Result(name, 0, len(latencies), time.perf_counter() - start, latencies, errors)
 
 
 # --- the agent ---------------------------------------------------------------------------
@@ -213,8 +223,8 @@ async def lease_object_runs(server: str, ctx: ssl.SSLContext, levels: list[int],
 
 
 def _table(results: list[Result]) -> None:
-    print("| operation | clients | ops | p50 ms | p99 ms | ops/s |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| operation | clients | ops | p50 ms | p99 ms | ops/s | errors |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
         print(r.row())
 
