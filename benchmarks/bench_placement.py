@@ -110,11 +110,14 @@ def random_instance(
 def quality(instances: int, time_limit_s: float, seed: int) -> dict[str, Any]:
     rng = random.Random(seed)
     ratios: list[float] = []
+    vs_bound: list[float] = []
     optimal = 0
-    worst: tuple[float, int] = (2.0, -1)
+    worst: tuple[float, int, bool] = (2.0, -1, False)
     milp_s: list[float] = []
+    sizes: list[int] = []
     for i in range(instances):
         nodes, tenants = random_instance(rng)
+        sizes.append(sum(t.replicas for t in tenants))
         greedy = placement.objective(placement.plan(nodes, tenants), tenants)
         exact = milp.solve(nodes, tenants, time_limit_s=time_limit_s)
         milp_s.append(exact.seconds)
@@ -122,12 +125,20 @@ def quality(instances: int, time_limit_s: float, seed: int) -> dict[str, Any]:
         best = max(exact.objective, greedy)  # a time-limited MILP may find less than greedy did
         ratio = greedy / best if best > 0 else 1.0
         ratios.append(ratio)
-        worst = min(worst, (ratio, i))
+        # Against HiGHS's proven upper bound: a floor on the true ratio when not proven optimal.
+        bound = max(exact.bound, best)
+        vs_bound.append(greedy / bound if bound > 0 else 1.0)
+        worst = min(worst, (ratio, i, exact.optimal))
     return {
         "instances": instances,
+        "replicas_mean": statistics.fmean(sizes),
+        "replicas_max": max(sizes),
         "mean_ratio": statistics.fmean(ratios),
         "min_ratio": worst[0],
         "worst_instance": worst[1],
+        "worst_instance_proven_optimal": worst[2],
+        "mean_ratio_vs_upper_bound": statistics.fmean(vs_bound),
+        "min_ratio_vs_upper_bound": min(vs_bound),
         "proven_optimal": optimal,
         "milp_time_limit_s": time_limit_s,
         "milp_mean_s": statistics.fmean(milp_s),

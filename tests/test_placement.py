@@ -397,3 +397,25 @@ def test_invalid_gpu_view_is_not_planned_on() -> None:
     node = NodeView("z", "", True, (gpu,))
     p = plan([node], [tenant("big", 20)])
     assert key("big") in p.pending
+
+
+def test_repair_moves_fresh_loans_so_a_non_lending_tenant_fits() -> None:
+    # 4 GPUs, all NVLinked. The borrower's loan sits on an idle GPU; two big lenders fill two GPUs;
+    # the last tenant does not lend, and the only free GPU lends: its loan moves to the lenders.
+    nodes = [make_node("a", 4, headroom_gi=0)]
+    ts = [
+        tenant("llm", 40, request=30, lending=False, priority=100),
+        tenant("sdxl", 55, replicas=2, lending=True, priority=50),
+        tenant("plain", 40, lending=False, priority=0),
+    ]
+    p = plan(nodes, ts)
+    check_invariants(nodes, ts, p)
+    assert not p.pending
+    llm = p.assignments[key("llm")]
+    sdxl = {p.assignments[key("sdxl", r)].gpu_uuid for r in range(2)}
+    assert {u for u, _ in llm.lenders} <= sdxl and llm.peer_bytes == 30 * GI
+    # Running loans are never moved by a repair: with llm running, plain stays pending.
+    first = plan(nodes, ts[:1])
+    later = plan(nodes, ts, first.assignments)
+    assert later.assignments[key("llm")] == first.assignments[key("llm")]
+    assert key("plain") in later.pending

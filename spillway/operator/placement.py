@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from spillway.operator.model import Assignment, NodeView, Plan, ReplicaKey, TenantSpec
 from spillway.units import format_bytes, format_duration
@@ -115,6 +115,9 @@ class _Node:
 
 class _State:
     def __init__(self, nodes: Sequence[NodeView], current: Mapping[ReplicaKey, Assignment]) -> None:
+        self.assign: dict[ReplicaKey, Assignment] = {}  # this plan's assignments (tenants passed in)
+        self.tight: dict[str, bool] = {}
+        self.current = set(current)  # loans of these are running: never moved by a repair
         ours_lent: dict[str, int] = {}
         ours_on: set[str] = set()
         for a in current.values():
@@ -253,10 +256,55 @@ def _place_one(state: _State, t: TenantSpec, key: ReplicaKey, mode: str) -> Assi
         if mode != "peer" or found >= _CANDIDATES:
             break
     if best is None:
-        return None
+        best = _repair(state, t, mode)
+        if best is None:
+            return None
     _, node, host, lenders = best
     _commit(state, node, host, t, key, lenders)
     return Assignment(key, node.view.name, host.uuid, lenders, host_fallback=(t.borrower and not lenders))
+
+
+def _repair(state: _State, t: TenantSpec, mode: str) -> tuple[float, _Node, _Gpu, tuple[tuple[str, int], ...]] | None:
+    """No free GPU can take the replica, but one could if the memory it lends were lent by other
+    GPUs of its node: move those loans (the borrowers keep their GPUs), then try again."""
+    for node in state.nodes.values():
+        for g in sorted(node.gpus.values(), key=lambda x: (x.lent, x.index)):
+            if g.occupant is not None or g.lent == 0 or g.cap - g.foreign < t.memory:
+                continue
+            if _relocate_loans(state, node, g):
+                opt = _option(node, t, tight(t), with_peer=(mode == "peer"))
+                if opt is not None:
+                    return (opt[0], node, opt[1], opt[2])
+    return None
+
+
+def _relocate_loans(state: _State, node: _Node, g: _Gpu) -> bool:
+    """Move every loan GPU `g` makes to other lenders of the same node; False (nothing changed) if one cannot move."""
+    borrowers = [
+        a for a in state.assign.values() if a.node == node.view.name and any(u == g.uuid for u, _ in a.lenders)
+    ]
+    loans = [(a, sum(b for u, b in a.lenders if u == g.uuid)) for a in borrowers]
+    if not loans or sum(b for _, b in loans) != g.lent or any(a.key in state.current for a, _ in loans):
+        return False  # some of its loans are running, or belong to tenants this plan does not own
+    g.lent = 0
+    done: list[tuple[Assignment, tuple[tuple[str, int], ...]]] = []
+    for a, nbytes in loans:
+        extra = _pick_lenders(node, node.gpus[a.gpu_uuid], nbytes, state.tight.get(a.key.tenant_key, False), [g.uuid])
+        if extra is None:
+            for _, moved in done:  # undo
+                for u, b in moved:
+                    node.gpus[u].lent -= b
+            g.lent = sum(b for _, b in loans)
+            return False
+        state.lend(node, extra)
+        done.append((a, extra))
+    for a, extra in done:
+        merged: dict[str, int] = {}
+        for u, b in [*((u, b) for u, b in a.lenders if u != g.uuid), *extra]:
+            merged[u] = merged.get(u, 0) + b
+        state.assign[a.key] = replace(a, lenders=tuple(merged.items()))
+    node.refresh()
+    return True
 
 
 def _commit(
@@ -374,7 +422,8 @@ def plan(
     current = dict(current or {})
     state = _State(nodes, current)
     by_key = {t.key: t for t in tenants}
-    out: dict[ReplicaKey, Assignment] = {}
+    out = state.assign
+    state.tight = {t.key: tight(t) for t in tenants}
     pending: dict[ReplicaKey, str] = {}
 
     def cur_rank(item: tuple[ReplicaKey, Assignment]) -> tuple[int, int, ReplicaKey]:
