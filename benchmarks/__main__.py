@@ -22,7 +22,8 @@ def main(argv: list[str]) -> int:
     if unknown:
         print(f"unknown benchmark(s) {', '.join(unknown)}; available: {', '.join(available)}", file=sys.stderr)
         return 2
-    print(f"# {time.strftime('%Y-%m-%d %H:%M:%S %Z')} on {platform.node()} ({platform.processor() or platform.machine()})")
+    machine = platform.processor() or platform.machine()
+    print(f"# {time.strftime('%Y-%m-%d %H:%M:%S %Z')} on {platform.node()} ({machine})")
     failed = 0
     for name in chosen:
         print(f"\n## {name}", flush=True)
