@@ -122,6 +122,10 @@ async def test_invalid_sizes(agent: AgentProcess) -> None:
         await rejected(c, c.acquire("1Gi", "t", kind=7), grpc.StatusCode.INVALID_ARGUMENT)
         await rejected(c, c.acquire("1Gi", "t", ttl_s=-1), grpc.StatusCode.INVALID_ARGUMENT)
         await rejected(c, c.reclaim(gpu, "0"), grpc.StatusCode.INVALID_ARGUMENT)
+        # Larger than the GPU (and than a uint64 in the answer): refused, not an internal error.
+        for huge in ("81Gi", "20E"):
+            err = await rejected(c, c.reclaim(gpu, huge), grpc.StatusCode.INVALID_ARGUMENT)
+            assert "total" in err.details()
         await rejected(c, c.set_gpu_local(gpu, reserved="100Gi"), grpc.StatusCode.INVALID_ARGUMENT)
 
 

@@ -332,8 +332,11 @@ class AgentServicer(pb_grpc.AgentServicer):
         decided = time.perf_counter()
         if not request.gpu_uuid:
             raise PoolError("INVALID_ARGUMENT", "gpu_uuid is required: the GPU that wants memory back")
-        self.pool._gpu(request.gpu_uuid)
+        total = self.pool._gpu(request.gpu_uuid).facts.total_bytes
         size = _size(request.size)
+        if size > total:
+            raise PoolError("INVALID_ARGUMENT", f"reclaim size {format_bytes(size)} is more than the GPU's total "
+                            f"{format_bytes(total)}: ask for at most {format_bytes(total)}")
         victims = self.pool.reclaim(request.gpu_uuid, size, request.reason, request.deadline_ms)
         self.core.commit(decided=decided)
         log.info("reclaim", extra={"gpu": request.gpu_uuid, "requested": format_bytes(size),
