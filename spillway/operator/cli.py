@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import logging
 import os
+import secrets
 import signal
 from typing import Any
 
@@ -40,6 +41,10 @@ def add_commands(sub: Any) -> None:
                    help="a node whose MemoryPool heartbeat is older is lost: its replicas are re-placed (default 60s)")
     p.add_argument("--peering", default=None, help="kopf peering name (several operators, one active)")
     p.add_argument("--standalone", action="store_true", help="no peering (the default unless --peering is set)")
+    p.add_argument("--priority", type=int, default=None,
+                   help="kopf peering priority: the highest-priority operator runs, the others stand by. kopf pauses "
+                        "every peer when two share a priority, so the default is drawn at random at start-up "
+                        "(1..1000000) and replicas of one Deployment differ")
     p.set_defaults(func=run)
 
 
@@ -124,6 +129,7 @@ async def _main(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
             registry=registry,
             standalone=standalone,
             peering_name=args.peering,
+            priority=args.priority if args.priority is not None else 1 + secrets.randbelow(1_000_000),
             clusterwide=not args.namespace,
             namespaces=list(args.namespace),
             liveness_endpoint=liveness,
