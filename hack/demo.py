@@ -23,7 +23,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from spillway.operator.sandbox import Sandbox, wait_for  # noqa: E402
+from spillway.operator.sandbox import Sandbox  # noqa: E402
+from spillway.testing.cluster import wait_until  # noqa: E402
 
 NODES = ("dgx-h100-0", "dgx-h100-1")
 SETTLED = ("Running", "Degraded")
@@ -78,7 +79,7 @@ def main(argv: list[str]) -> int:
         say("waiting until every tenant is placed")
         t0 = time.monotonic()
         try:
-            wait_for(placed, timeout=args.timeout, what="the tenants to be placed")
+            wait_until(placed, timeout=args.timeout, what="the tenants to be placed")
         except TimeoutError as exc:
             print(f"warning: {exc}; showing where things are", flush=True)
         else:

@@ -17,11 +17,12 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
+
+from spillway.testing.cluster import wait_until
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CRDS = REPO_ROOT / "crds"
@@ -32,24 +33,12 @@ H100_LABELS = {
     "spillway.dev/simulated": "true",
 }
 
-T = TypeVar("T")
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def wait_for(check: Callable[[], T | None], *, timeout: float, what: str, interval: float = 0.5) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
 
 
 def _env(kubeconfig: Path) -> dict[str, str]:
@@ -165,7 +154,7 @@ class Sandbox:
             self.cluster.add_node(
                 n, {"nvidia.com/gpu": "8", "spillway.dev/peer-hbm": str(units)}, H100_LABELS, wait=False
             )
-        wait_for(lambda: all(self._node_ready(x) for x in names), timeout=timeout, what="nodes Ready")
+        wait_until(lambda: all(self._node_ready(x) for x in names), timeout=timeout, what="nodes Ready")
         return list(names)
 
     def _node_ready(self, name: str) -> bool:
@@ -191,7 +180,7 @@ class Sandbox:
                         raise RuntimeError(f"agent {a.node} exited: {a.log_path.read_text()[-3000:]}")
             return pools if ok else None
 
-        return wait_for(ready, timeout=timeout, what=f"MemoryPools of {', '.join(names)}")
+        return wait_until(ready, timeout=timeout, what=f"MemoryPools of {', '.join(names)}")
 
     def agent_client(self, node: str) -> Any:
         from spillway.agent.client import AgentClient
@@ -242,7 +231,7 @@ class Sandbox:
                     return bool(resp.status == 200)
             return False
 
-        wait_for(ready, timeout=timeout, what="the operator to be ready", interval=0.3)
+        wait_until(ready, timeout=timeout, what="the operator to be ready", interval=0.3)
 
     def kill_operator(self) -> None:
         """SIGKILL: no cleanup code runs."""
