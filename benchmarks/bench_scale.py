@@ -98,7 +98,8 @@ def _wait_count(cluster: Any, want: int, timeout: float, *args: str, jsonpath: s
 
 
 def run(nodes: int, tenants: int, timeout: float, per_helper: int = 10) -> dict[str, float]:
-    from spillway.operator.sandbox import H100_LABELS, Sandbox, free_port, wait_for
+    from spillway.operator.sandbox import H100_LABELS, Sandbox, free_port
+    from spillway.testing.cluster import wait_until
 
     results: dict[str, float] = {}
     sb = Sandbox()
@@ -126,7 +127,7 @@ def run(nodes: int, tenants: int, timeout: float, per_helper: int = 10) -> dict[
                 helpers.append(subprocess.Popen(
                     [sys.executable, "-m", "benchmarks.bench_scale", "--agents-host", str(spec_path)],
                     stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(REPO)))
-        wait_for(lambda: len(sb.pools()) >= nodes, timeout=300, what=f"{nodes} MemoryPools", interval=1.0)
+        wait_until(lambda: len(sb.pools()) >= nodes, timeout=300, what=f"{nodes} MemoryPools", interval=1.0)
         results["agents_start_s"] = time.monotonic() - t0
         first = sb.pools()[names[0]]
         units = sum(int(g.get("lendableBytes", 0)) for g in first["status"]["gpus"]) >> 30

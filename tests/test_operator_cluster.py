@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 from spillway.api.v1 import agent_pb2
-from spillway.operator.sandbox import Sandbox, wait_for
-from spillway.testing.cluster import Cluster
+from spillway.operator.sandbox import Sandbox
+from spillway.testing.cluster import Cluster, wait_until
 from tests.fixtures_prometheus import HistogramServer, PrometheusProcess, expected_quantile
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
@@ -68,7 +68,7 @@ def wait_phase(cluster: Cluster, sb: Sandbox, ns: str, name: str, phase: str, ti
         return t if (t.get("status") or {}).get("phase") == phase else None
 
     try:
-        return wait_for(check, timeout=timeout, what=f"tenant {ns}/{name} to be {phase}")
+        return wait_until(check, timeout=timeout, what=f"tenant {ns}/{name} to be {phase}")
     except TimeoutError:
         print(json.dumps(get_tenant(cluster, ns, name).get("status"), indent=1))
         print(sb.logs())
@@ -153,13 +153,13 @@ def test_tenants_run_with_reservations_at_the_agents_and_delete_releases_them(
 
     # Scale down through the scale subresource: replica 1's pod and lease go.
     cluster.kubectl("scale", "inferencetenant/chat", "-n", ns, "--replicas=1")
-    wait_for(lambda: len(pods_of(cluster, ns, "chat")) == 1, timeout=60, what="scale-down")
-    wait_for(lambda: len([x for v in agent_leases(sandbox, f"tenant:{ns}/chat/").values() for x in v]) == 1,
+    wait_until(lambda: len(pods_of(cluster, ns, "chat")) == 1, timeout=60, what="scale-down")
+    wait_until(lambda: len([x for v in agent_leases(sandbox, f"tenant:{ns}/chat/").values() for x in v]) == 1,
              timeout=60, what="the scaled-down replica's lease to be released")
 
     cluster.kubectl("delete", "inferencetenant", "chat", "whisper", "-n", ns, "--timeout=60s")
     assert not any(agent_leases(sandbox, f"tenant:{ns}/").values())
-    wait_for(lambda: not pods_of(cluster, ns, "chat"), timeout=60, what="pods to go")
+    wait_until(lambda: not pods_of(cluster, ns, "chat"), timeout=60, what="pods to go")
 
 
 def test_operator_killed_at_random_points_leaves_no_duplicate_pod_and_no_orphaned_lease(
@@ -194,7 +194,7 @@ def test_operator_killed_at_random_points_leaves_no_duplicate_pod_and_no_orphane
                 return False
         return True
 
-    wait_for(settled, timeout=120, what="pods and leases to match after kill -9 and restart")
+    wait_until(settled, timeout=120, what="pods and leases to match after kill -9 and restart")
     for n in names:
         pods = pods_of(cluster, ns, n)
         assert len({p["metadata"]["name"] for p in pods}) == len(pods)
@@ -214,7 +214,9 @@ def test_revoked_lease_moves_to_another_lender_or_falls_back(
 
     async def reclaim() -> None:
         async with sandbox.agent_client(node) as c:
-            resp = await c.reclaim(old["gpu"], "80Gi", reason="lender tenant grows", deadline_s=20)
+            # Everything the lender GPU has: the lender's own tenant wants the whole GPU back.
+            total = next(g.total_bytes for g in (await c.inventory()).gpus if g.uuid == old["gpu"])
+            resp = await c.reclaim(old["gpu"], total, reason="lender tenant grows", deadline_s=20)
             assert old["id"] in {x.id for x in resp.revoking}
 
     asyncio.run(reclaim())
@@ -225,7 +227,7 @@ def test_revoked_lease_moves_to_another_lender_or_falls_back(
         ids = {x["id"] for x in p.get("leases", [])}
         return st if (ids and old["id"] not in ids) or p.get("hostFallback") else None
 
-    st = wait_for(moved, timeout=60, what="the revoked lease to be replaced")
+    st = wait_until(moved, timeout=60, what="the revoked lease to be replaced")
     p = st["placements"][0]
     reasons = {e["reason"] for e in events_of(cluster, ns, "rag")}
     assert "LeaseRevoking" in reasons
@@ -267,7 +269,7 @@ def test_slo_feedback_reports_what_prometheus_saw_and_grows_peer_memory(
             return st if st.get("peerMemoryBytes", 0) > 4 * GIB or any(
                 x.get("kind") == "ELASTIC" for p in st.get("placements", []) for x in p.get("leases", [])) else None
 
-        st = wait_for(grown, timeout=120, what="an ELASTIC lease after a missed SLO")
+        st = wait_until(grown, timeout=120, what="an ELASTIC lease after a missed SLO")
         slo = st["slo"]
         assert slo["state"] == "Missed" and slo["met"] is False
         assert slo["ttftSeconds"] == pytest.approx(expected_quantile(0.99, TTFT_SHARES), rel=0.03)
@@ -308,7 +310,7 @@ def test_a_node_whose_agent_stops_publishing_is_lost_and_its_replicas_are_re_pla
             nodes = {p["node"] for p in st.get("placements", [])}
             return st if st.get("phase") == "Running" and len(st["placements"]) == 2 and lost not in nodes else None
 
-        st = wait_for(moved, timeout=120, what="the lost node's replica to be re-placed")
+        st = wait_until(moved, timeout=120, what="the lost node's replica to be re-placed")
         assert all(p["leases"] for p in st["placements"])
         assert "NodeLost" in {e["reason"] for e in events_of(cluster, ns, "survivor")}
         pods = pods_of(cluster, ns, "survivor")
