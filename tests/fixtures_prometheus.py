@@ -13,7 +13,6 @@ import contextlib
 import json
 import math
 import shutil
-import socket
 import subprocess
 import tempfile
 import threading
@@ -26,11 +25,7 @@ from pathlib import Path
 
 import pytest
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from spillway.testing.agentproc import free_port
 
 
 class PrometheusProcess:
@@ -38,7 +33,7 @@ class PrometheusProcess:
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.sd_file = workdir / "targets.json"
         self.log_path = workdir / "prometheus.log"

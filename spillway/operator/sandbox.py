@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from spillway.testing.agentproc import free_port
 from spillway.testing.cluster import wait_until
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -35,10 +35,6 @@ H100_LABELS = {
 
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _env(kubeconfig: Path) -> dict[str, str]:
