@@ -47,14 +47,20 @@ class AgentMetrics:
                                 ["node"], buckets=NOTIFY_BUCKETS, registry=self.registry)
         self.heartbeat = time.time()
         self._pool: Callable[[], Pool | None] = lambda: None
+        # label children by (method, code): .labels() costs more than the observation itself
+        self._calls: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
         self.registry.register(_PoolCollector(self))
 
     def bind(self, pool: Callable[[], Pool | None]) -> None:
         self._pool = pool
 
     def observe_call(self, method: str, code: str, seconds: float) -> None:
-        self.operations.labels(self.node, method, code).inc()
-        self.duration.labels(self.node, method).observe(seconds)
+        children = self._calls.get((method, code))
+        if children is None:
+            children = (self.operations.labels(self.node, method, code), self.duration.labels(self.node, method))
+            self._calls[(method, code)] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
 
 class _PoolCollector(Collector):

@@ -24,7 +24,7 @@ import hashlib
 import hmac
 import secrets
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from enum import IntEnum
 
 from spillway.agent.inventory import GpuFacts, InventoryFacts, LinkFacts
@@ -92,6 +92,13 @@ class Lease:
     @property
     def live(self) -> bool:
         return self.state in LIVE
+
+    def snapshot(self) -> Lease:
+        """An independent copy (what callers and events get; the pool keeps mutating its own).
+        Several times cheaper than dataclasses.replace, which re-runs __init__."""
+        out = object.__new__(Lease)
+        out.__dict__.update(self.__dict__)
+        return out
 
 
 @dataclass(frozen=True)
@@ -305,7 +312,7 @@ class Pool:
                                     f"{prior.id} ({prior.holder}, {Kind(prior.kind).name}, "
                                     f"{format_bytes(prior.bytes)} on {prior.gpu_uuid}); use a new key for a "
                                     "different request")
-                return replace(prior), self.token_for(prior.id)
+                return prior.snapshot(), self.token_for(prior.id)
         if gpu_uuid:
             candidates = [gpu_uuid]
             biggest = self.gpus[gpu_uuid].facts.total_bytes
@@ -340,7 +347,7 @@ class Pool:
             self._by_key[idempotency_key] = lease_id
         self._emit_lease(lease)
         self._emit_capacity(chosen)
-        return replace(lease), token
+        return lease.snapshot(), token
 
     def _place(self, fits: Sequence[str], near: str, lendable: dict[str, int]) -> str:
         """NVLink peers of the borrower GPU first (more links first), then the most lendable."""
@@ -368,7 +375,7 @@ class Pool:
             lease.ttl_ms = ttl_ms
         lease.expires_at_ms = self.clock_ms() + lease.ttl_ms
         self._emit_lease(lease)
-        return replace(lease)
+        return lease.snapshot()
 
     def release(self, lease_id: str, token: str) -> Lease:
         lease = self._authorized(lease_id, token)
@@ -376,7 +383,7 @@ class Pool:
             was_revoking = lease.state == State.REVOKING
             self._end(lease, State.RELEASED, "released by the holder before the revoke deadline" if was_revoking
                       else "released by the holder")
-        return replace(lease)
+        return lease.snapshot()
 
     def claim(self, lease_id: str, token: str, holder: str = "", pod: str = "") -> Lease:
         lease = self._authorized(lease_id, token)
@@ -389,7 +396,7 @@ class Pool:
         if pod:
             lease.pod = pod
         self._emit_lease(lease)
-        return replace(lease)
+        return lease.snapshot()
 
     def set_pid(self, lease_id: str, token: str, pid: int) -> Lease:
         lease = self._authorized(lease_id, token)
@@ -398,7 +405,7 @@ class Pool:
         if lease.pid != pid:
             lease.pid = pid
             self._emit_lease(lease)
-        return replace(lease)
+        return lease.snapshot()
 
     def clear_pid(self, lease_id: str, pid: int) -> None:
         lease = self.leases.get(lease_id)
@@ -409,13 +416,13 @@ class Pool:
     def list_leases(self, holder: str = "", include_ended: bool = False, gpu_uuid: str = "") -> list[Lease]:
         if gpu_uuid:
             self._gpu(gpu_uuid)
-        out = [replace(x) for x in (self.leases if include_ended else self.live).values()
+        out = [x.snapshot() for x in (self.leases if include_ended else self.live).values()
                if (not holder or x.holder == holder)
                and (not gpu_uuid or x.gpu_uuid == gpu_uuid)]
         return sorted(out, key=lambda x: (x.created_at_ms, x.seq))
 
     def get(self, lease_id: str, token: str) -> Lease:
-        return replace(self._authorized(lease_id, token))
+        return self._authorized(lease_id, token).snapshot()
 
     def reclaim(self, gpu_uuid: str, size: int, reason: str = "", deadline_ms: int = 0) -> list[Lease]:
         """Explicit reclaim: move leases on the GPU worth at least `size` bytes to REVOKING
@@ -455,7 +462,7 @@ class Pool:
         self.reclaims.append((trigger, now))
         if victims:
             self._emit_capacity(gpu_uuid)
-        return [replace(x) for x in victims]
+        return [x.snapshot() for x in victims]
 
     # --- time -----------------------------------------------------------------------
 
@@ -489,7 +496,7 @@ class Pool:
         self._ended.pop(lease.id, None)
         if self._by_key.get(lease.idempotency_key) == lease.id:
             del self._by_key[lease.idempotency_key]
-        self._events.append(Event("forget", lease=replace(lease), time_ms=self.clock_ms()))
+        self._events.append(Event("forget", lease=lease.snapshot(), time_ms=self.clock_ms()))
 
     def _add(self, lease: Lease) -> None:
         self.leases[lease.id] = lease
@@ -564,7 +571,7 @@ class Pool:
             self._forget(self.leases[next(iter(self._ended))])
 
     def _emit_lease(self, lease: Lease, reclaim_ms: int = 0) -> None:
-        self._events.append(Event("lease", lease=replace(lease), time_ms=self.clock_ms(), reclaim_ms=reclaim_ms))
+        self._events.append(Event("lease", lease=lease.snapshot(), time_ms=self.clock_ms(), reclaim_ms=reclaim_ms))
 
     def _emit_capacity(self, gpu_uuid: str) -> None:
         self._events.append(Event("capacity", gpu_uuid=gpu_uuid, time_ms=self.clock_ms()))

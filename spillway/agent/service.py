@@ -45,8 +45,8 @@ def now_ms() -> int:
 
 
 def lease_pb(x: Lease) -> pb.Lease:
-    return pb.Lease(id=x.id, holder=x.holder, kind=Kind(x.kind).name, gpu_uuid=x.gpu_uuid, bytes=x.bytes,
-                    priority=x.priority, state=State(x.state).name, created_at_ms=x.created_at_ms,
+    return pb.Lease(id=x.id, holder=x.holder, kind=int(x.kind), gpu_uuid=x.gpu_uuid, bytes=x.bytes,
+                    priority=x.priority, state=int(x.state), created_at_ms=x.created_at_ms,
                     expires_at_ms=x.expires_at_ms, revoke_deadline_ms=x.revoke_deadline_ms,
                     idempotency_key=x.idempotency_key, pod=x.pod, pid=x.pid, node_name=x.node_name,
                     ttl_ms=x.ttl_ms, reason=x.reason, ended_at_ms=x.ended_at_ms)
@@ -179,6 +179,8 @@ class AgentCore:
             elif x.state == State.RELEASED and x.revoke_deadline_ms:
                 self.metrics.revocations.labels(self.metrics.node, "released").inc()
             self.sequence += 1
+            if not any(not w.lease_id or w.lease_id == x.id for w in self.watchers):
+                continue  # nobody watches this lease: skip building the message
             we = pb.WatchEvent(kind=pb.WatchEvent.LEASE, sequence=self.sequence, time_ms=ev.time_ms, lease=lease_pb(x))
             stamp = (decided or time.perf_counter()) if ev.reclaim_ms else 0.0
             self._send(we, x.id, stamp)

@@ -9,6 +9,7 @@ fsync per call.
 
 from __future__ import annotations
 
+import operator
 import os
 import secrets
 import sqlite3
@@ -52,6 +53,8 @@ CREATE TABLE IF NOT EXISTS meta (
 _COLUMNS = ("id", "holder", "kind", "gpu_uuid", "bytes", "priority", "state", "created_at_ms", "expires_at_ms",
             "ttl_ms", "token_hash", "node_name", "revoke_deadline_ms", "idempotency_key", "pod", "pid", "reason",
             "ended_at_ms", "seq")
+_UPSERT = f"INSERT OR REPLACE INTO leases ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' for _ in _COLUMNS)})"
+_ROW = operator.attrgetter(*_COLUMNS)  # Kind and State are IntEnums, which sqlite3 stores as integers
 
 
 class Store:
@@ -93,15 +96,10 @@ class Store:
                 forgets.discard(ev.lease.id)
         if not upserts and not forgets and reserved is None:
             return
-        placeholders = ", ".join("?" for _ in _COLUMNS)
         with self.db:
             self.db.execute("BEGIN")
             if upserts:
-                self.db.executemany(
-                    f"INSERT OR REPLACE INTO leases ({', '.join(_COLUMNS)}) VALUES ({placeholders})",
-                    [tuple(int(getattr(x, c)) if c in ("kind", "state") else getattr(x, c) for c in _COLUMNS)
-                     for x in upserts.values()],
-                )
+                self.db.executemany(_UPSERT, [_ROW(x) for x in upserts.values()])
             if forgets:
                 self.db.executemany("DELETE FROM leases WHERE id = ?", [(i,) for i in forgets])
             if reserved is not None:
