@@ -16,7 +16,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import grpc
 
@@ -45,8 +45,8 @@ def now_ms() -> int:
 
 
 def lease_pb(x: Lease) -> pb.Lease:
-    return pb.Lease(id=x.id, holder=x.holder, kind=int(x.kind), gpu_uuid=x.gpu_uuid, bytes=x.bytes,
-                    priority=x.priority, state=int(x.state), created_at_ms=x.created_at_ms,
+    return pb.Lease(id=x.id, holder=x.holder, kind=cast(Any, int(x.kind)), gpu_uuid=x.gpu_uuid, bytes=x.bytes,
+                    priority=x.priority, state=cast(Any, int(x.state)), created_at_ms=x.created_at_ms,
                     expires_at_ms=x.expires_at_ms, revoke_deadline_ms=x.revoke_deadline_ms,
                     idempotency_key=x.idempotency_key, pod=x.pod, pid=x.pid, node_name=x.node_name,
                     ttl_ms=x.ttl_ms, reason=x.reason, ended_at_ms=x.ended_at_ms)
