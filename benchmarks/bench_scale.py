@@ -98,8 +98,8 @@ def _wait_count(cluster: Any, want: int, timeout: float, *args: str, jsonpath: s
 
 
 def run(nodes: int, tenants: int, timeout: float, per_helper: int = 10) -> dict[str, float]:
-    from spillway.operator.sandbox import H100_LABELS, Sandbox, free_port
     from spillway.testing.cluster import wait_until
+    from spillway.testing.sandbox import H100_LABELS, Sandbox, free_port
 
     results: dict[str, float] = {}
     sb = Sandbox()

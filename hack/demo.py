@@ -23,8 +23,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from spillway.operator.sandbox import Sandbox  # noqa: E402
 from spillway.testing.cluster import wait_until  # noqa: E402
+from spillway.testing.sandbox import Sandbox  # noqa: E402
 
 NODES = ("dgx-h100-0", "dgx-h100-1")
 SETTLED = ("Running", "Degraded")

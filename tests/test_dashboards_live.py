@@ -23,9 +23,9 @@ import pytest
 from spillway.agent.client import AgentClient
 from spillway.api.v1 import agent_pb2
 from spillway.deviceplugin import HEALTHY
-from spillway.operator.sandbox import Sandbox
 from spillway.testing.agentproc import free_port
 from spillway.testing.cluster import Cluster, wait_until
+from spillway.testing.sandbox import Sandbox
 from tests.fixtures_deviceplugin import Kubelet, PluginProcess, PodResourcesServer
 from tests.fixtures_prometheus import HistogramServer, PrometheusProcess
 from tests.test_dashboards import concrete, dashboards, panels

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 from spillway.api.v1 import agent_pb2
-from spillway.operator.sandbox import Sandbox
 from spillway.testing.cluster import Cluster, wait_until
+from spillway.testing.sandbox import Sandbox
 from tests.fixtures_prometheus import HistogramServer, PrometheusProcess, expected_quantile
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]

@@ -1,2 +1,3 @@
-"""Test support: a real local Kubernetes control plane (cluster) and its certificates (pki),
-and a real node agent in a subprocess on simulated GPUs (agentproc)."""
+"""Test support: a real local Kubernetes control plane (cluster), a real node agent in a
+subprocess on simulated GPUs (agentproc), and a whole local Spillway on kwok GPU nodes
+(sandbox: cluster, CRDs, agents, operator). Certificates come from spillway.pki."""
