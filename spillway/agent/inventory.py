@@ -58,6 +58,8 @@ class GpuFacts:
     utilization_gpu_percent: int = 0
     utilization_memory_percent: int = 0
     processes: tuple[ProcessFacts, ...] = ()
+    # The device node is /dev/nvidia<minor>; NVML's index can differ from it. -1: unknown.
+    minor: int = -1
 
 
 @dataclass(frozen=True)
@@ -149,6 +151,7 @@ class _SimGpu:
     name: str
     total: int
     used: int
+    minor: int
     processes: list[ProcessFacts] = field(default_factory=list)
 
 
@@ -170,10 +173,15 @@ def _parse_topology(path: Path) -> tuple[str, list[_SimGpu], list[list[int]], in
             raise InventoryError(f"topology file {path}: gpus[{i}]: {exc}") from exc
         if used > total:
             raise InventoryError(f"topology file {path}: gpus[{i}] localUsed {g.get('localUsed')} exceeds memory")
-        gpus.append(_SimGpu(index=int(g.get("index", i)), name=str(g.get("name", "Simulated GPU")), total=total,
-                            used=used))
+        index = _topology_int(path, i, g, "index", i)
+        gpus.append(_SimGpu(index=index, name=str(g.get("name", "Simulated GPU")), total=total, used=used,
+                            minor=_topology_int(path, i, g, "minor", index)))
     if sorted(g.index for g in gpus) != list(range(len(gpus))):
         raise InventoryError(f"topology file {path}: GPU indexes must be 0..{len(gpus) - 1}, each once")
+    minors = [g.minor for g in gpus]
+    if len(set(minors)) != len(minors):
+        raise InventoryError(f"topology file {path}: GPU minor numbers {minors} repeat; each GPU has its own "
+                             "/dev/nvidia<minor>")
     nv = doc.get("nvlink") or {}
     groups = [list(map(int, grp)) for grp in (nv.get("groups") or [])]
     for grp in groups:
@@ -187,6 +195,13 @@ def _parse_topology(path: Path) -> tuple[str, list[_SimGpu], list[list[int]], in
         raise InventoryError(f"topology file {path}: pcieP2P {doc.get('pcieP2P')!r}: use one of "
                              f"{', '.join(n.removeprefix('P2P_') for n in P2P_NAMES)}")
     return str(doc.get("driverVersion", "simulated")), gpus, groups, links, pcie
+
+
+def _topology_int(path: Path, i: int, g: Mapping[str, Any], key: str, default: int) -> int:
+    value = g.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InventoryError(f"topology file {path}: gpus[{i}] `{key}: {value!r}` must be a whole number >= 0")
+    return value
 
 
 class SimulatedBackend:
@@ -225,7 +240,7 @@ class SimulatedBackend:
                          used_bytes=g.used + sum(p.used_bytes for p in g.processes),
                          utilization_gpu_percent=0,
                          utilization_memory_percent=int(100 * g.used // g.total) if g.total else 0,
-                         processes=tuple(g.processes))
+                         processes=tuple(g.processes), minor=g.minor)
                 for g in sorted(self._gpus, key=lambda g: g.index)
             )
         return InventoryFacts(self.node_name, self.name, True, gpus, self._links, self.driver_version)
@@ -347,10 +362,18 @@ class NvmlBackend:
                     pass
                 gpus.append(GpuFacts(uuid=u, index=i, name=_text(nv.nvmlDeviceGetName(h)), total_bytes=int(mem.total),
                                      used_bytes=int(mem.used), utilization_gpu_percent=ug,
-                                     utilization_memory_percent=um, processes=tuple(procs)))
+                                     utilization_memory_percent=um, processes=tuple(procs),
+                                     minor=self._minor(h)))
         except nv.NVMLError as exc:
             raise InventoryError(f"NVML read failed: {exc}") from exc
         return replace(self._static, gpus=tuple(gpus))
+
+    def _minor(self, handle: Any) -> int:
+        """The GPU's device node minor number (/dev/nvidia<minor>); -1 where NVML cannot tell."""
+        try:
+            return int(self._nv.nvmlDeviceGetMinorNumber(handle))
+        except self._nv.NVMLError:
+            return -1
 
     def reload(self) -> None:
         self._static = None

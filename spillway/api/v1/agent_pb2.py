@@ -24,57 +24,57 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bspillway/api/v1/agent.proto\x12\x0bspillway.v1\"\xe9\x02\n\x05Lease\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06holder\x18\x02 \x01(\t\x12$\n\x04kind\x18\x03 \x01(\x0e\x32\x16.spillway.v1.LeaseKind\x12\x10\n\x08gpu_uuid\x18\x04 \x01(\t\x12\r\n\x05\x62ytes\x18\x05 \x01(\x04\x12\x10\n\x08priority\x18\x06 \x01(\x05\x12&\n\x05state\x18\x07 \x01(\x0e\x32\x17.spillway.v1.LeaseState\x12\x15\n\rcreated_at_ms\x18\x08 \x01(\x03\x12\x15\n\rexpires_at_ms\x18\t \x01(\x03\x12\x1a\n\x12revoke_deadline_ms\x18\n \x01(\x03\x12\x17\n\x0fidempotency_key\x18\x0b \x01(\t\x12\x0b\n\x03pod\x18\x0c \x01(\t\x12\x0b\n\x03pid\x18\r \x01(\x05\x12\x11\n\tnode_name\x18\x0e \x01(\t\x12\x0e\n\x06ttl_ms\x18\x0f \x01(\x03\x12\x0e\n\x06reason\x18\x10 \x01(\t\x12\x13\n\x0b\x65nded_at_ms\x18\x11 \x01(\x03\"?\n\nGpuProcess\x12\x0b\n\x03pid\x18\x01 \x01(\x05\x12\x12\n\nused_bytes\x18\x02 \x01(\x04\x12\x10\n\x08\x62orrower\x18\x03 \x01(\x08\"\xdc\x02\n\x03Gpu\x12\x0c\n\x04uuid\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\x12\x12\n\nused_bytes\x18\x05 \x01(\x04\x12\x12\n\nfree_bytes\x18\x06 \x01(\x04\x12\x18\n\x10local_used_bytes\x18\x07 \x01(\x04\x12\x1c\n\x14local_reserved_bytes\x18\x08 \x01(\x04\x12\x16\n\x0eheadroom_bytes\x18\t \x01(\x04\x12\x14\n\x0cleased_bytes\x18\n \x01(\x04\x12\x16\n\x0elendable_bytes\x18\x0b \x01(\x04\x12\x1f\n\x17utilization_gpu_percent\x18\x0c \x01(\r\x12\"\n\x1autilization_memory_percent\x18\r \x01(\r\x12*\n\tprocesses\x18\x0e \x03(\x0b\x32\x17.spillway.v1.GpuProcess\"\xa3\x01\n\x08PeerLink\x12\r\n\x05gpu_a\x18\x01 \x01(\t\x12\r\n\x05gpu_b\x18\x02 \x01(\t\x12\x0e\n\x06nvlink\x18\x03 \x01(\x08\x12\x14\n\x0cnvlink_count\x18\x04 \x01(\r\x12(\n\x08p2p_read\x18\x05 \x01(\x0e\x32\x16.spillway.v1.P2PStatus\x12)\n\tp2p_write\x18\x06 \x01(\x0e\x32\x16.spillway.v1.P2PStatus\"\xea\x01\n\tInventory\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x11\n\tsimulated\x18\x03 \x01(\x08\x12\x1e\n\x04gpus\x18\x04 \x03(\x0b\x32\x10.spillway.v1.Gpu\x12$\n\x05links\x18\x05 \x03(\x0b\x32\x15.spillway.v1.PeerLink\x12\x19\n\x11granularity_bytes\x18\x06 \x01(\x04\x12\x16\n\x0e\x63\x61ptured_at_ms\x18\x07 \x01(\x03\x12\x15\n\ragent_version\x18\x08 \x01(\t\x12\x16\n\x0e\x64river_version\x18\t \x01(\t\"\x15\n\x13GetInventoryRequest\"\xc5\x01\n\x0e\x41\x63quireRequest\x12\x0c\n\x04size\x18\x01 \x01(\t\x12\x0e\n\x06holder\x18\x02 \x01(\t\x12$\n\x04kind\x18\x03 \x01(\x0e\x32\x16.spillway.v1.LeaseKind\x12\x10\n\x08gpu_uuid\x18\x04 \x01(\t\x12\x15\n\rnear_gpu_uuid\x18\x05 \x01(\t\x12\x0e\n\x06ttl_ms\x18\x06 \x01(\x03\x12\x10\n\x08priority\x18\x07 \x01(\x05\x12\x17\n\x0fidempotency_key\x18\x08 \x01(\t\x12\x0b\n\x03pod\x18\t \x01(\t\"C\n\x0f\x41\x63quireResponse\x12!\n\x05lease\x18\x01 \x01(\x0b\x32\x12.spillway.v1.Lease\x12\r\n\x05token\x18\x02 \x01(\t\"?\n\x0cRenewRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0e\n\x06ttl_ms\x18\x03 \x01(\x03\"1\n\x0eReleaseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\"L\n\x0c\x43laimRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0e\n\x06holder\x18\x03 \x01(\t\x12\x0b\n\x03pod\x18\x04 \x01(\t\"L\n\x11ListLeasesRequest\x12\x0e\n\x06holder\x18\x01 \x01(\t\x12\x15\n\rinclude_ended\x18\x02 \x01(\x08\x12\x10\n\x08gpu_uuid\x18\x03 \x01(\t\"8\n\x12ListLeasesResponse\x12\"\n\x06leases\x18\x01 \x03(\x0b\x32\x12.spillway.v1.Lease\"/\n\x0cWatchRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\"\x92\x02\n\nWatchEvent\x12*\n\x04kind\x18\x01 \x01(\x0e\x32\x1c.spillway.v1.WatchEvent.Kind\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\x0f\n\x07time_ms\x18\x03 \x01(\x03\x12!\n\x05lease\x18\x04 \x01(\x0b\x32\x12.spillway.v1.Lease\x12)\n\tinventory\x18\x05 \x01(\x0b\x32\x16.spillway.v1.Inventory\x12\"\n\x06leases\x18\x06 \x03(\x0b\x32\x12.spillway.v1.Lease\"C\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0c\n\x08SNAPSHOT\x10\x01\x12\t\n\x05LEASE\x10\x02\x12\x0c\n\x08\x43\x41PACITY\x10\x03\"U\n\x0eReclaimRequest\x12\x10\n\x08gpu_uuid\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x04 \x01(\x03\"h\n\x0fReclaimResponse\x12$\n\x08revoking\x18\x01 \x03(\x0b\x32\x12.spillway.v1.Lease\x12\x17\n\x0frequested_bytes\x18\x02 \x01(\x04\x12\x16\n\x0erevoking_bytes\x18\x03 \x01(\x04\"z\n\x12SetGpuLocalRequest\x12\x10\n\x08gpu_uuid\x18\x01 \x01(\t\x12\x15\n\x08reserved\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x1b\n\x0esimulated_used\x18\x03 \x01(\tH\x01\x88\x01\x01\x42\x0b\n\t_reservedB\x11\n\x0f_simulated_used*E\n\tLeaseKind\x12\x1a\n\x16LEASE_KIND_UNSPECIFIED\x10\x00\x12\x0f\n\x0bRESERVATION\x10\x01\x12\x0b\n\x07\x45LASTIC\x10\x02*y\n\nLeaseState\x12\x1b\n\x17LEASE_STATE_UNSPECIFIED\x10\x00\x12\x0c\n\x08RESERVED\x10\x01\x12\n\n\x06\x41\x43TIVE\x10\x02\x12\x0c\n\x08REVOKING\x10\x03\x12\x0c\n\x08RELEASED\x10\x04\x12\x0b\n\x07\x45XPIRED\x10\x05\x12\x0b\n\x07REVOKED\x10\x06*\xd1\x01\n\tP2PStatus\x12\x1a\n\x16P2P_STATUS_UNSPECIFIED\x10\x00\x12\n\n\x06P2P_OK\x10\x01\x12\x15\n\x11P2P_NOT_SUPPORTED\x10\x02\x12\x1d\n\x19P2P_CHIPSET_NOT_SUPPORTED\x10\x03\x12\x19\n\x15P2P_GPU_NOT_SUPPORTED\x10\x04\x12\x1e\n\x1aP2P_TOPOLOGY_NOT_SUPPORTED\x10\x05\x12\x1a\n\x16P2P_DISABLED_BY_REGKEY\x10\x06\x12\x0f\n\x0bP2P_UNKNOWN\x10\x07\x32\xd9\x04\n\x05\x41gent\x12H\n\x0cGetInventory\x12 .spillway.v1.GetInventoryRequest\x1a\x16.spillway.v1.Inventory\x12\x44\n\x07\x41\x63quire\x12\x1b.spillway.v1.AcquireRequest\x1a\x1c.spillway.v1.AcquireResponse\x12\x36\n\x05Renew\x12\x19.spillway.v1.RenewRequest\x1a\x12.spillway.v1.Lease\x12:\n\x07Release\x12\x1b.spillway.v1.ReleaseRequest\x1a\x12.spillway.v1.Lease\x12\x36\n\x05\x43laim\x12\x19.spillway.v1.ClaimRequest\x1a\x12.spillway.v1.Lease\x12M\n\nListLeases\x12\x1e.spillway.v1.ListLeasesRequest\x1a\x1f.spillway.v1.ListLeasesResponse\x12=\n\x05Watch\x12\x19.spillway.v1.WatchRequest\x1a\x17.spillway.v1.WatchEvent0\x01\x12\x44\n\x07Reclaim\x12\x1b.spillway.v1.ReclaimRequest\x1a\x1c.spillway.v1.ReclaimResponse\x12@\n\x0bSetGpuLocal\x12\x1f.spillway.v1.SetGpuLocalRequest\x1a\x10.spillway.v1.Gpub\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bspillway/api/v1/agent.proto\x12\x0bspillway.v1\"\xe9\x02\n\x05Lease\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06holder\x18\x02 \x01(\t\x12$\n\x04kind\x18\x03 \x01(\x0e\x32\x16.spillway.v1.LeaseKind\x12\x10\n\x08gpu_uuid\x18\x04 \x01(\t\x12\r\n\x05\x62ytes\x18\x05 \x01(\x04\x12\x10\n\x08priority\x18\x06 \x01(\x05\x12&\n\x05state\x18\x07 \x01(\x0e\x32\x17.spillway.v1.LeaseState\x12\x15\n\rcreated_at_ms\x18\x08 \x01(\x03\x12\x15\n\rexpires_at_ms\x18\t \x01(\x03\x12\x1a\n\x12revoke_deadline_ms\x18\n \x01(\x03\x12\x17\n\x0fidempotency_key\x18\x0b \x01(\t\x12\x0b\n\x03pod\x18\x0c \x01(\t\x12\x0b\n\x03pid\x18\r \x01(\x05\x12\x11\n\tnode_name\x18\x0e \x01(\t\x12\x0e\n\x06ttl_ms\x18\x0f \x01(\x03\x12\x0e\n\x06reason\x18\x10 \x01(\t\x12\x13\n\x0b\x65nded_at_ms\x18\x11 \x01(\x03\"?\n\nGpuProcess\x12\x0b\n\x03pid\x18\x01 \x01(\x05\x12\x12\n\nused_bytes\x18\x02 \x01(\x04\x12\x10\n\x08\x62orrower\x18\x03 \x01(\x08\"\x88\x03\n\x03Gpu\x12\x0c\n\x04uuid\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\x12\x12\n\nused_bytes\x18\x05 \x01(\x04\x12\x12\n\nfree_bytes\x18\x06 \x01(\x04\x12\x18\n\x10local_used_bytes\x18\x07 \x01(\x04\x12\x1c\n\x14local_reserved_bytes\x18\x08 \x01(\x04\x12\x16\n\x0eheadroom_bytes\x18\t \x01(\x04\x12\x14\n\x0cleased_bytes\x18\n \x01(\x04\x12\x16\n\x0elendable_bytes\x18\x0b \x01(\x04\x12\x1f\n\x17utilization_gpu_percent\x18\x0c \x01(\r\x12\"\n\x1autilization_memory_percent\x18\r \x01(\r\x12*\n\tprocesses\x18\x0e \x03(\x0b\x32\x17.spillway.v1.GpuProcess\x12\x19\n\x0cminor_number\x18\x0f \x01(\rH\x00\x88\x01\x01\x42\x0f\n\r_minor_number\"\xa3\x01\n\x08PeerLink\x12\r\n\x05gpu_a\x18\x01 \x01(\t\x12\r\n\x05gpu_b\x18\x02 \x01(\t\x12\x0e\n\x06nvlink\x18\x03 \x01(\x08\x12\x14\n\x0cnvlink_count\x18\x04 \x01(\r\x12(\n\x08p2p_read\x18\x05 \x01(\x0e\x32\x16.spillway.v1.P2PStatus\x12)\n\tp2p_write\x18\x06 \x01(\x0e\x32\x16.spillway.v1.P2PStatus\"\xea\x01\n\tInventory\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x11\n\tsimulated\x18\x03 \x01(\x08\x12\x1e\n\x04gpus\x18\x04 \x03(\x0b\x32\x10.spillway.v1.Gpu\x12$\n\x05links\x18\x05 \x03(\x0b\x32\x15.spillway.v1.PeerLink\x12\x19\n\x11granularity_bytes\x18\x06 \x01(\x04\x12\x16\n\x0e\x63\x61ptured_at_ms\x18\x07 \x01(\x03\x12\x15\n\ragent_version\x18\x08 \x01(\t\x12\x16\n\x0e\x64river_version\x18\t \x01(\t\"\x15\n\x13GetInventoryRequest\"\xc5\x01\n\x0e\x41\x63quireRequest\x12\x0c\n\x04size\x18\x01 \x01(\t\x12\x0e\n\x06holder\x18\x02 \x01(\t\x12$\n\x04kind\x18\x03 \x01(\x0e\x32\x16.spillway.v1.LeaseKind\x12\x10\n\x08gpu_uuid\x18\x04 \x01(\t\x12\x15\n\rnear_gpu_uuid\x18\x05 \x01(\t\x12\x0e\n\x06ttl_ms\x18\x06 \x01(\x03\x12\x10\n\x08priority\x18\x07 \x01(\x05\x12\x17\n\x0fidempotency_key\x18\x08 \x01(\t\x12\x0b\n\x03pod\x18\t \x01(\t\"C\n\x0f\x41\x63quireResponse\x12!\n\x05lease\x18\x01 \x01(\x0b\x32\x12.spillway.v1.Lease\x12\r\n\x05token\x18\x02 \x01(\t\"?\n\x0cRenewRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0e\n\x06ttl_ms\x18\x03 \x01(\x03\"1\n\x0eReleaseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\"L\n\x0c\x43laimRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0e\n\x06holder\x18\x03 \x01(\t\x12\x0b\n\x03pod\x18\x04 \x01(\t\"L\n\x11ListLeasesRequest\x12\x0e\n\x06holder\x18\x01 \x01(\t\x12\x15\n\rinclude_ended\x18\x02 \x01(\x08\x12\x10\n\x08gpu_uuid\x18\x03 \x01(\t\"8\n\x12ListLeasesResponse\x12\"\n\x06leases\x18\x01 \x03(\x0b\x32\x12.spillway.v1.Lease\"/\n\x0cWatchRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\"\x92\x02\n\nWatchEvent\x12*\n\x04kind\x18\x01 \x01(\x0e\x32\x1c.spillway.v1.WatchEvent.Kind\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\x0f\n\x07time_ms\x18\x03 \x01(\x03\x12!\n\x05lease\x18\x04 \x01(\x0b\x32\x12.spillway.v1.Lease\x12)\n\tinventory\x18\x05 \x01(\x0b\x32\x16.spillway.v1.Inventory\x12\"\n\x06leases\x18\x06 \x03(\x0b\x32\x12.spillway.v1.Lease\"C\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0c\n\x08SNAPSHOT\x10\x01\x12\t\n\x05LEASE\x10\x02\x12\x0c\n\x08\x43\x41PACITY\x10\x03\"U\n\x0eReclaimRequest\x12\x10\n\x08gpu_uuid\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x04 \x01(\x03\"h\n\x0fReclaimResponse\x12$\n\x08revoking\x18\x01 \x03(\x0b\x32\x12.spillway.v1.Lease\x12\x17\n\x0frequested_bytes\x18\x02 \x01(\x04\x12\x16\n\x0erevoking_bytes\x18\x03 \x01(\x04\"z\n\x12SetGpuLocalRequest\x12\x10\n\x08gpu_uuid\x18\x01 \x01(\t\x12\x15\n\x08reserved\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x1b\n\x0esimulated_used\x18\x03 \x01(\tH\x01\x88\x01\x01\x42\x0b\n\t_reservedB\x11\n\x0f_simulated_used*E\n\tLeaseKind\x12\x1a\n\x16LEASE_KIND_UNSPECIFIED\x10\x00\x12\x0f\n\x0bRESERVATION\x10\x01\x12\x0b\n\x07\x45LASTIC\x10\x02*y\n\nLeaseState\x12\x1b\n\x17LEASE_STATE_UNSPECIFIED\x10\x00\x12\x0c\n\x08RESERVED\x10\x01\x12\n\n\x06\x41\x43TIVE\x10\x02\x12\x0c\n\x08REVOKING\x10\x03\x12\x0c\n\x08RELEASED\x10\x04\x12\x0b\n\x07\x45XPIRED\x10\x05\x12\x0b\n\x07REVOKED\x10\x06*\xd1\x01\n\tP2PStatus\x12\x1a\n\x16P2P_STATUS_UNSPECIFIED\x10\x00\x12\n\n\x06P2P_OK\x10\x01\x12\x15\n\x11P2P_NOT_SUPPORTED\x10\x02\x12\x1d\n\x19P2P_CHIPSET_NOT_SUPPORTED\x10\x03\x12\x19\n\x15P2P_GPU_NOT_SUPPORTED\x10\x04\x12\x1e\n\x1aP2P_TOPOLOGY_NOT_SUPPORTED\x10\x05\x12\x1a\n\x16P2P_DISABLED_BY_REGKEY\x10\x06\x12\x0f\n\x0bP2P_UNKNOWN\x10\x07\x32\xd9\x04\n\x05\x41gent\x12H\n\x0cGetInventory\x12 .spillway.v1.GetInventoryRequest\x1a\x16.spillway.v1.Inventory\x12\x44\n\x07\x41\x63quire\x12\x1b.spillway.v1.AcquireRequest\x1a\x1c.spillway.v1.AcquireResponse\x12\x36\n\x05Renew\x12\x19.spillway.v1.RenewRequest\x1a\x12.spillway.v1.Lease\x12:\n\x07Release\x12\x1b.spillway.v1.ReleaseRequest\x1a\x12.spillway.v1.Lease\x12\x36\n\x05\x43laim\x12\x19.spillway.v1.ClaimRequest\x1a\x12.spillway.v1.Lease\x12M\n\nListLeases\x12\x1e.spillway.v1.ListLeasesRequest\x1a\x1f.spillway.v1.ListLeasesResponse\x12=\n\x05Watch\x12\x19.spillway.v1.WatchRequest\x1a\x17.spillway.v1.WatchEvent0\x01\x12\x44\n\x07Reclaim\x12\x1b.spillway.v1.ReclaimRequest\x1a\x1c.spillway.v1.ReclaimResponse\x12@\n\x0bSetGpuLocal\x12\x1f.spillway.v1.SetGpuLocalRequest\x1a\x10.spillway.v1.Gpub\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'spillway.api.v1.agent_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LEASEKIND']._serialized_start=2492
-  _globals['_LEASEKIND']._serialized_end=2561
-  _globals['_LEASESTATE']._serialized_start=2563
-  _globals['_LEASESTATE']._serialized_end=2684
-  _globals['_P2PSTATUS']._serialized_start=2687
-  _globals['_P2PSTATUS']._serialized_end=2896
+  _globals['_LEASEKIND']._serialized_start=2536
+  _globals['_LEASEKIND']._serialized_end=2605
+  _globals['_LEASESTATE']._serialized_start=2607
+  _globals['_LEASESTATE']._serialized_end=2728
+  _globals['_P2PSTATUS']._serialized_start=2731
+  _globals['_P2PSTATUS']._serialized_end=2940
   _globals['_LEASE']._serialized_start=45
   _globals['_LEASE']._serialized_end=406
   _globals['_GPUPROCESS']._serialized_start=408
   _globals['_GPUPROCESS']._serialized_end=471
   _globals['_GPU']._serialized_start=474
-  _globals['_GPU']._serialized_end=822
-  _globals['_PEERLINK']._serialized_start=825
-  _globals['_PEERLINK']._serialized_end=988
-  _globals['_INVENTORY']._serialized_start=991
-  _globals['_INVENTORY']._serialized_end=1225
-  _globals['_GETINVENTORYREQUEST']._serialized_start=1227
-  _globals['_GETINVENTORYREQUEST']._serialized_end=1248
-  _globals['_ACQUIREREQUEST']._serialized_start=1251
-  _globals['_ACQUIREREQUEST']._serialized_end=1448
-  _globals['_ACQUIRERESPONSE']._serialized_start=1450
-  _globals['_ACQUIRERESPONSE']._serialized_end=1517
-  _globals['_RENEWREQUEST']._serialized_start=1519
-  _globals['_RENEWREQUEST']._serialized_end=1582
-  _globals['_RELEASEREQUEST']._serialized_start=1584
-  _globals['_RELEASEREQUEST']._serialized_end=1633
-  _globals['_CLAIMREQUEST']._serialized_start=1635
-  _globals['_CLAIMREQUEST']._serialized_end=1711
-  _globals['_LISTLEASESREQUEST']._serialized_start=1713
-  _globals['_LISTLEASESREQUEST']._serialized_end=1789
-  _globals['_LISTLEASESRESPONSE']._serialized_start=1791
-  _globals['_LISTLEASESRESPONSE']._serialized_end=1847
-  _globals['_WATCHREQUEST']._serialized_start=1849
-  _globals['_WATCHREQUEST']._serialized_end=1896
-  _globals['_WATCHEVENT']._serialized_start=1899
-  _globals['_WATCHEVENT']._serialized_end=2173
-  _globals['_WATCHEVENT_KIND']._serialized_start=2106
-  _globals['_WATCHEVENT_KIND']._serialized_end=2173
-  _globals['_RECLAIMREQUEST']._serialized_start=2175
-  _globals['_RECLAIMREQUEST']._serialized_end=2260
-  _globals['_RECLAIMRESPONSE']._serialized_start=2262
-  _globals['_RECLAIMRESPONSE']._serialized_end=2366
-  _globals['_SETGPULOCALREQUEST']._serialized_start=2368
-  _globals['_SETGPULOCALREQUEST']._serialized_end=2490
-  _globals['_AGENT']._serialized_start=2899
-  _globals['_AGENT']._serialized_end=3500
+  _globals['_GPU']._serialized_end=866
+  _globals['_PEERLINK']._serialized_start=869
+  _globals['_PEERLINK']._serialized_end=1032
+  _globals['_INVENTORY']._serialized_start=1035
+  _globals['_INVENTORY']._serialized_end=1269
+  _globals['_GETINVENTORYREQUEST']._serialized_start=1271
+  _globals['_GETINVENTORYREQUEST']._serialized_end=1292
+  _globals['_ACQUIREREQUEST']._serialized_start=1295
+  _globals['_ACQUIREREQUEST']._serialized_end=1492
+  _globals['_ACQUIRERESPONSE']._serialized_start=1494
+  _globals['_ACQUIRERESPONSE']._serialized_end=1561
+  _globals['_RENEWREQUEST']._serialized_start=1563
+  _globals['_RENEWREQUEST']._serialized_end=1626
+  _globals['_RELEASEREQUEST']._serialized_start=1628
+  _globals['_RELEASEREQUEST']._serialized_end=1677
+  _globals['_CLAIMREQUEST']._serialized_start=1679
+  _globals['_CLAIMREQUEST']._serialized_end=1755
+  _globals['_LISTLEASESREQUEST']._serialized_start=1757
+  _globals['_LISTLEASESREQUEST']._serialized_end=1833
+  _globals['_LISTLEASESRESPONSE']._serialized_start=1835
+  _globals['_LISTLEASESRESPONSE']._serialized_end=1891
+  _globals['_WATCHREQUEST']._serialized_start=1893
+  _globals['_WATCHREQUEST']._serialized_end=1940
+  _globals['_WATCHEVENT']._serialized_start=1943
+  _globals['_WATCHEVENT']._serialized_end=2217
+  _globals['_WATCHEVENT_KIND']._serialized_start=2150
+  _globals['_WATCHEVENT_KIND']._serialized_end=2217
+  _globals['_RECLAIMREQUEST']._serialized_start=2219
+  _globals['_RECLAIMREQUEST']._serialized_end=2304
+  _globals['_RECLAIMRESPONSE']._serialized_start=2306
+  _globals['_RECLAIMRESPONSE']._serialized_end=2410
+  _globals['_SETGPULOCALREQUEST']._serialized_start=2412
+  _globals['_SETGPULOCALREQUEST']._serialized_end=2534
+  _globals['_AGENT']._serialized_start=2943
+  _globals['_AGENT']._serialized_end=3544
 # @@protoc_insertion_point(module_scope)

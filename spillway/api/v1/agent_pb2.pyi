@@ -101,7 +101,7 @@ class GpuProcess(_message.Message):
     def __init__(self, pid: _Optional[int] = ..., used_bytes: _Optional[int] = ..., borrower: _Optional[bool] = ...) -> None: ...
 
 class Gpu(_message.Message):
-    __slots__ = ("uuid", "index", "name", "total_bytes", "used_bytes", "free_bytes", "local_used_bytes", "local_reserved_bytes", "headroom_bytes", "leased_bytes", "lendable_bytes", "utilization_gpu_percent", "utilization_memory_percent", "processes")
+    __slots__ = ("uuid", "index", "name", "total_bytes", "used_bytes", "free_bytes", "local_used_bytes", "local_reserved_bytes", "headroom_bytes", "leased_bytes", "lendable_bytes", "utilization_gpu_percent", "utilization_memory_percent", "processes", "minor_number")
     UUID_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -116,6 +116,7 @@ class Gpu(_message.Message):
     UTILIZATION_GPU_PERCENT_FIELD_NUMBER: _ClassVar[int]
     UTILIZATION_MEMORY_PERCENT_FIELD_NUMBER: _ClassVar[int]
     PROCESSES_FIELD_NUMBER: _ClassVar[int]
+    MINOR_NUMBER_FIELD_NUMBER: _ClassVar[int]
     uuid: str
     index: int
     name: str
@@ -130,7 +131,8 @@ class Gpu(_message.Message):
     utilization_gpu_percent: int
     utilization_memory_percent: int
     processes: _containers.RepeatedCompositeFieldContainer[GpuProcess]
-    def __init__(self, uuid: _Optional[str] = ..., index: _Optional[int] = ..., name: _Optional[str] = ..., total_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., free_bytes: _Optional[int] = ..., local_used_bytes: _Optional[int] = ..., local_reserved_bytes: _Optional[int] = ..., headroom_bytes: _Optional[int] = ..., leased_bytes: _Optional[int] = ..., lendable_bytes: _Optional[int] = ..., utilization_gpu_percent: _Optional[int] = ..., utilization_memory_percent: _Optional[int] = ..., processes: _Optional[_Iterable[_Union[GpuProcess, _Mapping]]] = ...) -> None: ...
+    minor_number: int
+    def __init__(self, uuid: _Optional[str] = ..., index: _Optional[int] = ..., name: _Optional[str] = ..., total_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., free_bytes: _Optional[int] = ..., local_used_bytes: _Optional[int] = ..., local_reserved_bytes: _Optional[int] = ..., headroom_bytes: _Optional[int] = ..., leased_bytes: _Optional[int] = ..., lendable_bytes: _Optional[int] = ..., utilization_gpu_percent: _Optional[int] = ..., utilization_memory_percent: _Optional[int] = ..., processes: _Optional[_Iterable[_Union[GpuProcess, _Mapping]]] = ..., minor_number: _Optional[int] = ...) -> None: ...
 
 class PeerLink(_message.Message):
     __slots__ = ("gpu_a", "gpu_b", "nvlink", "nvlink_count", "p2p_read", "p2p_write")
