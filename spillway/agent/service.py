@@ -215,6 +215,7 @@ class AgentCore:
                 local_reserved_bytes=v.reserved, headroom_bytes=v.headroom, leased_bytes=v.leased,
                 lendable_bytes=v.lendable, utilization_gpu_percent=g.utilization_gpu_percent,
                 utilization_memory_percent=g.utilization_memory_percent,
+                minor_number=g.minor if g.minor >= 0 else None,
                 processes=[pb.GpuProcess(pid=p.pid, used_bytes=p.used_bytes, borrower=p.pid in pids.get(g.uuid, set()))
                            for p in g.processes]))
         links = [] if only is not None else [
