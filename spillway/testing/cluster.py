@@ -38,7 +38,7 @@ from typing import IO, Any, TypeVar
 
 import yaml
 
-from spillway.testing import pki
+from spillway import pki
 
 log = logging.getLogger(__name__)
 
@@ -340,37 +340,45 @@ class Cluster:
         }
         self.server = f"https://127.0.0.1:{api}"
 
-        ca = pki.CertificateAuthority(self.pki_dir)
-        serving = ca.issue(
+        ca = pki.make_ca("spillway-local-ca")
+        ca_cert = ca.write(self.pki_dir)
+        serving = ca.issue_files(
+            self.pki_dir,
             "apiserver",
             "kube-apiserver",
-            server_names=(
+            (
                 "localhost",
                 "kubernetes",
                 "kubernetes.default",
                 "kubernetes.default.svc",
                 "kubernetes.default.svc.cluster.local",
+                "127.0.0.1",
+                SERVICE_IP,
             ),
-            server_ips=("127.0.0.1", SERVICE_IP),
             client=False,
+            server=True,
         )
         sa = pki.service_account_keys(self.pki_dir)
-        admin = ca.issue("admin", "spillway-admin", organizations=("system:masters",))
-        front_proxy = ca.issue("front-proxy-client", "front-proxy-client")
+        admin = ca.issue_files(
+            self.pki_dir, "admin", "spillway-admin", client=True, server=False, organizations=("system:masters",)
+        )
+        front_proxy = ca.issue_files(
+            self.pki_dir, "front-proxy-client", "front-proxy-client", client=True, server=False
+        )
         kubeconfigs = {}
         for name, cn, orgs in (
             ("controller-manager", "system:kube-controller-manager", ()),
             ("scheduler", "system:kube-scheduler", ()),
             ("kwok", "kwok", ("system:masters",)),
         ):
-            pair = ca.issue(name, cn, organizations=orgs)
+            pair = ca.issue_files(self.pki_dir, name, cn, client=True, server=False, organizations=orgs)
             kubeconfigs[name] = _kubeconfig(
                 self.state_dir / f"{name}.kubeconfig",
                 self.server,
-                ca.cert_path,
+                ca_cert,
                 {"cert": str(pair.cert), "key": str(pair.key)},
             )
-        _kubeconfig(self.kubeconfig, self.server, ca.cert_path, {"cert": str(admin.cert), "key": str(admin.key)})
+        _kubeconfig(self.kubeconfig, self.server, ca_cert, {"cert": str(admin.cert), "key": str(admin.key)})
 
         etcd_data = self.state_dir / "etcd"
         shutil.rmtree(etcd_data, ignore_errors=True)
@@ -405,10 +413,10 @@ class Cluster:
                 f"--cert-dir={self.state_dir / 'apiserver-certs'}",
                 f"--tls-cert-file={serving.cert}",
                 f"--tls-private-key-file={serving.key}",
-                f"--client-ca-file={ca.cert_path}",
+                f"--client-ca-file={ca_cert}",
                 # The aggregation layer's front proxy: without it every component that delegates
                 # authentication logs a missing request-header CA bundle.
-                f"--requestheader-client-ca-file={ca.cert_path}",
+                f"--requestheader-client-ca-file={ca_cert}",
                 "--requestheader-allowed-names=front-proxy-client",
                 "--requestheader-username-headers=X-Remote-User",
                 "--requestheader-group-headers=X-Remote-Group",
@@ -416,8 +424,8 @@ class Cluster:
                 f"--proxy-client-cert-file={front_proxy.cert}",
                 f"--proxy-client-key-file={front_proxy.key}",
                 "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-                f"--service-account-key-file={sa.cert}",
-                f"--service-account-signing-key-file={sa.key}",
+                f"--service-account-key-file={sa.public}",
+                f"--service-account-signing-key-file={sa.private}",
                 "--authorization-mode=Node,RBAC",
                 f"--service-cluster-ip-range={SERVICE_CIDR}",
                 "--allow-privileged=true",
@@ -428,7 +436,7 @@ class Cluster:
                 "--v=1",
             ],
         )
-        ca_ctx = ssl.create_default_context(cafile=str(ca.cert_path))
+        ca_ctx = ssl.create_default_context(cafile=str(ca_cert))
         self._wait_http("kube-apiserver", f"{self.server}/readyz", deadline, ca_ctx)
 
         insecure = ssl.create_default_context()
@@ -441,8 +449,8 @@ class Cluster:
                 kubeconfigs["controller-manager"],
                 [
                     "--use-service-account-credentials=true",
-                    f"--root-ca-file={ca.cert_path}",
-                    f"--service-account-private-key-file={sa.key}",
+                    f"--root-ca-file={ca_cert}",
+                    f"--service-account-private-key-file={sa.private}",
                     "--controllers=*",
                     f"--service-cluster-ip-range={SERVICE_CIDR}",
                 ],
