@@ -75,15 +75,20 @@ def _target_args(p: argparse.ArgumentParser) -> None:
                    "or $SPILLWAY_AGENT_SOCKET)")
     p.add_argument("--target", default="", help="agent HOST:PORT over TCP with mutual TLS (instead of --socket)")
     _tls_args(p)
+    p.add_argument("--tls-server-name", default="", metavar="NAME",
+                   help="check the agent's certificate against NAME instead of --target's host (an agent "
+                        "dialled by IP whose certificate names e.g. spillway-agent)")
     p.add_argument("-o", "--output", choices=("table", "json"), default="table")
 
 
 def _run(args: argparse.Namespace, fn: Callable[[AgentClient], Awaitable[T]]) -> T:
     tls = _tls(args)
     target = args.target or args.socket
+    if args.tls_server_name and not (args.target and tls):
+        raise UsageError("--tls-server-name applies to --target HOST:PORT with --tls-cert, --tls-key and --tls-ca")
 
     async def go() -> T:
-        async with AgentClient(target, tls=tls) as client:
+        async with AgentClient(target, tls=tls, server_name=args.tls_server_name or None) as client:
             return await fn(client)
 
     return asyncio.run(go())
@@ -94,7 +99,11 @@ def _call(args: argparse.Namespace, fn: Callable[[AgentClient], Awaitable[T]]) -
         return _run(args, fn)
     except grpc.aio.AioRpcError as exc:
         msg = exc.details() or ""
-        if exc.code() == grpc.StatusCode.UNAVAILABLE:
+        if exc.code() == grpc.StatusCode.UNAVAILABLE and "Hostname Verification" in msg:
+            name = args.tls_server_name or args.target.rsplit(":", 1)[0]
+            msg = (f"the agent at {args.target} answered with a certificate that does not name {name!r}: give "
+                   f"--tls-server-name with a name its certificate carries ({msg})")
+        elif exc.code() == grpc.StatusCode.UNAVAILABLE:
             msg = f"cannot reach the agent at {args.target or args.socket}: is `spillway agent` running? ({msg})"
         raise RuntimeError(f"{exc.code().name}: {msg}") from None
 

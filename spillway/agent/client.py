@@ -5,7 +5,10 @@
         await agent.release(got.lease.id, got.token)
 
 `target` is a unix socket path, "unix:///path", or "host:port" (TCP with mutual TLS: pass
-`tls=TlsFiles(cert, key, ca)`). Errors surface as grpc.aio.AioRpcError (.code(), .details()).
+`tls=TlsFiles(cert, key, ca)`). With `server_name`, TLS checks the agent's certificate against
+that name instead of the dialled host, so an agent reached by IP ("10.1.2.3:7443") can carry a
+fixed name ("spillway-agent") in its certificate (unix sockets carry no TLS: it is unused there).
+Errors surface as grpc.aio.AioRpcError (.code(), .details()).
 """
 
 from __future__ import annotations
@@ -40,10 +43,16 @@ def largest_grantable(err: grpc.aio.AioRpcError) -> int | None:
 
 
 class AgentClient:
-    def __init__(self, target: str, *, tls: TlsFiles | None = None, timeout: float | None = 30.0) -> None:
+    def __init__(self, target: str, *, tls: TlsFiles | None = None, server_name: str | None = None,
+                 timeout: float | None = 30.0) -> None:
         self.timeout = timeout  # per unary call, seconds
         self.target, unix = channel_target(str(target))
-        options = [("grpc.enable_retries", 0)]
+        options: list[tuple[str, Any]] = [("grpc.enable_retries", 0)]
+        if server_name and tls is None:
+            raise ValueError(f"server_name {server_name!r} checks the agent's TLS certificate: give tls=TlsFiles(...)")
+        if server_name and not unix:
+            # The name TLS verifies (and sends as SNI and :authority) instead of the dialled host.
+            options.append(("grpc.ssl_target_name_override", server_name))
         if unix or tls is None:
             self.channel = grpc.aio.insecure_channel(self.target, options=options)
         else:

@@ -35,6 +35,10 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--tls-cert", default=None, help="client certificate for the agents' mutual TLS")
     p.add_argument("--tls-key", default=None, help="client key for the agents' mutual TLS")
     p.add_argument("--tls-ca", default=None, help="CA that signed the agents' server certificates")
+    p.add_argument("--agent-server-name", default="", metavar="NAME",
+                   help="check each agent's certificate against NAME instead of the host in its MemoryPool "
+                        "endpoint (agents advertise POD_IP:PORT; the chart's certificates name "
+                        "tls.agentServerName). Default: the dialled host")
     p.add_argument("--lease-ttl", default="2m", help="TTL of reservations; renewed every resync (default 2m)")
     p.add_argument("--resync-interval", default="30s", help="per-tenant resync: renew, re-check, SLO (default 30s)")
     p.add_argument("--pool-stale-after", default="60s",
@@ -52,6 +56,9 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
     tls = [args.tls_cert, args.tls_key, args.tls_ca]
     if any(tls) and not all(tls):
         raise SystemExit("spillway operator: give all of --tls-cert, --tls-key and --tls-ca, or none")
+    if args.agent_server_name and not all(tls):
+        raise SystemExit("spillway operator: --agent-server-name checks the agents' TLS certificates: give "
+                         "--tls-cert, --tls-key and --tls-ca too")
     for path in filter(None, tls):
         if not os.path.isfile(path):
             raise SystemExit(f"spillway operator: {path} does not exist")
@@ -101,7 +108,7 @@ async def _main(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
     if logging.getLogger().level > logging.DEBUG:
         # kopf logs every handler run at info; our own log lines and events tell the story.
         logging.getLogger("kopf").setLevel(logging.WARNING)
-    tls = Tls(args.tls_cert, args.tls_key, args.tls_ca) if args.tls_cert else None
+    tls = Tls(args.tls_cert, args.tls_key, args.tls_ca, args.agent_server_name) if args.tls_cert else None
     metrics = OperatorMetrics()
     engine = Engine(
         kube=KubeClient.from_env(args.kubeconfig),

@@ -47,6 +47,8 @@ class Tls:
     cert: str
     key: str
     ca: str
+    # The name the agents' certificates carry, checked instead of the dialled host (empty: the host).
+    server_name: str = ""
 
 
 def kind_name(kind: int) -> str:
@@ -83,7 +85,8 @@ class AgentPool:
             from spillway.pki import TlsFiles
 
             tls = TlsFiles(self.tls.cert, self.tls.key, self.tls.ca) if self.tls else None
-            c = AgentClient(endpoint, tls=tls)
+            server_name = self.tls.server_name if self.tls else ""
+            c = AgentClient(endpoint, tls=tls, server_name=server_name or None)
             self._clients[endpoint] = c
         return c
 

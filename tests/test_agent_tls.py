@@ -1,0 +1,175 @@
+"""Reaching an agent by IP while TLS checks a fixed name in its certificate.
+
+A real agent subprocess (simulated GPUs) serves gRPC over TCP with mutual TLS; its server
+certificate names only `spillway-agent.example` (no IP, no localhost). Clients dial
+127.0.0.1 (and [::1]) and verify that name through `server_name` (the CLI's
+`--tls-server-name`, the operator's `--agent-server-name`): with it they are answered;
+without it, or with a name the certificate does not carry, the handshake is refused
+(UNAVAILABLE, "Hostname Verification Check failed").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from spillway.agent.client import AgentClient
+from spillway.api.v1 import agent_pb2
+from spillway.operator.reservations import AgentPool, ReservationError, Reservations, Tls
+from spillway.pki import TlsFiles, write_mtls_dir
+from spillway.testing.agentproc import AgentProcess, free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+NAME = "spillway-agent.example"
+MISMATCH = "Hostname Verification Check failed"
+
+
+@dataclass
+class TlsAgent:
+    proc: AgentProcess
+    v4: str  # 127.0.0.1:PORT
+    v6: str  # [::1]:PORT
+    client_tls: TlsFiles
+    server_tls: TlsFiles
+
+
+@pytest.fixture(scope="module")
+def tls_agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsAgent]:
+    server, client = write_mtls_dir(tmp_path_factory.mktemp("mtls"), server_names=[NAME])
+    port = free_port()
+    creds = ["--tls-cert", str(server.cert), "--tls-key", str(server.key), "--tls-ca", str(server.ca)]
+    # "[::]" listens on both families on Linux (dual stack), so one port serves both loopbacks.
+    proc = AgentProcess(node_name="tls-node", extra_args=["--listen", f"[::]:{port}", *creds])
+    proc.start()
+    try:
+        yield TlsAgent(proc, f"127.0.0.1:{port}", f"[::1]:{port}", client, server)
+    finally:
+        proc.cleanup()
+
+
+async def _inventory(target: str, tls: TlsFiles | None, server_name: str | None) -> agent_pb2.Inventory:
+    async with AgentClient(target, tls=tls, server_name=server_name, timeout=20) as c:
+        return await c.inventory()
+
+
+def _refusal(target: str, tls: TlsFiles, server_name: str | None) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        asyncio.run(_inventory(target, tls, server_name))
+    return info.value
+
+
+def test_the_certificate_names_only_the_fixed_name(tls_agent: TlsAgent) -> None:
+    from cryptography import x509
+
+    cert = x509.load_pem_x509_certificate(tls_agent.server_tls.cert.read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == [NAME]
+    assert san.get_values_for_type(x509.IPAddress) == []
+
+
+@pytest.mark.parametrize("family", ["v4", "v6"])
+def test_dialled_by_ip_verified_against_the_server_name(tls_agent: TlsAgent, family: str) -> None:
+    target = getattr(tls_agent, family)
+
+    async def go() -> tuple[str, int]:
+        async with AgentClient(target, tls=tls_agent.client_tls, server_name=NAME, timeout=20) as c:
+            inv = await c.inventory()
+            got = await c.acquire("1Gi", "tls-test", kind=agent_pb2.ELASTIC, ttl_s=30)
+            released = await c.release(got.lease.id, got.token)
+            return inv.node_name, int(released.state)
+
+    node, state = asyncio.run(go())
+    assert node == "tls-node"
+    assert state == agent_pb2.RELEASED
+
+
+@pytest.mark.parametrize("server_name", [None, "", "spillway-agent", "other.example", "127.0.0.1"])
+def test_refused_without_the_name_or_with_a_wrong_one(tls_agent: TlsAgent, server_name: str | None) -> None:
+    err = _refusal(tls_agent.v4, tls_agent.client_tls, server_name)
+    assert err.code() == grpc.StatusCode.UNAVAILABLE
+    assert MISMATCH in (err.details() or ""), err.details()
+
+
+def test_a_name_from_another_ca_is_still_refused(tls_agent: TlsAgent, tmp_path: Path) -> None:
+    """The override changes which name is checked, not whom the client trusts: a client that
+    trusts another CA is refused even with the right name."""
+    _, stranger = write_mtls_dir(tmp_path, server_names=[NAME])
+    err = _refusal(tls_agent.v4, stranger, NAME)
+    assert err.code() == grpc.StatusCode.UNAVAILABLE
+    assert MISMATCH not in (err.details() or "")
+
+
+def test_server_name_without_tls_is_refused_up_front() -> None:
+    with pytest.raises(ValueError, match="give tls=TlsFiles"):
+        AgentClient("127.0.0.1:1", server_name=NAME)
+
+
+def test_operator_agent_pool_passes_the_server_name(tls_agent: TlsAgent) -> None:
+    """The operator's reservations (AgentPool + Reservations) reach the agent by IP with the name."""
+    t = tls_agent.client_tls
+
+    gpu = asyncio.run(_inventory(tls_agent.v4, t, NAME)).gpus[0].uuid
+
+    async def go(server_name: str) -> str:
+        reservations = Reservations(AgentPool(Tls(str(t.cert), str(t.key), str(t.ca), server_name)), timeout_s=20)
+        try:
+            ref = await reservations.reserve(tls_agent.v4, holder="tenant:tls/t", tenant_uid="uid-tls", replica=0,
+                                             gpu_uuid=gpu, size=1 << 30)
+            await reservations.release(tls_agent.v4, ref)
+            return ref.id
+        finally:
+            await reservations.agents.close()
+
+    assert asyncio.run(go(NAME)).startswith("l-")
+    with pytest.raises(ReservationError) as info:
+        asyncio.run(go(""))
+    assert info.value.code == "UNAVAILABLE" and MISMATCH in str(info.value)
+
+
+# --- the command lines -------------------------------------------------------------------------
+
+
+def spillway(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "spillway", *args], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60, cwd=ROOT)
+
+
+def _tls_flags(t: TlsFiles) -> list[str]:
+    return ["--tls-cert", str(t.cert), "--tls-key", str(t.key), "--tls-ca", str(t.ca)]
+
+
+def test_cli_tls_server_name(tls_agent: TlsAgent) -> None:
+    flags = ["--target", tls_agent.v4, *_tls_flags(tls_agent.client_tls)]
+    ok = spillway("pool", "show", *flags, "--tls-server-name", NAME, "-o", "json")
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["node_name"] == "tls-node"
+
+    bad = spillway("pool", "show", *flags)
+    assert bad.returncode == 1
+    assert "does not name '127.0.0.1'" in bad.stderr and "--tls-server-name" in bad.stderr, bad.stderr
+    wrong = spillway("lease", "list", *flags, "--tls-server-name", "other.example")
+    assert wrong.returncode == 1
+    assert "does not name 'other.example'" in wrong.stderr, wrong.stderr
+
+
+def test_cli_tls_server_name_needs_a_tls_target(tls_agent: TlsAgent) -> None:
+    r = spillway("pool", "show", "--socket", str(tls_agent.proc.socket), "--tls-server-name", NAME)
+    assert r.returncode == 2
+    assert "--tls-server-name applies to --target HOST:PORT" in r.stderr
+    r = spillway("pool", "show", "--target", tls_agent.v4, "--tls-server-name", NAME)
+    assert r.returncode == 2 and "--tls-server-name applies" in r.stderr
+
+
+def test_operator_agent_server_name_needs_tls() -> None:
+    r = spillway("operator", "--agent-server-name", NAME, "--metrics-port", "0", "--health-port", "-1")
+    assert r.returncode != 0
+    assert "--agent-server-name checks the agents' TLS certificates" in r.stderr, r.stderr
