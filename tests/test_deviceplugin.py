@@ -5,6 +5,7 @@ PodResources gRPC server. The cluster-backed Allocate tests are in test_devicepl
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -327,6 +328,33 @@ async def _all_leases(agent: AgentProcess) -> list[agent_pb2.Lease]:
         return await c.leases(include_ended=True)
 
 
+def test_allocate_names_the_device_node_by_minor_number_not_index(dpconformance_bin: Path, dp_workdir: Path) -> None:
+    topology = Path(__file__).resolve().parents[1] / "examples" / "topologies" / "minor-shuffled.yaml"
+    with AgentProcess(topology=topology, node_name="minor-node") as agent:
+        plugin = PluginProcess(dp_workdir, agent.socket, agent.node_name)
+        kubelet = Kubelet(dpconformance_bin, plugin.kubelet_dir).start()
+        plugin.start()
+        try:
+            kubelet.wait_for(lambda e: e["event"] == "registered", 30, "the plugin to register")
+            inv = asyncio.run(_inventory(agent))
+            seen = {}
+            for gpu in inv.gpus:
+                ids = [d["id"] for d in kubelet.devices() if d["id"].startswith(gpu.uuid + "::")][:1]
+                alloc = kubelet.allocate(ids)
+                assert "error" not in alloc, alloc
+                assert alloc["response"]["envs"]["SPILLWAY_LENDER_GPUS"] == gpu.uuid
+                seen[gpu.index] = [d["host_path"] for d in alloc["response"]["devices"]]
+                assert [d["container_path"] for d in alloc["response"]["devices"]] == seen[gpu.index]
+            # minor-shuffled.yaml: index 0 -> minor 2, 1 -> 3, 2 -> 0, 3 -> 1
+            assert seen == {0: ["/dev/nvidia2"], 1: ["/dev/nvidia3"], 2: ["/dev/nvidia0"], 3: ["/dev/nvidia1"]}
+        except BaseException:
+            print(plugin.logs()[-4000:])
+            raise
+        finally:
+            plugin.stop()
+            kubelet.stop()
+
+
 @pytest.mark.gpu
 def test_allocate_on_a_real_gpu_names_an_existing_device_node(dpconformance_bin: Path, dp_workdir: Path) -> None:
     from spillway.agent.inventory import nvidia_gpu_present
@@ -349,7 +377,11 @@ def test_allocate_on_a_real_gpu_names_an_existing_device_node(dpconformance_bin:
             inv = asyncio.run(_inventory(agent))
             assert not inv.simulated
             gpu = next(g for g in inv.gpus if g.uuid == alloc["response"]["envs"]["SPILLWAY_LENDER_GPUS"])
-            assert spec["host_path"] == f"/dev/nvidia{gpu.index}"
+            # The driver's device node for that GPU: /dev/nvidia<minor>, char major 195 (not the NVML index).
+            assert gpu.HasField("minor_number")
+            assert spec["host_path"] == f"/dev/nvidia{gpu.minor_number}"
+            rdev = os.stat(spec["host_path"]).st_rdev
+            assert (os.major(rdev), os.minor(rdev)) == (195, gpu.minor_number)
         finally:
             plugin.stop()
             kubelet.stop()

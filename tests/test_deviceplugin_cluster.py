@@ -188,7 +188,7 @@ def test_allocate_claims_every_lease_of_a_two_lender_reservation(stack: Stack) -
     assert resp["envs"]["SPILLWAY_LEASE_ID"] == f"{a.lease.id},{b.lease.id}"
     assert resp["envs"]["SPILLWAY_LEASE_TOKEN"] == f"{a.token},{b.token}"
     assert resp["envs"]["SPILLWAY_LENDER_GPUS"] == f"{gpus[0].uuid},{gpus[7].uuid}"
-    assert [d["host_path"] for d in resp["devices"]] == [f"/dev/nvidia{gpus[0].index}", f"/dev/nvidia{gpus[7].index}"]
+    assert [d["host_path"] for d in resp["devices"]] == [f"/dev/nvidia{g.minor_number}" for g in (gpus[0], gpus[7])]
     leases = stack.leases()
     for g in (a, b):
         assert leases[g.lease.id].state == agent_pb2.ACTIVE

@@ -270,10 +270,9 @@ class Allocator:
             if self.config.cdi:
                 resp.cdi_devices.append(api_pb2.CDIDevice(name=f"nvidia.com/gpu={uuid}"))
                 continue
-            gpu = self.resources.gpu(uuid)
-            if gpu is None:
+            path = self.resources.device_node(uuid)
+            if path is None:
                 raise AllocationError(f"lender GPU {uuid} is not in the agent's inventory of node {self.config.node}")
-            path = f"/dev/nvidia{gpu.index}"
             resp.devices.append(api_pb2.DeviceSpec(container_path=path, host_path=path, permissions="rw"))
         return resp
 

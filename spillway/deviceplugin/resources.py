@@ -114,6 +114,12 @@ def compute_units(
     return units
 
 
+def device_node(gpu: agent_pb2.Gpu) -> str:
+    """/dev/nvidia<minor number>: the driver names device nodes by minor number, which can differ
+    from the NVML index. An agent that does not report the minor number: its index."""
+    return f"/dev/nvidia{gpu.minor_number if gpu.HasField('minor_number') else gpu.index}"
+
+
 class ResourceManager:
     """Keeps the unit list in step with the agent; ListAndWatch streams wait on `changed`."""
 
@@ -158,6 +164,11 @@ class ResourceManager:
             if g.uuid == uuid:
                 return g
         return None
+
+    def device_node(self, uuid: str) -> str | None:
+        """The lender GPU's device node, /dev/nvidia<minor> (None for a GPU the agent does not list)."""
+        gpu = self.gpu(uuid)
+        return None if gpu is None else device_node(gpu)
 
     def client(self) -> AgentClient:
         """The agent client (made on first use, remade after the agent was unreachable)."""
