@@ -6,7 +6,7 @@ from typing import Any
 
 from spillway.operator import pods as P
 from spillway.operator import reconcile as rc
-from spillway.operator.model import GpuView, NodeView, TenantSpec
+from spillway.operator.model import GpuView, NodeHealth, NodeView, TenantSpec, node_verdict
 
 GIB = 1 << 30
 
@@ -146,3 +146,64 @@ def test_elastic_annotation_round_trip() -> None:
     ann = {rc.ANN_ELASTIC: rc.elastic_annotation(leases)}
     assert rc.parse_elastic(ann) == tuple(leases)
     assert rc.parse_elastic({rc.ANN_ELASTIC: "not json"}) == ()
+
+
+def test_pod_records_what_its_own_gpu_keeps() -> None:
+    plan = P.PodPlan(P.TenantRef("chat", "team-a", "u"), 0, "gpu-0", {"image": "toy:1"}, gpu_uuid="g0",
+                     local_bytes=40 * GIB)
+    pod = P.build_pod(plan)
+    assert pod["metadata"]["annotations"][P.ANN_LOCAL] == str(40 * GIB)
+    obs = rc.observe_pod(pod)
+    assert obs is not None and obs.local_bytes == 40 * GIB
+    # A pod made before the annotation existed, or a garbled value, reads as 0 (the reconcile rewrites it).
+    pod["metadata"]["annotations"][P.ANN_LOCAL] = "40Gi"
+    obs2 = rc.observe_pod(pod)
+    assert obs2 is not None and obs2.local_bytes == 0
+    assert P.local_bytes(40 * GIB, True, 80 * GIB) == 40 * GIB
+    assert P.local_bytes(40 * GIB, False, 80 * GIB) == 80 * GIB  # lending: false keeps the whole GPU
+    assert P.local_bytes(40 * GIB, False, 0) == 40 * GIB  # GPU unknown: at least the model
+
+
+def node_obj(name: str, ready: str = "True", since: str = "2026-01-01T00:00:00Z", cordoned: bool = False) -> dict[
+        str, Any]:
+    return {"metadata": {"name": name}, "spec": {"unschedulable": True} if cordoned else {},
+            "status": {"conditions": [{"type": "MemoryPressure", "status": "False"},
+                                      {"type": "Ready", "status": ready, "lastTransitionTime": since}]}}
+
+
+def test_node_verdict_lost_unplaceable_or_fine() -> None:
+    t0 = NodeHealth.from_node(node_obj("n", since="2026-01-01T00:00:00Z")).since
+    assert t0 > 0
+    ok = NodeHealth.from_node(node_obj("n"))
+    assert (ok.name, ok.ready, ok.unschedulable) == ("n", True, False)
+    assert node_verdict(ok, t0 + 1000, 60) == ("", "")
+    lost, unplaceable = node_verdict(None, t0, 60)
+    assert "no Node object" in lost and unplaceable == ""
+    not_ready = NodeHealth.from_node(node_obj("n", ready="Unknown"))
+    assert node_verdict(not_ready, t0 + 30, 60) == ("", "is NotReady")  # within the grace: no new replicas only
+    assert "NotReady" in node_verdict(not_ready, t0 + 61, 60)[0]  # longer: lost, replicas move
+    assert "NotReady" in node_verdict(not_ready, t0 + 1, 0)[0]  # no grace
+    fresh = NodeHealth.from_node({"metadata": {"name": "n"}, "status": {}})  # no Ready condition yet
+    assert node_verdict(fresh, t0 + 1e6, 60) == ("", "is NotReady")
+    cordoned = NodeHealth.from_node(node_obj("n", cordoned=True))
+    assert node_verdict(cordoned, t0 + 1000, 60) == ("", "is cordoned (unschedulable)")
+
+
+def test_decide_says_why_a_node_is_lost() -> None:
+    spec = TenantSpec.from_resource(tenant_body(replicas=2))
+    d = rc.decide(spec, [observed(0), observed(1, node="gone")], {"gpu-0": node()},
+                  {"gone": "has no Node object (the node was deleted while its agent still publishes)"})
+    [(pod, reason, message)] = d.remove
+    assert (pod.replica, reason) == (1, "NodeLost") and "has no Node object" in message
+    assert d.place == ()  # replica 1 is re-placed on the next pass, once its pod is gone
+
+
+def test_status_shows_elastic_bytes_per_replica_and_in_all() -> None:
+    spec = TenantSpec.from_resource(tenant_body(replicas=2))
+    res = {"id": "l1", "gpu": "g1", "bytes": 20 * GIB, "kind": "RESERVATION", "state": "RESERVED"}
+    el = {"id": "e1", "gpu": "g3", "bytes": 2 * GIB, "kind": "ELASTIC", "state": "RESERVED"}
+    r0 = rc.ReplicaStatus(0, "chat-0", "gpu-0", "g0", [res, el], ready=True)
+    r1 = rc.ReplicaStatus(1, "chat-1", "gpu-0", "g2", [dict(res, id="l2")], ready=True)
+    s = rc.build_status(spec, [r0, r1], {}, {}, "t")
+    assert [p["elasticBytes"] for p in s["placements"]] == [2 * GIB, 0]
+    assert s["elasticBytes"] == 2 * GIB and s["peerMemoryBytes"] == 42 * GIB

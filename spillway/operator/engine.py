@@ -13,6 +13,7 @@ import asyncio
 import dataclasses
 import datetime as dt
 import importlib
+import json
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -27,20 +28,25 @@ from spillway.operator.metrics import OperatorMetrics
 from spillway.operator.model import (
     API_GROUP,
     API_VERSION,
+    POOL_PLURAL,
     TENANT_PLURAL,
     Assignment,
     GpuView,
+    NodeHealth,
     NodeView,
     Plan,
     ReplicaKey,
     TenantSpec,
+    node_verdict,
 )
 from spillway.operator.pods import (
+    ANN_LOCAL,
     LeaseRef,
     PodPlan,
     TenantRef,
     build_pod,
     holder_name,
+    local_bytes,
     parse_holder,
     pod_name,
 )
@@ -48,6 +54,12 @@ from spillway.operator.reservations import ReservationError, Reservations, state
 from spillway.units import format_bytes
 
 log = logging.getLogger(__name__)
+
+# On a MemoryPool: {GPU UUID: bytes} of the local reservations this operator set at that node's
+# agent (SetGpuLocal reserved). Written before a reservation is set and narrowed after one is
+# cleared, so a restarted operator knows which reservations are its own to recompute.
+ANN_POOL_LOCAL = "spillway.dev/operator-local-reserved"
+LOCAL_RESEND_S = 30.0  # re-send a local reservation the published pool still does not show after this long
 
 EventFn = Callable[[Mapping[str, Any], str, str, str], None]  # (body, type "Normal"/"Warning", reason, message)
 
@@ -94,6 +106,16 @@ class Engine:
         self._memory: dict[str, _TenantMemory] = {}
         self.synced = False
         self._lease_facts: dict[str, dict[str, Any]] = {}  # lease id -> state, expiresAt (last renew)
+        # Kubernetes Nodes by name; None until listed (or when the operator may not list them):
+        # then every live MemoryPool counts as placeable.
+        self.nodes: dict[str, NodeHealth] | None = None
+        self._nodes_rv = ""
+        self._pool_refs: dict[str, dict[str, Any]] = {}  # pool name -> {apiVersion, kind, metadata} for events
+        self._pool_said: dict[str, str] = {}  # pool name -> the last verdict posted as an event
+        self._local_record: dict[str, dict[str, int]] = {}  # pool name -> ANN_POOL_LOCAL
+        self._local: dict[ReplicaKey, tuple[str, str, int]] = {}  # replica -> (node, own GPU, bytes it keeps)
+        self._local_sent: dict[tuple[str, str], tuple[int, float]] = {}  # (node, gpu) -> (bytes, monotonic)
+        self._node_locks: dict[str, asyncio.Lock] = {}
         if self.config.prometheus_url and self.prometheus is None:
             self.prometheus = slomod.PrometheusClient(self.config.prometheus_url)
 
@@ -105,26 +127,142 @@ class Engine:
         except ValueError as exc:
             log.warning("ignoring MemoryPool", extra={"error": str(exc)})
             return
+        meta = body.get("metadata") or {}
+        self._pool_refs[view.name] = {
+            "apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": "MemoryPool",
+            "metadata": {"name": meta.get("name"), "uid": meta.get("uid")},
+        }
+        self._local_record[view.name] = _parse_local_record((meta.get("annotations") or {}).get(ANN_POOL_LOCAL))
         if view.gpus and view.endpoint:
             self.pools[view.name] = view
 
-    def live_pools(self) -> dict[str, NodeView]:
-        """The pools whose agent published recently: a node whose heartbeat stopped is lost."""
+    def pool_verdicts(self) -> dict[str, tuple[str, str]]:
+        """(lost, unplaceable) reasons for every pool that is not fully usable (see
+        `model.node_verdict`); a pool whose heartbeat is stale is lost. Posts an Event on the
+        MemoryPool when its verdict changes."""
         limit = self.config.pool_stale_s
-        if limit <= 0:
-            return dict(self.pools)
         now = time.time()
-        return {n: v for n, v in self.pools.items() if not v.heartbeat or now - v.heartbeat <= limit}
+        out: dict[str, tuple[str, str]] = {}
+        for name, view in self.pools.items():
+            if limit > 0 and view.heartbeat and now - view.heartbeat > limit:
+                verdict = (f"has no live MemoryPool (its agent stopped publishing {now - view.heartbeat:.0f}s ago)", "")
+            elif self.nodes is not None:
+                verdict = node_verdict(self.nodes.get(name), now, limit)
+            else:
+                verdict = ("", "")
+            if verdict != ("", ""):
+                out[name] = verdict
+            self._say_pool(name, verdict)
+        return out
+
+    def _say_pool(self, name: str, verdict: tuple[str, str]) -> None:
+        lost, unplaceable = verdict
+        said = self._pool_said.get(name, "")
+        now_says = lost or unplaceable
+        if now_says == said:
+            return
+        self._pool_said[name] = now_says
+        ref = self._pool_refs.get(name)
+        if ref is None:
+            return
+        if lost:
+            self.event(ref, "Warning", "NodeLost", f"node {name} {lost}: not placeable; its replicas are re-placed "
+                       "on other nodes")
+        elif unplaceable:
+            self.event(ref, "Warning", "NodeUnplaceable", f"node {name} {unplaceable}: no new replica is placed "
+                       "there; running ones stay")
+        else:
+            self.event(ref, "Normal", "NodePlaceable", f"node {name} is Ready and schedulable again")
+
+    def live_pools(self) -> dict[str, NodeView]:
+        """The pools whose node is not lost (heartbeat fresh, Node present, not NotReady for long):
+        the replicas there keep running."""
+        lost = self.pool_verdicts()
+        return {n: v for n, v in self.pools.items() if not (lost.get(n) or ("", ""))[0]}
+
+    def placeable_pools(self) -> dict[str, NodeView]:
+        """The live pools that may take new replicas (node Ready and not cordoned)."""
+        bad = self.pool_verdicts()
+        return {n: v for n, v in self.pools.items() if n not in bad}
+
+    def lost_reasons(self) -> dict[str, str]:
+        return {n: v[0] for n, v in self.pool_verdicts().items() if v[0]}
 
     def pool_deleted(self, name: str) -> None:
         self.pools.pop(name, None)
+        self._pool_said.pop(name, None)
 
-    def pod_changed(self, body: Mapping[str, Any], deleted: bool = False) -> None:
+    # -- Nodes -------------------------------------------------------------------------------
+
+    def node_changed(self, body: Mapping[str, Any], deleted: bool = False) -> None:
+        health = NodeHealth.from_node(body)
+        if self.nodes is None or not health.name:
+            return
+        if deleted:
+            self.nodes.pop(health.name, None)
+        else:
+            self.nodes[health.name] = health
+
+    async def list_nodes(self) -> bool:
+        """(Re)load every Node; False when the operator may not list Nodes (then Node facts are
+        not used: every live MemoryPool counts as placeable)."""
+        try:
+            items, rv = await self.kube.list_nodes()
+        except KubeError as exc:
+            if exc.status in (401, 403):
+                if self.nodes is not None or not self._nodes_rv:
+                    log.warning("cannot list Nodes: deleted, NotReady and cordoned nodes are not detected (grant "
+                                "the operator get/list/watch on nodes)", extra={"error": str(exc)[:300]})
+                self.nodes, self._nodes_rv = None, "forbidden"
+                return False
+            raise
+        self.nodes = {h.name: h for h in (NodeHealth.from_node(x) for x in items) if h.name}
+        self._nodes_rv = rv
+        return True
+
+    async def watch_nodes(self, retry_s: float = 2.0) -> None:
+        """Keep `nodes` current (list, then watch; list again when the watch is too old). Runs
+        until cancelled."""
+        while True:
+            try:
+                if not self._nodes_rv or self._nodes_rv == "forbidden" or self.nodes is None:
+                    if not await self.list_nodes():
+                        await asyncio.sleep(60.0)
+                        continue
+                async for ev in self.kube.watch("/api/v1/nodes", self._nodes_rv):
+                    obj = ev.get("object") or {}
+                    kind = ev.get("type")
+                    if kind == "ERROR":
+                        self._nodes_rv = ""  # 410 Gone and friends: list again
+                        break
+                    rv = str((obj.get("metadata") or {}).get("resourceVersion") or "")
+                    if rv:
+                        self._nodes_rv = rv
+                    if kind in ("ADDED", "MODIFIED", "DELETED"):
+                        self.node_changed(obj, deleted=kind == "DELETED")
+            except asyncio.CancelledError:
+                raise
+            except KubeError as exc:
+                if exc.status == 410:
+                    self._nodes_rv = ""
+                    continue
+                log.info("node watch ended; retrying", extra={"error": str(exc)[:200]})
+                self._nodes_rv = "" if exc.status else self._nodes_rv
+                await asyncio.sleep(retry_s)
+            except Exception as exc:  # a broken stream: reconnect
+                log.info("node watch ended; retrying", extra={"error": str(exc)[:200]})
+                await asyncio.sleep(retry_s)
+
+    # -- tenant pods ---------------------------------------------------------------------------
+
+    def pod_changed(self, body: Mapping[str, Any], deleted: bool = False) -> str | None:
+        """Keep assignments and local reservations current; returns the node whose local
+        reservations changed (to sync), else None."""
         meta = body.get("metadata") or {}
         tenant = (meta.get("labels") or {}).get(rc.LABEL_TENANT)
         p = rc.observe_pod(body)
         if not tenant or p is None:
-            return
+            return None
         key = ReplicaKey(str(meta.get("namespace")), str(tenant), p.replica)
         if deleted:
             current = self.assignments.get(key)
@@ -132,6 +270,90 @@ class Engine:
                 del self.assignments[key]
         else:
             self.assignments[key] = rc.assignment_of(key.namespace, key.name, p)
+        return self._note_local(key, p, deleted)
+
+    def _note_local(self, key: ReplicaKey, p: rc.ObservedPod, deleted: bool = False) -> str | None:
+        before = self._local.get(key)
+        if deleted:
+            if before is None or before[0] != p.node:
+                return None
+            del self._local[key]
+            return p.node
+        after = (p.node, p.gpu_uuid, p.local_bytes)
+        if not p.gpu_uuid or p.local_bytes <= 0:
+            self._local.pop(key, None)
+            return p.node if before is not None else None
+        self._local[key] = after
+        if before == after:
+            return None
+        if before is not None and before[0] != p.node:
+            return before[0]  # rare: a new pod of the replica on another node; the old node syncs on its timer
+        return p.node
+
+    def local_wanted(self, node: str) -> dict[str, int]:
+        """{GPU: bytes} the node's GPUs must keep for the replicas placed on them (recomputed from
+        the pods that exist, never counted up or down)."""
+        out: dict[str, int] = {}
+        for n, gpu, nbytes in self._local.values():
+            if n == node:
+                out[gpu] = out.get(gpu, 0) + nbytes
+        return out
+
+    async def sync_local(self, node: str) -> None:
+        """Make the agent's local reservations on `node` match the replicas placed there
+        (SetGpuLocal reserved), on every GPU this operator manages there (ANN_POOL_LOCAL)."""
+        lock = self._node_locks.setdefault(node, asyncio.Lock())
+        async with lock:
+            view = self.pools.get(node)
+            if view is None or not view.endpoint:
+                return
+            gpus = {g.uuid: g for g in view.gpus}
+            record = dict(self._local_record.get(node, {}))
+            wanted = {g: b for g, b in self.local_wanted(node).items() if g in gpus}
+            targets = {g: wanted.get(g, 0) for g in set(record) | set(wanted) if g in gpus}
+            widened = {**record, **{g: b for g, b in targets.items() if b > 0}}
+            if widened != record:
+                await self._write_local_record(node, widened)
+            now = time.monotonic()
+            unset: set[str] = set()
+            for gpu, nbytes in sorted(targets.items()):
+                published = gpus[gpu].local_reserved
+                sent = self._local_sent.get((node, gpu))
+                if published == nbytes and (sent is None or sent[0] == nbytes):
+                    continue
+                if sent is not None and sent[0] == nbytes and now - sent[1] < LOCAL_RESEND_S:
+                    continue  # sent; the agent publishes it with its next beat
+                try:
+                    await self.reservations.set_local(view.endpoint, gpu, nbytes)
+                except ReservationError as exc:
+                    unset.add(gpu)
+                    log.warning("cannot set the local reservation", extra={"node": node, "gpu": gpu,
+                                                                          "bytes": nbytes, "error": str(exc)})
+                    continue
+                self._local_sent[(node, gpu)] = (nbytes, now)
+                log.info("local reservation set", extra={"node": node, "gpu": gpu, "reserved": format_bytes(nbytes)})
+            # Ours from now on: what is reserved for a replica, and what could not be cleared yet.
+            narrowed = {g: b for g, b in targets.items() if b > 0}
+            narrowed.update({g: widened[g] for g in unset if targets[g] == 0 and g in widened})
+            if narrowed != widened:
+                await self._write_local_record(node, narrowed)
+
+    async def _write_local_record(self, node: str, record: Mapping[str, int]) -> None:
+        value = json.dumps(dict(sorted(record.items())), separators=(",", ":")) if record else None
+        try:
+            await self.kube.patch_custom(API_GROUP, API_VERSION, POOL_PLURAL, node,
+                                         {"metadata": {"annotations": {ANN_POOL_LOCAL: value}}})
+        except KubeError as exc:
+            if exc.status != 404:
+                raise
+        self._local_record[node] = dict(record)
+
+    async def sync_all_local(self) -> None:
+        for node in list(self.pools):
+            try:
+                await self.sync_local(node)
+            except Exception:
+                log.warning("local reservation sync failed", exc_info=True, extra={"node": node})
 
     def ready(self) -> str:
         return "" if self.synced else "initial sync (startup sweep) not finished"
@@ -204,15 +426,22 @@ class Engine:
         tenant = TenantRef(name, ns, spec.uid)
         raw_pods = await self.kube.list_pods(ns, rc.selector(name))
         observed = [p for p in (rc.observe_pod(x) for x in raw_pods) if p is not None]
-        decision = rc.decide(spec, observed, self.live_pools())
+        decision = rc.decide(spec, observed, self.live_pools(), self.lost_reasons())
+        touched: set[str] = set()  # nodes whose local reservations may have changed
 
         for pod, reason, message in decision.remove:
             await self._remove_pod(body, tenant, pod, reason, message)
 
         replicas: dict[int, rc.ReplicaStatus] = {}
         pending: dict[int, str] = {}
+        kept: dict[int, rc.ObservedPod] = {}
         for pod in decision.keep:
+            pod = await self._keep_local(spec, pod)
             pod = await self._check_leases(body, spec, pod) if renew else pod
+            if self._note_local(ReplicaKey(ns, name, pod.replica), pod):
+                touched.add(pod.node)
+            if pod.phase != "Failed":
+                kept[pod.replica] = pod
             replicas[pod.replica] = await self._replica_status(pod, renew=False)
         for r in decision.waiting:
             pending[r] = "waiting for the previous pod to terminate"
@@ -220,11 +449,19 @@ class Engine:
         if decision.place:
             placed = await self._place(body, spec, tenant, decision.place, pending)
             for pod in placed:
+                self._note_local(ReplicaKey(ns, name, pod.replica), pod)
+                touched.add(pod.node)
                 replicas[pod.replica] = await self._replica_status(pod, renew=False)
 
         mem = self._mem(f"{ns}/{name}")
         if slo:
-            await self._slo_feedback(body, spec, tenant, [p for p in decision.keep if p.replica in replicas])
+            for pod in await self._slo_feedback(body, spec, tenant, list(kept.values())):
+                replicas[pod.replica] = await self._replica_status(pod, renew=False)
+        for node in sorted(touched):
+            try:
+                await self.sync_local(node)
+            except Exception as exc:  # the timer on the node's MemoryPool tries again
+                log.warning("local reservation sync failed", extra={"node": node, "error": str(exc)[:300]})
         status = rc.build_status(
             spec, list(replicas.values()), pending, old_status, now_rfc3339(), mem.slo_status, mem.slo_condition
         )
@@ -237,6 +474,22 @@ class Engine:
         self.metrics.peer_memory.labels(ns, name, "RESERVATION").set(
             sum(x.bytes for p in decision.keep for x in p.leases))
         return phase
+
+    def _local_for(self, spec: TenantSpec, node: str, gpu: str) -> int:
+        view = self.pools.get(node)
+        g = view.gpu(gpu) if view is not None else None
+        return local_bytes(spec.memory, spec.lending, g.total if g is not None else 0)
+
+    async def _keep_local(self, spec: TenantSpec, pod: rc.ObservedPod) -> rc.ObservedPod:
+        """A kept pod's ANN_LOCAL follows the spec (model.memory or lending changed, or a pod made
+        before the annotation existed)."""
+        if not pod.gpu_uuid:
+            return pod
+        want = self._local_for(spec, pod.node, pod.gpu_uuid)
+        if want == pod.local_bytes:
+            return pod
+        await self.kube.patch_pod(spec.namespace, pod.name, {"metadata": {"annotations": {ANN_LOCAL: str(want)}}})
+        return dataclasses.replace(pod, local_bytes=want)
 
     async def _write_status(self, ns: str, name: str, status: Mapping[str, Any]) -> None:
         try:
@@ -388,7 +641,7 @@ class Engine:
         created: list[rc.ObservedPod] = []
         async with self._place_lock:
             current = {k: v for k, v in self.assignments.items()}
-            nodes = list(self.live_pools().values())
+            nodes = list(self.placeable_pools().values())
             plan = self._planner()(nodes, [spec], current)
             for r in replicas:
                 key = ReplicaKey(spec.namespace, spec.name, r)
@@ -454,6 +707,7 @@ class Engine:
         pod = build_pod(PodPlan(
             tenant=tenant, replica=r, node=a.node, gpu_uuid=a.gpu_uuid, leases=tuple(leases),
             fallback="HostMemory" if fallback and spec.peer_request > 0 else "",
+            local_bytes=self._local_for(spec, a.node, a.gpu_uuid),
             model={"image": spec.image, "args": list(spec.args), "env": [dict(e) for e in spec.env],
                    "port": spec.port, "resources": dict(spec.resources)},
         ))
@@ -536,6 +790,7 @@ class Engine:
         the replica names the lease. Runs before any reconcile. Returns the number released."""
         for pool in await self.kube.list_custom(API_GROUP, API_VERSION, "memorypools"):
             self.pool_changed(pool)
+        await self.list_nodes()
         tenants: dict[tuple[str, str], Mapping[str, Any]] = {}
         pods_by_replica: dict[tuple[str, str, int], set[str]] = {}
         for ns in self.config.namespaces or [""]:
@@ -572,6 +827,7 @@ class Engine:
         released = await self._sweep_holder("tenant:", orphan)
         if released:
             log.info("startup sweep released orphaned leases", extra={"released": released})
+        await self.sync_all_local()  # local reservations from the pods that exist (a crash may have left some)
         self.synced = True
         return released
 
@@ -618,22 +874,24 @@ class Engine:
 
     async def _slo_feedback(
         self, body: Mapping[str, Any], spec: TenantSpec, tenant: TenantRef, pods: Sequence[rc.ObservedPod]
-    ) -> None:
+    ) -> list[rc.ObservedPod]:
+        """Evaluate the SLO (at most once per window) and resize ELASTIC leases; returns the pods
+        whose ELASTIC leases changed, as they are now."""
         key = f"{spec.namespace}/{spec.name}"
         mem = self._mem(key)
         if time.monotonic() - mem.last_slo_eval < spec.window_s:
-            return
+            return []
         mem.last_slo_eval = time.monotonic()
         if spec.ttft_s is None and spec.tbt_s is None:
             mem.slo_condition = ("Unknown", "NoSLO", "the tenant sets no latency targets")
             mem.slo_status = {"state": "Unknown", "message": "no targets in spec.slo",
                               "lastEvaluation": now_rfc3339()}
-            return
+            return []
         if self.prometheus is None:
             mem.slo_condition = ("Unknown", "NoPrometheus", "the operator runs without --prometheus-url")
             mem.slo_status = {"state": "Unknown", "message": "the operator runs without --prometheus-url",
                               "lastEvaluation": now_rfc3339()}
-            return
+            return []
         targets = []
         if spec.ttft_s is not None:
             targets.append(slomod.SloTarget("ttft", spec.ttft_metric, spec.ttft_s))
@@ -650,7 +908,7 @@ class Engine:
             mem.slo_condition = ("Unknown", "PrometheusUnavailable", str(exc))
             mem.slo_status = {"state": "Unknown", "message": str(exc), "lastEvaluation": now_rfc3339()}
             self.event(body, "Warning", "SLOUnknown", str(exc))
-            return
+            return []
         verdict = slomod.evaluate(observations, spec.percentile, spec.attainment)
         status: dict[str, Any] = {"lastEvaluation": now_rfc3339(), "message": verdict.message}
         attainments = []
@@ -680,14 +938,15 @@ class Engine:
             mem.slo_condition = ("True" if verdict.met else "False", verdict.reason, verdict.message)
         mem.slo_missed = verdict.met is False
         mem.slo_status = status
-        await self._resize_elastic(body, spec, pods, verdict)
+        return await self._resize_elastic(body, spec, pods, verdict)
 
     async def _resize_elastic(
         self, body: Mapping[str, Any], spec: TenantSpec, pods: Sequence[rc.ObservedPod], verdict: slomod.SloVerdict
-    ) -> None:
+    ) -> list[rc.ObservedPod]:
         key = f"{spec.namespace}/{spec.name}"
         wanted = self.pool_wanted(key)
         total_elastic = 0
+        changed: list[rc.ObservedPod] = []
         for pod in pods:
             held = pod.peer_bytes
             elastic = sum(x.bytes for x in pod.elastic)
@@ -731,13 +990,24 @@ class Engine:
             else:
                 elastic_leases = list(pod.elastic)
             total_elastic += sum(x.bytes for x in elastic_leases)
+            if tuple(elastic_leases) != pod.elastic:
+                changed.append(dataclasses.replace(pod, elastic=tuple(elastic_leases)))
         self.metrics.peer_memory.labels(spec.namespace, spec.name, "ELASTIC").set(total_elastic)
+        return changed
 
     async def close(self) -> None:
         await self.kube.close()
         await self.reservations.agents.close()
         if self.prometheus is not None:
             await self.prometheus.close()
+
+
+def _parse_local_record(raw: Any) -> dict[str, int]:
+    try:
+        value = json.loads(raw) if raw else {}
+        return {str(k): int(v) for k, v in value.items()} if isinstance(value, dict) else {}
+    except (ValueError, TypeError):
+        return {}
 
 
 def _condition_message(status: Mapping[str, Any], phase: str) -> str:

@@ -5,7 +5,11 @@
 - InferenceTenant delete: `Engine.finalize` behind kopf's finalizer (ours: operator.spillway.dev).
 - MemoryPool events keep the pool snapshot current; a daemon per MemoryPool watches that node's
   agent and hands lease events (REVOKING, ...) to `Engine.on_lease_event`.
-- Pod events of tenant pods keep the assignment map current and poke the tenant's reconcile.
+- Pod events of tenant pods keep the assignment map current and poke the tenant's reconcile; a
+  pod that appears or goes syncs its node's local reservations (SetGpuLocal), and a timer per
+  MemoryPool resyncs them (recomputed from the pods, so a crash leaves nothing stale).
+- Nodes: the engine lists and watches them itself (a node deleted, NotReady or cordoned is not
+  placeable; without permission to list Nodes it warns and goes on without).
 - Startup: kopf's progress and diff-base storage go to annotations under our prefix (so `status`
   is ours alone), then the startup sweep releases orphaned leases before any reconcile.
 """
@@ -47,6 +51,16 @@ def register(
     registry: kopf.OperatorRegistry, engine: Engine, *, resync_s: float = 30.0, agent_retry_s: float = 2.0
 ) -> None:
     pokes: dict[str, asyncio.Task[None]] = {}
+    syncs: dict[str, asyncio.Task[None]] = {}
+    background: list[asyncio.Task[None]] = []
+
+    async def sync_later(node: str) -> None:
+        await asyncio.sleep(0.2)
+        syncs.pop(node, None)
+        try:
+            await engine.sync_local(node)
+        except Exception:
+            log.warning("local reservation sync failed", exc_info=True, extra={"node": node})
 
     async def poke_later(ns: str, name: str) -> None:
         await asyncio.sleep(0.2)
@@ -86,9 +100,13 @@ def register(
                 log.warning("startup sync failed; retrying", extra={"error": str(exc)[:300], "attempt": attempt})
                 await asyncio.sleep(1.0)
         log.info("operator synced", extra={"pools": len(engine.pools), "orphans_released": released})
+        background.append(asyncio.get_running_loop().create_task(engine.watch_nodes()))
 
     @kopf.on.cleanup(registry=registry)
     async def cleanup(**_: Any) -> None:
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
         await engine.close()
 
     # -- MemoryPools and their agents --
@@ -99,6 +117,12 @@ def register(
             engine.pool_deleted(name)
         else:
             engine.pool_changed(body)
+
+    @kopf.timer(API_GROUP, API_VERSION, POOL_PLURAL, interval=resync_s, registry=registry)
+    async def pool_resync(name: str, **_: Any) -> None:
+        """Local reservations on the node follow the replicas placed there."""
+        if engine.synced:
+            await engine.sync_local(name)
 
     @kopf.daemon(API_GROUP, API_VERSION, POOL_PLURAL, registry=registry, cancellation_timeout=5.0)
     async def watch_agent(name: str, stopped: kopf.DaemonStopped, **_: Any) -> None:
@@ -132,7 +156,9 @@ def register(
     async def pod_event(
         type: str, body: kopf.Body, namespace: str | None, labels: Mapping[str, str], **_: Any
     ) -> None:
-        engine.pod_changed(body, deleted=type == "DELETED")
+        node = engine.pod_changed(body, deleted=type == "DELETED")
+        if node and engine.synced and node not in syncs:
+            syncs[node] = asyncio.get_running_loop().create_task(sync_later(node))
         if type is None:  # the initial listing
             return
         tenant = labels.get(LABEL_TENANT, "")

@@ -13,7 +13,7 @@ import json
 import os
 import ssl
 import tempfile
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -182,6 +182,40 @@ class KubeClient:
         ns = f"/namespaces/{namespace}" if namespace else ""
         await self.request("PATCH", f"/apis/{group}/{version}{ns}/{plural}/{name}/status", body=patch,
                            content_type="application/merge-patch+json")
+
+    async def patch_custom(
+        self, group: str, version: str, plural: str, name: str, patch: Mapping[str, Any], namespace: str = ""
+    ) -> None:
+        ns = f"/namespaces/{namespace}" if namespace else ""
+        await self.request("PATCH", f"/apis/{group}/{version}{ns}/{plural}/{name}", body=patch,
+                           content_type="application/merge-patch+json")
+
+    async def list_nodes(self) -> tuple[list[dict[str, Any]], str]:
+        """All Nodes and the list's resourceVersion (to watch from)."""
+        out = await self.request("GET", "/api/v1/nodes")
+        return list(out.get("items") or []), str((out.get("metadata") or {}).get("resourceVersion") or "")
+
+    async def watch(self, path: str, resource_version: str, timeout_s: int = 300) -> AsyncIterator[dict[str, Any]]:
+        """Watch events (`{"type": ..., "object": ...}`) of a collection from `resource_version`
+        until the server ends the stream. A 410 (too old) comes as KubeError(410) or as an ERROR
+        event whose object is a Status with code 410: list again."""
+        session = await self._http()
+        params = {"watch": "1", "resourceVersion": resource_version, "timeoutSeconds": str(timeout_s),
+                  "allowWatchBookmarks": "true"}
+        try:
+            async with session.get(self.server + path, params=params,
+                                   timeout=aiohttp.ClientTimeout(total=None, sock_read=timeout_s + 30)) as resp:
+                if resp.status >= 400:
+                    raise KubeError(resp.status, f"WATCH {path}: {resp.status} {(await resp.text())[:300]}")
+                buf = b""
+                async for chunk in resp.content.iter_any():  # lines may exceed aiohttp's readline limit
+                    buf += chunk
+                    while b"\n" in buf:
+                        line, buf = buf.split(b"\n", 1)
+                        if line.strip():
+                            yield json.loads(line)
+        except aiohttp.ClientError as exc:
+            raise KubeError(0, f"WATCH {path}: {exc}") from exc
 
     async def close(self) -> None:
         if self._session is not None:

@@ -111,6 +111,48 @@ class NodeView:
         )
 
 
+@dataclass(frozen=True)
+class NodeHealth:
+    """What the operator needs from a Kubernetes Node: is it Ready (since when), is it cordoned."""
+
+    name: str
+    ready: bool
+    since: float  # Unix time of the Ready condition's last transition (0 when unknown)
+    unschedulable: bool = False
+
+    @classmethod
+    def from_node(cls, obj: Mapping[str, Any]) -> NodeHealth:
+        meta = obj.get("metadata") or {}
+        ready = next((c for c in (obj.get("status") or {}).get("conditions") or []
+                      if isinstance(c, Mapping) and c.get("type") == "Ready"), None)
+        return cls(
+            name=str(meta.get("name") or ""),
+            ready=bool(ready and ready.get("status") == "True"),
+            since=_parse_time((ready or {}).get("lastTransitionTime")),
+            unschedulable=bool((obj.get("spec") or {}).get("unschedulable")),
+        )
+
+
+def node_verdict(health: NodeHealth | None, now: float, grace_s: float) -> tuple[str, str]:
+    """(lost, unplaceable) for a MemoryPool's node, each a reason in words or "".
+
+    - lost (its replicas are re-placed elsewhere): the Node object is gone, or it has been NotReady
+      for longer than `grace_s` (the same grace as a stale MemoryPool heartbeat; 0: at once; a node
+      with no Ready condition yet is only unplaceable);
+    - unplaceable (no new replica goes there, running ones stay): NotReady within the grace, or
+      cordoned (`spec.unschedulable`; `kubectl drain` evicts the pods, and they are re-placed).
+    """
+    if health is None:
+        return "has no Node object (the node was deleted while its agent still publishes)", ""
+    if not health.ready:
+        if grace_s <= 0 or (health.since and now - health.since > grace_s):
+            return f"is NotReady (for more than {grace_s:g}s)", ""
+        return "", "is NotReady"
+    if health.unschedulable:
+        return "", "is cordoned (unschedulable)"
+    return "", ""
+
+
 def _parse_time(value: Any) -> float:
     """RFC 3339 (as Kubernetes writes times) or a number of seconds -> Unix seconds; 0 if absent."""
     if value is None or value == "":

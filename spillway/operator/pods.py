@@ -42,6 +42,9 @@ ANN_GPU = "spillway.dev/gpu"  # the GPU the planner meant for the replica's own 
 ANN_PEER_BYTES = "spillway.dev/lender-bytes"  # bytes of each lease, comma-separated
 ANN_FALLBACK = "spillway.dev/fallback"  # "HostMemory" when the replica runs without peer memory
 ANN_TENANT_UID = "spillway.dev/tenant-uid"
+# Bytes the replica's own GPU keeps for it: the operator sets the agent's local reservation
+# (`SetGpuLocal reserved`) of that GPU to the sum over the pods there, so the pool never lends them.
+ANN_LOCAL = "spillway.dev/local-reserved"
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,7 @@ class PodPlan:
     leases: Sequence[LeaseRef] = field(default_factory=tuple)
     fallback: str = ""  # "HostMemory" when running without peer memory
     priority_class: str = ""
+    local_bytes: int = 0  # what `gpu_uuid` keeps for the model (ANN_LOCAL)
 
 
 def pod_name(tenant: str, replica: int) -> str:
@@ -190,6 +194,8 @@ def build_pod(plan: PodPlan) -> dict[str, Any]:
     annotations.update(reservation_annotations(plan.node, plan.leases))
     if plan.fallback:
         annotations[ANN_FALLBACK] = plan.fallback
+    if plan.gpu_uuid and plan.local_bytes > 0:
+        annotations[ANN_LOCAL] = str(plan.local_bytes)
     pod: dict[str, Any] = {
         "apiVersion": "v1",
         "kind": "Pod",
@@ -226,6 +232,12 @@ def build_pod(plan: PodPlan) -> dict[str, Any]:
     if plan.priority_class:
         pod["spec"]["priorityClassName"] = plan.priority_class
     return pod
+
+
+def local_bytes(t_memory: int, lending: bool, gpu_total: int) -> int:
+    """What a replica's own GPU keeps for it: the model's memory, or the whole GPU when the tenant
+    does not lend (`lending: false`), so the agent lends nothing from it."""
+    return t_memory if lending or gpu_total <= 0 else max(t_memory, gpu_total)
 
 
 def pod_replica(pod: Mapping[str, Any]) -> int | None:

@@ -18,6 +18,7 @@ from spillway.operator.model import Assignment, NodeView, ReplicaKey, TenantSpec
 from spillway.operator.pods import (
     ANN_FALLBACK,
     ANN_GPU,
+    ANN_LOCAL,
     ANN_PEER_BYTES,
     ANN_TENANT_UID,
     LABEL_TENANT,
@@ -54,6 +55,7 @@ class ObservedPod:
     terminating: bool = False
     fallback: bool = False
     tenant_uid: str = ""
+    local_bytes: int = 0  # what its own GPU keeps for it (ANN_LOCAL); 0 on pods made before that annotation
 
     @property
     def peer_bytes(self) -> int:
@@ -109,6 +111,7 @@ def observe_pod(pod: Mapping[str, Any]) -> ObservedPod | None:
         terminating=bool(meta.get("deletionTimestamp")),
         fallback=bool(ann.get(ANN_FALLBACK)),
         tenant_uid=str(ann.get(ANN_TENANT_UID) or ""),
+        local_bytes=int(ann[ANN_LOCAL]) if str(ann.get(ANN_LOCAL) or "").isdigit() else 0,
     )
 
 
@@ -129,8 +132,11 @@ class Decision:
     waiting: tuple[int, ...] = ()  # replicas whose old pod is still terminating
 
 
-def decide(spec: TenantSpec, pods: Sequence[ObservedPod], nodes: Mapping[str, NodeView]) -> Decision:
-    """Sort the tenant's pods into kept and removed, and list the replicas to place."""
+def decide(
+    spec: TenantSpec, pods: Sequence[ObservedPod], nodes: Mapping[str, NodeView], lost: Mapping[str, str] | None = None
+) -> Decision:
+    """Sort the tenant's pods into kept and removed, and list the replicas to place. A pod on a
+    node missing from `nodes` is removed (NodeLost); `lost` may say why that node is gone."""
     keep: list[ObservedPod] = []
     remove: list[tuple[ObservedPod, str, str]] = []
     waiting: set[int] = set()
@@ -146,8 +152,8 @@ def decide(spec: TenantSpec, pods: Sequence[ObservedPod], nodes: Mapping[str, No
         elif p.replica in seen:
             remove.append((p, "Duplicate", f"pod {p.name} duplicates replica {p.replica}"))
         elif p.node not in nodes:
-            remove.append((p, "NodeLost", f"node {p.node} of replica {p.replica} has no live MemoryPool (its agent "
-                                          "stopped publishing)"))
+            why = (lost or {}).get(p.node) or "has no live MemoryPool (its agent stopped publishing)"
+            remove.append((p, "NodeLost", f"node {p.node} of replica {p.replica} {why}"))
         elif p.phase in ("Failed", "Succeeded"):
             remove.append((p, "PodFailed", f"pod {p.name} is {p.phase}; re-placing replica {p.replica}"))
         else:
@@ -196,6 +202,11 @@ class ReplicaStatus:
     ready: bool = False
     reason: str = ""
 
+    @property
+    def elastic_bytes(self) -> int:
+        """Bytes of the replica's ELASTIC leases (grown by SLO feedback, first reclaimed)."""
+        return sum(int(x["bytes"]) for x in self.leases if x.get("kind") == "ELASTIC")
+
     def as_status(self) -> dict[str, Any]:
         out: dict[str, Any] = {"replica": self.replica, "pod": self.pod, "node": self.node, "gpu": self.gpu}
         by_gpu: dict[str, int] = {}
@@ -203,6 +214,7 @@ class ReplicaStatus:
             by_gpu[lease["gpu"]] = by_gpu.get(lease["gpu"], 0) + int(lease["bytes"])
         out["lenders"] = [{"gpu": g, "bytes": b} for g, b in by_gpu.items()]
         out["leases"] = self.leases
+        out["elasticBytes"] = self.elastic_bytes
         out["hostFallback"] = self.host_fallback
         if self.reason:
             out["reason"] = self.reason
@@ -299,6 +311,7 @@ def build_status(
         "selector": selector(spec.name),
         "peerMemoryBytes": peer,
         "peerMemory": format_bytes(peer),
+        "elasticBytes": sum(r.elastic_bytes for r in placed),
         "placements": [r.as_status() for r in sorted(replicas, key=lambda r: r.replica)],
         "conditions": conditions,
     }

@@ -206,6 +206,14 @@ class Reservations:
         leases = await self._call(endpoint, "list leases", client.leases())
         return [x for x in leases if x.holder.startswith(holder_prefix) and x.state in LIVE_STATES]
 
+    async def set_local(self, endpoint: str, gpu_uuid: str, reserved: int) -> agent_pb2.Gpu:
+        """Set the memory `gpu_uuid` keeps for its own tenant (the agent never lends it; growing
+        it reclaims leases on that GPU when needed)."""
+        client = self.agents.client(endpoint)
+        gpu: agent_pb2.Gpu = await self._call(endpoint, f"set the local reservation of {gpu_uuid}",
+                                              client.set_gpu_local(gpu_uuid, reserved=reserved))
+        return gpu
+
     async def watch(self, endpoint: str) -> AsyncIterator[agent_pb2.WatchEvent]:
         """The agent's event stream (first event: SNAPSHOT)."""
         client = self.agents.client(endpoint)
