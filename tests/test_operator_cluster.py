@@ -140,7 +140,7 @@ def test_tenants_run_with_reservations_at_the_agents_and_delete_releases_them(
     assert any(k.startswith("operator.spillway.dev/") for k in t["metadata"]["annotations"])
     assert not any(k.startswith("kopf.zalando.org") for k in t["metadata"]["annotations"])
     assert set(st) <= {"phase", "observedGeneration", "replicas", "readyReplicas", "selector", "peerMemoryBytes",
-                       "peerMemory", "placements", "conditions", "slo"}
+                       "peerMemory", "elasticBytes", "placements", "conditions", "slo"}
 
     # Operator metrics, names as in docs/metrics.md.
     with urllib.request.urlopen(f"http://127.0.0.1:{sandbox.operator_metrics_port}/metrics", timeout=5) as resp:
@@ -346,3 +346,162 @@ def test_no_peer_memory_to_be_had_falls_back_or_stays_pending_with_the_reason(
     assert "Unplaced" in {e["reason"] for e in events_of(cluster, ns, "strict")}
     assert not any(agent_leases(sandbox, f"tenant:{ns}/strict/").values())
     cluster.kubectl("delete", "inferencetenant", "spill", "strict", "-n", ns, "--timeout=60s")
+
+
+def gpu_facts(sb: Sandbox, node: str) -> dict[str, agent_pb2.Gpu]:
+    """The node agent's GPUs by UUID, as the agent itself reports them now."""
+
+    async def go() -> dict[str, agent_pb2.Gpu]:
+        async with sb.agent_client(node) as c:
+            return {g.uuid: g for g in (await c.inventory()).gpus}
+
+    return asyncio.run(go())
+
+
+def pool_record(cluster: Cluster, node: str) -> dict[str, int]:
+    pool = cluster.get_json("memorypool", node)
+    return dict(json.loads((pool["metadata"].get("annotations") or {}).get("spillway.dev/operator-local-reserved")
+                           or "{}"))
+
+
+def test_the_gpu_of_a_placed_model_keeps_its_memory_at_the_agent_until_the_replica_goes(
+    cluster: Cluster, sandbox: Sandbox, k8s_namespace: str
+) -> None:
+    ns = k8s_namespace
+    cluster.apply(tenant("local", replicas=1, memory="40Gi", request="4Gi"), ns)
+    cluster.apply(tenant("hermit", replicas=1, memory="10Gi", request=None, lending=False), ns)
+    st = wait_phase(cluster, sandbox, ns, "local", "Running")["status"]
+    hermit = wait_phase(cluster, sandbox, ns, "hermit", "Running")["status"]
+    node, gpu = st["placements"][0]["node"], st["placements"][0]["gpu"]
+    h_node, h_gpu = hermit["placements"][0]["node"], hermit["placements"][0]["gpu"]
+
+    def reserved(n: str, g: str, want: int) -> agent_pb2.Gpu | None:
+        facts = gpu_facts(sandbox, n)[g]
+        return facts if facts.local_reserved_bytes == want else None
+
+    g = wait_until(lambda: reserved(node, gpu, 40 * GIB), timeout=60, what="the model's 40Gi reserved at the agent")
+    # The pool lends none of it: what is left for lending is the rest of the GPU.
+    assert g.lendable_bytes <= g.total_bytes - 40 * GIB - g.leased_bytes
+    whole = gpu_facts(sandbox, h_node)[h_gpu].total_bytes
+    hg = wait_until(lambda: reserved(h_node, h_gpu, whole), timeout=60,
+                    what="a tenant that does not lend keeps its whole GPU")
+    assert hg.lendable_bytes == 0
+    assert pool_record(cluster, node).get(gpu) == 40 * GIB
+    # The published pool shows it too (what `kubectl get memorypool` and the planner read).
+    wait_until(lambda: any(x["uuid"] == gpu and x.get("localReservedBytes") == 40 * GIB
+                           for x in cluster.get_json("memorypool", node)["status"]["gpus"]),
+               timeout=60, what="the MemoryPool to show the local reservation")
+
+    # kill -9 while it runs, scale to zero while no operator runs: the restarted one recomputes
+    # from the pods that exist and clears what it had set.
+    sandbox.kill_operator()
+    cluster.kubectl("scale", "inferencetenant/local", "-n", ns, "--replicas=0")
+    sandbox.start_operator()
+    wait_until(lambda: reserved(node, gpu, 0), timeout=90, what="the local reservation to clear after scale-down")
+    wait_until(lambda: gpu not in pool_record(cluster, node), timeout=30,
+               what="the record on the MemoryPool to drop it")
+
+    cluster.kubectl("delete", "inferencetenant", "local", "hermit", "-n", ns, "--timeout=60s")
+    wait_until(lambda: reserved(h_node, h_gpu, 0), timeout=90, what="the local reservation to clear on delete")
+    assert all(x.local_reserved_bytes == 0 for n in sandbox.agents for x in gpu_facts(sandbox, n).values())
+
+
+def test_a_deleted_node_whose_agent_still_publishes_is_lost_and_its_replicas_move(
+    cluster: Cluster, sandbox: Sandbox, k8s_namespace: str
+) -> None:
+    ns = k8s_namespace
+    others = list(sandbox.agents)
+    doomed = f"dgx-{uuid.uuid4().hex[:5]}-x"
+    sandbox.start_operator(["--resync-interval", "3s", "--lease-ttl", "60s"])
+    try:
+        sandbox.add_gpu_nodes([doomed])
+        # Cordoned nodes take no new replica: with the two others cordoned, the tenant goes to the new one.
+        for n in others:
+            cluster.kubectl("cordon", n)
+        cluster.apply(tenant("nomad", replicas=2, memory="40Gi", request="4Gi"), ns)
+        st = wait_phase(cluster, sandbox, ns, "nomad", "Running")["status"]
+        assert {p["node"] for p in st["placements"]} == {doomed}
+        assert "NodeUnplaceable" in {e["reason"] for e in events_of(cluster, "default", others[0])}
+        for n in others:
+            cluster.kubectl("uncordon", n)
+
+        cluster.remove_node(doomed)  # the agent keeps publishing its MemoryPool
+        assert sandbox.agents[doomed].proc is not None and sandbox.agents[doomed].proc.poll() is None
+
+        def moved() -> dict[str, Any] | None:
+            s = get_tenant(cluster, ns, "nomad").get("status") or {}
+            nodes = {p["node"] for p in s.get("placements", [])}
+            return s if s.get("phase") == "Running" and len(s["placements"]) == 2 and doomed not in nodes else None
+
+        st = wait_until(moved, timeout=120, what="the deleted node's replicas to be re-placed")
+        assert all(p["leases"] for p in st["placements"])
+        lost = [e for e in events_of(cluster, ns, "nomad") if e["reason"] == "NodeLost"]
+        assert lost and "no Node object" in lost[0]["message"]
+        pool_events = events_of(cluster, "default", doomed)
+        assert any(e["reason"] == "NodeLost" and e["involvedObject"]["kind"] == "MemoryPool" for e in pool_events)
+        # The MemoryPool is still fresh: only the missing Node made it unplaceable.
+        assert doomed in sandbox.pools()
+        cluster.kubectl("delete", "inferencetenant", "nomad", "-n", ns, "--timeout=60s")
+    finally:
+        for n in others:
+            cluster.kubectl("uncordon", n, check=False)
+        sandbox.kill_agent(doomed)
+        sandbox.agents.pop(doomed, None)
+        cluster.kubectl("delete", "node", doomed, "--ignore-not-found", "--wait=false", check=False)
+        cluster.kubectl("delete", "memorypool", doomed, "--ignore-not-found", "--wait=false", check=False)
+        sandbox.start_operator()
+
+
+FAST_TTFT = {0.02: 0.7, 0.05: 0.3}
+FAST_TBT = {0.005: 0.9, 0.01: 0.1}
+
+
+def test_slo_met_with_slack_releases_elastic_leases_when_others_want_the_pool(
+    cluster: Cluster, sandbox: Sandbox, k8s_namespace: str, prometheus: PrometheusProcess,
+    histogram_server: HistogramServer,
+) -> None:
+    ns = k8s_namespace
+    histogram_server.set_histogram("vllm:time_to_first_token_seconds", TTFT_SHARES, per_second=200)
+    histogram_server.set_histogram("vllm:inter_token_latency_seconds", TBT_SHARES, per_second=2000)
+    prometheus.add_target(histogram_server.address, {"namespace": ns, "pod": "elastic-0"})
+    sandbox.start_operator(["--resync-interval", "3s", "--lease-ttl", "60s", "--prometheus-url", prometheus.url,
+                            "--slo-step", "2Gi"])
+    try:
+        prometheus.wait_for_series(f'count_over_time(vllm:time_to_first_token_seconds_count{{namespace="{ns}"}}[30s])'
+                                   " >= 10", timeout=60)
+        cluster.apply(tenant("elastic", replicas=1, memory="40Gi", request="4Gi", limit="8Gi",
+                             slo={"ttft": "200ms", "tbt": "25ms", "percentile": 99, "attainment": 0.95,
+                                  "window": "6s"}), ns)
+
+        def elastic_bytes(want: int) -> dict[str, Any] | None:
+            s = get_tenant(cluster, ns, "elastic").get("status") or {}
+            return s if s.get("elasticBytes") == want and s.get("placements") else None
+
+        st = wait_until(lambda: elastic_bytes(4 * GIB), timeout=120, what="ELASTIC leases up to the 8Gi limit")
+        assert st["placements"][0]["elasticBytes"] == 4 * GIB and st["peerMemoryBytes"] == 8 * GIB
+        assert sum(x["bytes"] for x in st["placements"][0]["leases"] if x["kind"] == "ELASTIC") == 4 * GIB
+        held = agent_leases(sandbox, f"tenant:{ns}/elastic/")
+        assert sum(x.bytes for v in held.values() for x in v if x.kind == agent_pb2.ELASTIC) == 4 * GIB
+
+        # The model gets fast; it keeps its leases while nobody else wants the pool...
+        histogram_server.set_histogram("vllm:time_to_first_token_seconds", FAST_TTFT, per_second=200)
+        histogram_server.set_histogram("vllm:inter_token_latency_seconds", FAST_TBT, per_second=2000)
+        wait_until(lambda: ((get_tenant(cluster, ns, "elastic").get("status") or {}).get("slo") or {}).get("state")
+                   == "Met", timeout=90, what="the SLO to be met")
+        time.sleep(8)
+        assert (get_tenant(cluster, ns, "elastic").get("status") or {}).get("elasticBytes") == 4 * GIB
+        # ...and gives them back, one step per window, once another tenant cannot be placed.
+        cluster.apply(tenant("starved", replicas=1, memory="40Gi", request="700Gi", fallback="None"), ns)
+        wait_phase(cluster, sandbox, ns, "starved", "Pending")
+        st = wait_until(lambda: elastic_bytes(0), timeout=120, what="the ELASTIC leases to be released")
+        assert st["peerMemoryBytes"] == 4 * GIB
+        assert all(x["kind"] == "RESERVATION" for x in st["placements"][0]["leases"])
+        shrunk = [e for e in events_of(cluster, ns, "elastic") if e["reason"] == "PeerMemoryShrunk"]
+        assert shrunk and (sum(int(e.get("count") or 1) for e in shrunk) >= 2 or len(shrunk) >= 2)
+        held = agent_leases(sandbox, f"tenant:{ns}/elastic/")
+        assert [x.kind for v in held.values() for x in v] == [agent_pb2.RESERVATION]
+        pod = pods_of(cluster, ns, "elastic")[0]
+        assert json.loads(pod["metadata"]["annotations"]["spillway.dev/elastic-leases"]) == []
+        cluster.kubectl("delete", "inferencetenant", "elastic", "starved", "-n", ns, "--timeout=60s")
+    finally:
+        sandbox.start_operator()

@@ -194,6 +194,10 @@ class Engine:
 
     # -- Nodes -------------------------------------------------------------------------------
 
+    def node_gone(self, node: str) -> bool:
+        """The Node object is known to be deleted (False while Nodes are not known)."""
+        return self.nodes is not None and bool(node) and node not in self.nodes
+
     def node_changed(self, body: Mapping[str, Any], deleted: bool = False) -> None:
         health = NodeHealth.from_node(body)
         if self.nodes is None or not health.name:
@@ -426,6 +430,10 @@ class Engine:
         tenant = TenantRef(name, ns, spec.uid)
         raw_pods = await self.kube.list_pods(ns, rc.selector(name))
         observed = [p for p in (rc.observe_pod(x) for x in raw_pods) if p is not None]
+        for p in observed:
+            if p.terminating and self.node_gone(p.node):
+                # Deleted before its Node went (or by someone else): only the pod GC would end it.
+                await self.kube.delete_pod(ns, p.name, uid=p.uid, grace_s=0)
         decision = rc.decide(spec, observed, self.live_pools(), self.lost_reasons())
         touched: set[str] = set()  # nodes whose local reservations may have changed
 
@@ -527,8 +535,10 @@ class Engine:
         self, body: Mapping[str, Any], tenant: TenantRef, pod: rc.ObservedPod, reason: str, message: str
     ) -> None:
         """Delete the pod first, then release its leases (a crash in between leaves leases no pod
-        names: the sweep's job)."""
-        await self.kube.delete_pod(tenant.namespace, pod.name, uid=pod.uid)
+        names: the sweep's job). A pod whose Node object is gone is deleted at once (grace 0): no
+        kubelet will ever confirm it, and its replica's new pod has the same name."""
+        await self.kube.delete_pod(tenant.namespace, pod.name, uid=pod.uid,
+                                   grace_s=0 if self.node_gone(pod.node) else None)
         await self._release_all(pod.node, pod.all_leases())
         self.assignments.pop(ReplicaKey(tenant.namespace, tenant.name, pod.replica), None)
         self.event(body, "Normal" if reason == "ScaledDown" else "Warning", reason,
@@ -806,9 +816,17 @@ class Engine:
                 key = (str(meta.get("namespace")), str((meta.get("labels") or {}).get(rc.LABEL_TENANT)), p.replica)
                 pods_by_replica.setdefault(key, set()).update(x.id for x in p.all_leases())
 
+        # A lease younger than half its TTL may be another operator's reservation whose pod is
+        # being created right now (a second replica starting beside the active one under kopf
+        # peering): leave it. Nobody renews a real orphan, so the agent expires it by TTL anyway.
+        young_ms = self.config.lease_ttl_s * 500
+        now_ms = time.time() * 1000
+
         def orphan(lease: agent_pb2.Lease) -> bool:
             parsed = parse_holder(lease.holder)
             if parsed is None:
+                return False
+            if lease.created_at_ms and now_ms - lease.created_at_ms < young_ms:
                 return False
             ns, name, replica = parsed
             if self.config.namespaces and ns not in self.config.namespaces:
