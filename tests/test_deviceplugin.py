@@ -5,6 +5,7 @@ PodResources gRPC server. The cluster-backed Allocate tests are in test_devicepl
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import time
 import urllib.request
@@ -15,7 +16,7 @@ import pytest
 
 from spillway.api.v1 import agent_pb2
 from spillway.deviceplugin import HEALTHY, UNHEALTHY
-from spillway.deviceplugin.pods import pod_candidates
+from spillway.deviceplugin.pods import completed_init_containers, pod_candidates, reservation_container
 from spillway.deviceplugin.resources import compute_units, gpu_capacity_units, parse_unit_id, unit_id
 from spillway.testing.agentproc import AgentProcess
 from tests.fixtures_deviceplugin import Kubelet, PluginProcess, PodResourcesServer
@@ -68,6 +69,76 @@ def test_pod_candidates_oldest_first_skip_taken_and_finished() -> None:
             pod("taken", "2025-01-01T00:00:00Z", 2, annotations={"spillway.dev/allocation": '{"c": {}}'})]
     got = pod_candidates(pods, 2)
     assert [p.name for p in got] == ["old", "young"]
+
+
+def _multi_pod(name: str, created: str, *, init: dict[str, int] | None = None, apps: dict[str, int],
+               sidecars: dict[str, int] | None = None, allocation: dict[str, object] | None = None,
+               reservation: str = "") -> dict[str, object]:
+    def c(n: str, units: int, **extra: object) -> dict[str, object]:
+        res = {"limits": {"spillway.dev/peer-hbm": str(units)}} if units else {}
+        return {"name": n, "resources": res, **extra}
+    annotations: dict[str, str] = {}
+    if allocation is not None:
+        annotations["spillway.dev/allocation"] = json.dumps(allocation)
+    if reservation:
+        annotations.update({"spillway.dev/reservation": reservation, "spillway.dev/reservation-token": "t"})
+    inits = [c(n, u) for n, u in (init or {}).items()] + [c(n, u, restartPolicy="Always")
+                                                         for n, u in (sidecars or {}).items()]
+    return {"metadata": {"name": name, "namespace": "ns", "uid": f"uid-{name}", "resourceVersion": "1",
+                         "creationTimestamp": created, "annotations": annotations},
+            "status": {"phase": "Pending"},
+            "spec": {"initContainers": inits, "containers": [c(n, u) for n, u in apps.items()]}}
+
+
+def test_pod_candidates_follow_the_kubelets_container_order() -> None:
+    # init containers first, then app containers, each in spec order; containers asking nothing are skipped
+    pod = _multi_pod("p", "2026-01-01T00:00:00Z", init={"warm": 1, "plain": 0}, apps={"a": 2, "none": 0, "b": 3},
+                     reservation="L1")
+    got = pod_candidates([pod], 1)
+    assert [(r.container, r.role, r.reservations) for r in got] == [("warm", "init", ())]
+    assert pod_candidates([pod], 2) == []   # the kubelet asks for "warm" first
+    marked = _multi_pod("p", "2026-01-01T00:00:00Z", init={"warm": 1}, apps={"a": 2, "b": 3}, reservation="L1",
+                        allocation={"warm": {"result": "on_the_spot"}})
+    got = pod_candidates([marked], 2)
+    assert [(r.container, r.role, r.reservations) for r in got] == [("a", "app", ("L1",))]   # the reservation
+    marked = _multi_pod("p", "2026-01-01T00:00:00Z", init={"warm": 1}, apps={"a": 2, "b": 3}, reservation="L1",
+                        allocation={"warm": {"result": "on_the_spot"}, "a": {"result": "reservation"}})
+    got = pod_candidates([marked], 3)
+    assert [(r.container, r.role, r.reservations) for r in got] == [("b", "app", ())]        # claimed once
+    assert pod_candidates([marked], 2) == []
+
+
+def test_pod_candidates_reservation_goes_to_the_first_app_container_not_an_init_or_sidecar() -> None:
+    pod = _multi_pod("p", "2026-01-01T00:00:00Z", sidecars={"proxy": 2}, apps={"server": 2}, reservation="L1")
+    assert reservation_container(pod["spec"]) == "server"  # type: ignore[arg-type]
+    (side,) = pod_candidates([pod], 2)
+    assert (side.container, side.role, side.reservations) == ("proxy", "sidecar", ())
+    # An app container that asks for nothing does not own it either.
+    pod = _multi_pod("p", "2026-01-01T00:00:00Z", apps={"logger": 0, "server": 4}, reservation="L1")
+    (ref,) = pod_candidates([pod], 4)
+    assert (ref.container, ref.reservations) == ("server", ("L1",))
+
+
+def test_pod_candidates_prefer_the_pod_under_admission_and_skip_rejected_pods() -> None:
+    old = _multi_pod("old", "2026-01-01T00:00:00Z", apps={"x": 2})
+    busy = _multi_pod("busy", "2026-01-03T00:00:00Z", apps={"a": 1, "b": 2},
+                      allocation={"a": {"result": "on_the_spot"}})
+    failed = _multi_pod("failed", "2025-01-01T00:00:00Z", apps={"a": 1, "b": 2}, allocation={"a": {"result": "error"}})
+    young = _multi_pod("young", "2026-01-02T00:00:00Z", apps={"x": 2})
+    assert [r.name for r in pod_candidates([old, busy, failed, young], 2)] == ["busy", "old", "young"]
+    assert [r.name for r in pod_candidates([old, busy, young], 2, prefer=["ns/young"])] == ["young", "busy", "old"]
+
+
+def test_completed_init_containers_are_the_ones_that_exited_zero() -> None:
+    pod = _multi_pod("p", "2026-01-01T00:00:00Z", init={"ok": 1, "failing": 1, "running": 1},
+                     sidecars={"proxy": 1}, apps={"a": 1})
+    pod["status"] = {"initContainerStatuses": [
+        {"name": "ok", "state": {"terminated": {"exitCode": 0, "reason": "Completed"}}},
+        {"name": "failing", "state": {"terminated": {"exitCode": 1, "reason": "Error"}}},
+        {"name": "running", "state": {"running": {}}},
+        {"name": "proxy", "state": {"terminated": {"exitCode": 0}}},   # a sidecar: not an init that ended
+    ]}
+    assert completed_init_containers([pod]) == {("uid-p", "ok")}
 
 
 # --- against the kubelet's own code ------------------------------------------------------

@@ -30,6 +30,7 @@ class Stack:
                  kubelet: Kubelet) -> None:
         self.cluster, self.namespace, self.node = cluster, namespace, node
         self.agent, self.plugin, self.kubelet = agent, plugin, kubelet
+        self.podresources: PodResourcesServer | None = None
 
     def run(self, fn: Callable[[Any], Any]) -> Any:
         async def go() -> Any:
@@ -64,6 +65,37 @@ class Stack:
                 "resources": {"limits": {"spillway.dev/peer-hbm": str(units)}}}]},
         })
 
+    def multi_pod(self, name: str, containers: dict[str, int], init: dict[str, int] | None = None,
+                  *grants: agent_pb2.AcquireResponse) -> None:
+        """A pod with several containers (name -> units), init containers first as the kubelet sees them."""
+        annotations = {}
+        if grants:
+            annotations = {"spillway.dev/reservation": ",".join(g.lease.id for g in grants),
+                           "spillway.dev/reservation-token": ",".join(g.token for g in grants),
+                           "spillway.dev/reservation-node": self.node,
+                           "spillway.dev/lender-gpus": ",".join(g.lease.gpu_uuid for g in grants)}
+
+        def c(n: str, units: int) -> dict[str, Any]:
+            return {"name": n, "image": "registry.example/llm:1",
+                    "resources": {"limits": {"spillway.dev/peer-hbm": str(units)}}}
+        self.cluster.apply({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": self.namespace, "annotations": annotations},
+            "spec": {"nodeName": self.node, "initContainers": [c(n, u) for n, u in (init or {}).items()],
+                     "containers": [c(n, u) for n, u in containers.items()]},
+        })
+
+    def wait_lease(self, lease_id: str, state: int, timeout: float = 20) -> agent_pb2.Lease:
+        deadline = time.monotonic() + timeout
+        while True:
+            lease = self.leases()[lease_id]
+            if lease.state == state:
+                return lease
+            assert time.monotonic() < deadline, (
+                f"lease {lease_id} stayed {agent_pb2.LeaseState.Name(lease.state)}, "
+                f"not {agent_pb2.LeaseState.Name(state)}; plugin log:\n{self.plugin.logs()[-3000:]}")
+            time.sleep(0.2)
+
     def allocation(self, name: str) -> dict[str, Any]:
         pod = self.cluster.get_json("pod", name, "-n", self.namespace)
         value: dict[str, Any] = json.loads(pod["metadata"].get("annotations", {}).get("spillway.dev/allocation", "{}"))
@@ -84,7 +116,9 @@ def stack(cluster: Cluster, k8s_namespace: str, kwok_nodes: Callable[..., str], 
     plugin.start()
     try:
         kubelet.wait_for(lambda e: e["event"] == "registered", 30, "the plugin to register")
-        yield Stack(cluster, k8s_namespace, node, agent, plugin, kubelet)
+        st = Stack(cluster, k8s_namespace, node, agent, plugin, kubelet)
+        st.podresources = pods
+        yield st
     except BaseException:
         print(plugin.logs()[-6000:])
         raise
@@ -193,3 +227,86 @@ def test_allocate_claims_every_lease_of_a_two_lender_reservation(stack: Stack) -
     for g in (a, b):
         assert leases[g.lease.id].state == agent_pb2.ACTIVE
         assert leases[g.lease.id].pod == f"{stack.namespace}/wide"
+
+
+def test_two_app_containers_each_get_their_own_lease_the_first_claims_the_reservation(stack: Stack) -> None:
+    gpus = stack.gpus()
+    grant = stack.reserve("2Gi", gpus[2].uuid, 0)
+    # An older pod whose only container asks as many units as duo's second container: the
+    # second Allocate still belongs to duo, whose admission is under way.
+    stack.pod("rival", 3)
+    time.sleep(1.1)  # creationTimestamp has a resolution of one second
+    stack.multi_pod("duo", {"server": 2, "helper": 3}, None, grant)
+
+    a = stack.kubelet.allocate(stack.units_on(gpus[2].uuid, 2))
+    b = stack.kubelet.allocate(stack.units_on(gpus[5].uuid, 3))
+    assert "error" not in a and "error" not in b, (a, b)
+    assert a["response"]["envs"]["SPILLWAY_LEASE_ID"] == grant.lease.id
+    assert a["response"]["envs"]["SPILLWAY_LEASE_TOKEN"] == grant.token
+    helper_id = b["response"]["envs"]["SPILLWAY_LEASE_ID"]
+    assert helper_id != grant.lease.id
+    leases = stack.leases()
+    helper = leases[helper_id]
+    assert helper.bytes == 3 * GiB and helper.gpu_uuid == gpus[5].uuid and helper.state == agent_pb2.RESERVED
+    assert helper.pod == f"{stack.namespace}/duo" and helper.holder == f"pod:{stack.namespace}/duo"
+    assert b["response"]["envs"]["SPILLWAY_LENDER_GPUS"] == gpus[5].uuid
+    assert [d["host_path"] for d in b["response"]["devices"]] == [f"/dev/nvidia{gpus[5].minor_number}"]
+    assert leases[grant.lease.id].pod == f"{stack.namespace}/duo"
+    mark = stack.allocation("duo")
+    assert mark["server"]["result"] == "reservation" and mark["server"]["leases"] == [grant.lease.id]
+    assert mark["helper"]["result"] == "on_the_spot" and mark["helper"]["leases"] == [helper_id]
+    assert stack.allocation("rival") == {}  # untouched: its own Allocate is still to come
+    c = stack.kubelet.allocate(stack.units_on(gpus[6].uuid, 3))
+    assert "error" not in c, c
+    assert stack.leases()[c["response"]["envs"]["SPILLWAY_LEASE_ID"]].pod == f"{stack.namespace}/rival"
+
+
+def test_init_container_lease_ends_when_it_completes_app_containers_keep_theirs_nothing_leaks(stack: Stack) -> None:
+    gpus = stack.gpus()
+    before = {g.uuid: g.lendable_bytes for g in stack.gpus()}
+    grant = stack.reserve("2Gi", gpus[1].uuid, 0)
+    stack.pod("rival", 2)   # older, as large as the app container that reuses the init container's unit
+    time.sleep(1.1)
+    stack.multi_pod("warm", {"server": 2, "helper": 1}, {"prep": 1}, grant)
+    ns = stack.namespace
+
+    # The kubelet: the init container first; the first app container gets the init container's
+    # unit again (devicesToReuse) and one more; then the other app container.
+    prep_units = stack.units_on(gpus[1].uuid, 1)
+    server_units = prep_units + [i for i in stack.units_on(gpus[1].uuid, 3) if i not in prep_units][:1]
+    helper_units = stack.units_on(gpus[4].uuid, 1)
+    assert stack.podresources is not None
+    stack.podresources.set_pod(f"{ns}/warm", {"server": server_units, "helper": helper_units})
+    p = stack.kubelet.allocate(prep_units)
+    s = stack.kubelet.allocate(server_units)
+    h = stack.kubelet.allocate(helper_units)
+    assert "error" not in p and "error" not in s and "error" not in h, (p, s, h)
+
+    prep_id = p["response"]["envs"]["SPILLWAY_LEASE_ID"]
+    helper_id = h["response"]["envs"]["SPILLWAY_LEASE_ID"]
+    assert s["response"]["envs"]["SPILLWAY_LEASE_ID"] == grant.lease.id   # the app container claims it
+    assert len({prep_id, helper_id, grant.lease.id}) == 3
+    leases = stack.leases()
+    assert leases[prep_id].bytes == 1 * GiB and leases[prep_id].pod == f"{ns}/warm"
+    assert leases[helper_id].bytes == 1 * GiB and leases[helper_id].pod == f"{ns}/warm"
+    mark = stack.allocation("warm")
+    assert {k: (v["result"], v["role"]) for k, v in mark.items()} == {
+        "prep": ("on_the_spot", "init"), "server": ("reservation", "app"), "helper": ("on_the_spot", "app")}
+    assert stack.allocation("rival") == {}
+
+    # kwok reports the init container Completed: the plugin releases its lease; the others stay.
+    stack.wait_lease(prep_id, agent_pb2.RELEASED)
+    time.sleep(1.5)  # past --release-grace: the app containers' leases are kept while PodResources lists the pod
+    leases = stack.leases()
+    assert leases[grant.lease.id].state == agent_pb2.ACTIVE       # claimed
+    assert leases[helper_id].state == agent_pb2.RESERVED          # made on the spot; ACTIVE once attached
+
+    # The pod goes: every lease it had is released and the pool is whole again.
+    stack.podresources.remove_pod(f"{ns}/warm")
+    stack.cluster.kubectl("delete", "pod", "warm", "-n", ns, "--wait=false")
+    for lease_id in (grant.lease.id, helper_id):
+        stack.wait_lease(lease_id, agent_pb2.RELEASED)
+    deadline = time.monotonic() + 10
+    while {g.uuid: g.lendable_bytes for g in stack.gpus()} != before:
+        assert time.monotonic() < deadline, "the pool did not get its bytes back"
+        time.sleep(0.2)

@@ -31,7 +31,7 @@ from spillway.deviceplugin import (
     ENV_LENDER_GPUS,
 )
 from spillway.deviceplugin.metrics import Metrics
-from spillway.deviceplugin.pods import PodRef, PodSource, PodSourceError
+from spillway.deviceplugin.pods import ROLE_APP, ROLE_INIT, PodRef, PodSource, PodSourceError
 from spillway.deviceplugin.resources import LIVE_STATES, ResourceManager, parse_unit_id
 from spillway.deviceplugin.state import Allocation, AllocationStore
 from spillway.units import format_bytes
@@ -104,7 +104,7 @@ class Allocator:
                                   grpc.StatusCode.INVALID_ARGUMENT)
         if not self.resources.agent_up:
             raise AllocationError(self._agent_down(self.resources.agent_error), grpc.StatusCode.UNAVAILABLE)
-        pod = await self._take_pod(len(ids))
+        pod = await self._take_pod(ids)
         try:
             if pod is not None and pod.reservations:
                 grant = await self._claim(pod)
@@ -125,6 +125,7 @@ class Allocator:
             lease_ids=[lease.id for lease in grant.leases], tokens=list(grant.tokens), device_ids=ids,
             gpu_uuids=[lease.gpu_uuid for lease in grant.leases], result=grant.result,
             pod=pod.key if pod else "", container=pod.container if pod else "",
+            role=pod.role if pod else ROLE_APP, pod_uid=pod.uid if pod else "",
             ttl_s=max((lease.ttl_ms for lease in grant.leases), default=0) / 1000.0)
         try:
             self.store.add(record)
@@ -141,22 +142,28 @@ class Allocator:
         self.resources.kick()
         if pod is not None and self.pods is not None:
             try:
-                await self.pods.update_mark(pod, {"result": grant.result, "units": len(ids),
+                await self.pods.update_mark(pod, {"result": grant.result, "units": len(ids), "role": pod.role,
                                                   "leases": [lease.id for lease in grant.leases]})
             except PodSourceError as exc:
                 log.warning("allocated, but could not record it on the pod", extra={"pod": pod.key, "error": str(exc)})
         log.info("allocated", extra={
-            "pod": pod.key if pod else "", "container": pod.container if pod else "", "units": len(ids),
+            "pod": pod.key if pod else "", "container": pod.container if pod else "",
+            "role": pod.role if pod else "", "units": len(ids),
             "result": grant.result, "leases": ",".join(lease.id for lease in grant.leases),
             "lender_gpus": ",".join(lease.gpu_uuid for lease in grant.leases)})
         return response, grant.result
 
-    async def _take_pod(self, units: int) -> PodRef | None:
+    async def _take_pod(self, ids: list[str]) -> PodRef | None:
         if self.pods is None:
             return None
+        units = len(ids)
+        # The kubelet hands an app container units of its pod's init containers first (they have
+        # finished by the time it starts): units recorded for an init container name the pod.
+        wanted = set(ids)
+        reusing = {a.pod for a in self.store.all() if a.role == ROLE_INIT and a.pod and wanted & set(a.device_ids)}
         for _ in range(MARK_ATTEMPTS):
             try:
-                candidates = await self.pods.candidates(units)
+                candidates = await self.pods.candidates(units, reusing)
                 if not candidates:
                     log.warning("no pod on this node waits for these units; leasing without a pod name",
                                 extra={"node": self.config.node, "units": units})

@@ -63,7 +63,8 @@ class DevicePlugin:
         self.server = PluginServer(DevicePluginService(self.resources, self.allocator), config.kubelet_dir,
                                    self.metrics, poll_s=config.kubelet_poll_s)
         self.attributor = Attributor(config.pod_resources_socket, self.resources, self.store,
-                                     interval_s=config.sync_interval_s, grace_s=config.release_grace_s)
+                                     interval_s=config.sync_interval_s, grace_s=config.release_grace_s,
+                                     completed_inits=pods.completed_init_containers if pods else None)
         self.http: HttpEndpoint | None = None
 
     def ready(self) -> str:

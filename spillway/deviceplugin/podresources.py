@@ -6,7 +6,10 @@ lease it handed out (its `AllocationStore`):
 - puts the pod's name on the lease at the agent (`Claim(pod=...)`) where it was not known;
 - renews the lease (a third of its TTL before it would run out) while the pod exists;
 - releases the lease once its pod is gone (after `grace_s`, so an Allocate whose pod the
-  kubelet has not listed yet is not mistaken for a gone pod).
+  kubelet has not listed yet is not mistaken for a gone pod);
+- releases an init container's lease once that init container has completed (pod status from
+  the Kubernetes API; PodResources does not list init containers): the app containers that
+  reuse its units have leases of their own.
 The units that pods hold also tell the resource manager which units are in use.
 When the PodResources API does not answer, nothing is released.
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,6 +27,7 @@ import grpc
 
 from spillway.api.podresources.v1 import api_pb2, api_pb2_grpc
 from spillway.deviceplugin import RESOURCE_NAME
+from spillway.deviceplugin.pods import ROLE_INIT, PodSourceError
 from spillway.deviceplugin.resources import ResourceManager
 from spillway.deviceplugin.state import Allocation, AllocationStore
 
@@ -56,8 +61,10 @@ class Attributor:
         interval_s: float = 5.0,
         grace_s: float = 30.0,
         rpc_timeout_s: float = 5.0,
+        completed_inits: Callable[[], Awaitable[set[tuple[str, str]]]] | None = None,
     ) -> None:
         self.socket = socket
+        self.completed_inits = completed_inits
         self.resources = resources
         self.store = store
         self.interval_s = interval_s
@@ -92,7 +99,11 @@ class Attributor:
         self.resources.set_in_use(set(owner_of_unit) | {i for a in fresh for i in a.device_ids})
         if not self.resources.agent_up:
             return
+        done = await self._completed_inits()
         for alloc in self.store.all():
+            if alloc.role == ROLE_INIT and (alloc.pod_uid, alloc.container) in done:
+                await self._release(alloc, "released the lease of an init container that completed")
+                continue
             owner = alloc.pod if alloc.pod in pods else ""
             if not owner:
                 owners = {owner_of_unit[i] for i in alloc.device_ids if i in owner_of_unit}
@@ -126,7 +137,17 @@ class Attributor:
         except (TimeoutError, OSError) as exc:
             log.warning("could not update a pod's lease", extra={"leases": alloc.key, "error": str(exc)})
 
-    async def _release(self, alloc: Allocation) -> None:
+    async def _completed_inits(self) -> set[tuple[str, str]]:
+        """(pod uid, container) of completed init containers holding one of our leases."""
+        if self.completed_inits is None or not any(a.role == ROLE_INIT and a.pod_uid for a in self.store.all()):
+            return set()
+        try:
+            return await self.completed_inits()
+        except PodSourceError as exc:
+            log.warning("cannot read init container states; their leases stay for now", extra={"error": str(exc)})
+            return set()
+
+    async def _release(self, alloc: Allocation, why: str = "released the lease of a pod that is gone") -> None:
         client = self.resources.client()
         for lease_id, token in zip(alloc.lease_ids, alloc.tokens, strict=True):
             try:
@@ -142,4 +163,4 @@ class Attributor:
                 return
         self.store.remove(alloc)
         self.resources.kick()
-        log.info("released the lease of a pod that is gone", extra={"leases": alloc.key, "pod": alloc.pod or "?"})
+        log.info(why, extra={"leases": alloc.key, "pod": alloc.pod or "?", "container": alloc.container})

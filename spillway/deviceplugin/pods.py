@@ -1,12 +1,20 @@
-"""Which pod an Allocate is for.
+"""Which pod and container an Allocate is for.
 
 The kubelet's Allocate carries device IDs only. Like other device plugins that must know the
-pod, we look at the pods bound to this node (Kubernetes API): the candidates are containers
-that request exactly the allocated number of `spillway.dev/peer-hbm` units, in pods that are
-neither finished nor being deleted and whose container is not yet marked in our
-`spillway.dev/allocation` annotation. The oldest pod goes first, as the kubelet admits pods in
-creation order. The plugin marks the chosen container (with the pod's resourceVersion as a
-precondition, so a concurrent writer makes the mark fail instead of taking the pod twice).
+pod, we look at the pods bound to this node (Kubernetes API). The kubelet admits one pod at a
+time and calls Allocate once per container that asks for `spillway.dev/peer-hbm`, in its
+allocation order: init containers first, then app containers, each in spec order
+(kubelet devicemanager `Allocate`, topologymanager scope). So a pod's candidate container is the
+first asking container, in that order, that is not yet marked in our `spillway.dev/allocation`
+annotation; the pod is a candidate when that container asks for exactly the allocated number of
+units. Pods whose admission is under way (some containers marked) come first, then the oldest
+pod, as the kubelet admits pods in creation order. A pod with a failed Allocate (an `error`
+mark) is rejected by the kubelet and is not offered again. The plugin marks the chosen
+container (with the pod's resourceVersion as a precondition, so a concurrent writer makes the
+mark fail instead of taking the container twice).
+
+The operator's reservation (one per pod) belongs to the pod's first app container that asks
+(`reservation_container`); init containers never claim it.
 
 `pod_candidates` is the pure rule; `PodSource` talks to the API server (the synchronous
 kubernetes client, in a worker thread).
@@ -27,6 +35,11 @@ from spillway.deviceplugin import ANN_ALLOCATION, ANN_LENDERS, ANN_NODE, ANN_RES
 log = logging.getLogger(__name__)
 
 TERMINAL_PHASES = frozenset({"Succeeded", "Failed"})
+
+# Container roles, as the kubelet's device manager treats them.
+ROLE_INIT = "init"        # an init container that runs to completion before the app containers
+ROLE_SIDECAR = "sidecar"  # a restartable init container (restartPolicy: Always): runs beside the app
+ROLE_APP = "app"
 
 
 class PodSourceError(RuntimeError):
@@ -51,10 +64,18 @@ class PodRef:
     reservation_node: str = ""
     lender_gpus: tuple[str, ...] = ()
     allocation: Mapping[str, Any] = field(default_factory=dict)
+    role: str = ROLE_APP   # ROLE_INIT, ROLE_SIDECAR or ROLE_APP
 
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class AskingContainer:
+    name: str
+    units: int
+    role: str
 
 
 def _units(container: Mapping[str, Any]) -> int:
@@ -77,38 +98,78 @@ def parse_allocation(annotations: Mapping[str, str]) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def pod_candidates(pods: Iterable[Mapping[str, Any]], units: int) -> list[PodRef]:
-    """Unmarked containers requesting `units` peer-hbm units, oldest pod first."""
-    found: list[PodRef] = []
+def asking_containers(spec: Mapping[str, Any]) -> list[AskingContainer]:
+    """The containers that ask for peer-hbm units, in the order the kubelet allocates them:
+    init containers, then app containers, each in spec order."""
+    out: list[AskingContainer] = []
+    for c in spec.get("initContainers") or []:
+        role = ROLE_SIDECAR if c.get("restartPolicy") == "Always" else ROLE_INIT
+        if _units(c):
+            out.append(AskingContainer(c.get("name", ""), _units(c), role))
+    for c in spec.get("containers") or []:
+        if _units(c):
+            out.append(AskingContainer(c.get("name", ""), _units(c), ROLE_APP))
+    return out
+
+
+def reservation_container(spec: Mapping[str, Any]) -> str:
+    """The container that claims the pod's reservation: its first app container that asks."""
+    return next((c.name for c in asking_containers(spec) if c.role == ROLE_APP), "")
+
+
+def pod_candidates(pods: Iterable[Mapping[str, Any]], units: int, prefer: Iterable[str] = ()) -> list[PodRef]:
+    """For each pod, its next unmarked asking container when that one asks for `units`.
+    Order: pods in `prefer` ("namespace/name", e.g. the pod whose init container's units this
+    Allocate reuses), then pods whose admission is under way, then the oldest."""
+    preferred = set(prefer)
+    found: list[tuple[bool, PodRef]] = []
     for pod in pods:
         meta = pod.get("metadata") or {}
         if meta.get("deletionTimestamp") or (pod.get("status") or {}).get("phase") in TERMINAL_PHASES:
             continue
         annotations = meta.get("annotations") or {}
         taken = parse_allocation(annotations)
-        # A pod's reservation is claimed once, by its first container that asks; others lease on the spot.
+        if any(isinstance(v, dict) and v.get("result") == "error" for v in taken.values()):
+            continue  # an Allocate of this pod failed: the kubelet rejected it
+        spec = pod.get("spec") or {}
+        nxt = next((c for c in asking_containers(spec) if c.name not in taken), None)
+        if nxt is None or nxt.units != units:
+            continue
         claimed = any(isinstance(v, dict) and v.get("result") == "reservation" for v in taken.values())
-        for container in (pod.get("spec") or {}).get("containers") or []:
-            if _units(container) != units or container.get("name") in taken:
-                continue
-            found.append(PodRef(
-                namespace=meta.get("namespace", ""),
-                name=meta.get("name", ""),
-                uid=meta.get("uid", ""),
-                resource_version=meta.get("resourceVersion", ""),
-                created=meta.get("creationTimestamp", ""),
-                container=container.get("name", ""),
-                units=units,
-                reservations=() if claimed else _split(annotations.get(ANN_RESERVATION)),
-                tokens=() if claimed else _split(annotations.get(ANN_TOKEN)),
-                reservation_node=(annotations.get(ANN_NODE) or "").strip(),
-                lender_gpus=_split(annotations.get(ANN_LENDERS)),
-                allocation=taken,
-            ))
-            break  # one container per pod at a time: the kubelet allocates them in order
+        owns = nxt.name == reservation_container(spec) and not claimed
+        found.append((bool(taken), PodRef(
+            namespace=meta.get("namespace", ""),
+            name=meta.get("name", ""),
+            uid=meta.get("uid", ""),
+            resource_version=meta.get("resourceVersion", ""),
+            created=meta.get("creationTimestamp", ""),
+            container=nxt.name,
+            units=units,
+            reservations=_split(annotations.get(ANN_RESERVATION)) if owns else (),
+            tokens=_split(annotations.get(ANN_TOKEN)) if owns else (),
+            reservation_node=(annotations.get(ANN_NODE) or "").strip(),
+            lender_gpus=_split(annotations.get(ANN_LENDERS)),
+            allocation=taken,
+            role=nxt.role,
+        )))
     # RFC 3339 timestamps in UTC sort as text.
-    found.sort(key=lambda p: (p.created, p.namespace, p.name))
-    return found
+    found.sort(key=lambda f: (f[1].key not in preferred, not f[0], f[1].created, f[1].namespace, f[1].name))
+    return [ref for _, ref in found]
+
+
+def completed_init_containers(pods: Iterable[Mapping[str, Any]]) -> set[tuple[str, str]]:
+    """(pod uid, container) of the init containers (not sidecars) that completed (exit code 0):
+    the kubelet does not run them again, so their leases can go."""
+    out: set[tuple[str, str]] = set()
+    for pod in pods:
+        meta = pod.get("metadata") or {}
+        sidecars = {c.get("name") for c in (pod.get("spec") or {}).get("initContainers") or []
+                    if c.get("restartPolicy") == "Always"}
+        for st in (pod.get("status") or {}).get("initContainerStatuses") or []:
+            done = ((st.get("state") or {}).get("terminated") or {})
+            if done and done.get("exitCode") == 0 and st.get("name") not in sidecars:
+                out.add((meta.get("uid", ""), st.get("name", "")))
+    return out
 
 
 class PodSource:
@@ -147,8 +208,11 @@ class PodSource:
             raise PodSourceError(f"cannot list the pods of node {self.node} from the Kubernetes API: "
                                  f"{_api_error(exc)}") from exc
 
-    async def candidates(self, units: int) -> list[PodRef]:
-        return pod_candidates(await asyncio.to_thread(self._list), units)
+    async def candidates(self, units: int, prefer: Iterable[str] = ()) -> list[PodRef]:
+        return pod_candidates(await asyncio.to_thread(self._list), units, prefer)
+
+    async def completed_init_containers(self) -> set[tuple[str, str]]:
+        return completed_init_containers(await asyncio.to_thread(self._list))
 
     def _patch(self, ref: PodRef, entry: Mapping[str, Any], check_version: bool) -> bool:
         from kubernetes.client.exceptions import ApiException

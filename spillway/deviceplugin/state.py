@@ -30,6 +30,8 @@ class Allocation:
     result: str                   # "reservation" (claimed) or "on_the_spot"
     pod: str = ""                 # "namespace/name"; empty until known
     container: str = ""
+    role: str = "app"             # the container's role: "init", "sidecar" or "app" (pods.ROLE_*)
+    pod_uid: str = ""
     ttl_s: float = 0.0
     created_at: float = field(default_factory=time.time)
     renewed_at: float = field(default_factory=time.time)
