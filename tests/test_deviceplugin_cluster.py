@@ -66,7 +66,7 @@ class Stack:
         })
 
     def multi_pod(self, name: str, containers: dict[str, int], init: dict[str, int] | None = None,
-                  *grants: agent_pb2.AcquireResponse) -> None:
+                  *grants: agent_pb2.AcquireResponse, sidecars: dict[str, int] | None = None) -> None:
         """A pod with several containers (name -> units), init containers first as the kubelet sees them."""
         annotations = {}
         if grants:
@@ -81,7 +81,9 @@ class Stack:
         self.cluster.apply({
             "apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": name, "namespace": self.namespace, "annotations": annotations},
-            "spec": {"nodeName": self.node, "initContainers": [c(n, u) for n, u in (init or {}).items()],
+            "spec": {"nodeName": self.node,
+                     "initContainers": [c(n, u) for n, u in (init or {}).items()]
+                     + [{**c(n, u), "restartPolicy": "Always"} for n, u in (sidecars or {}).items()],
                      "containers": [c(n, u) for n, u in containers.items()]},
         })
 
@@ -310,3 +312,27 @@ def test_init_container_lease_ends_when_it_completes_app_containers_keep_theirs_
     while {g.uuid: g.lendable_bytes for g in stack.gpus()} != before:
         assert time.monotonic() < deadline, "the pool did not get its bytes back"
         time.sleep(0.2)
+
+
+def test_sidecar_keeps_its_lease_while_the_pod_runs(stack: Stack) -> None:
+    gpus = stack.gpus()
+    grant = stack.reserve("2Gi", gpus[6].uuid, 0)
+    stack.multi_pod("side", {"server": 2}, None, grant, sidecars={"proxy": 1})
+    ns = stack.namespace
+    proxy_units = stack.units_on(gpus[3].uuid, 1)
+    server_units = stack.units_on(gpus[6].uuid, 2)
+    assert stack.podresources is not None
+    stack.podresources.set_pod(f"{ns}/side", {"proxy": proxy_units, "server": server_units})
+    p = stack.kubelet.allocate(proxy_units)     # the kubelet asks for the sidecar first
+    s = stack.kubelet.allocate(server_units)
+    assert "error" not in p and "error" not in s, (p, s)
+    proxy_id = p["response"]["envs"]["SPILLWAY_LEASE_ID"]
+    assert s["response"]["envs"]["SPILLWAY_LEASE_ID"] == grant.lease.id   # not the sidecar's
+    assert proxy_id != grant.lease.id
+    mark = stack.allocation("side")
+    assert {k: (v["result"], v["role"]) for k, v in mark.items()} == {
+        "proxy": ("on_the_spot", "sidecar"), "server": ("reservation", "app")}
+    time.sleep(2.0)  # several sync rounds past --release-grace: a running sidecar's lease stays
+    leases = stack.leases()
+    assert leases[proxy_id].state == agent_pb2.RESERVED and leases[proxy_id].pod == f"{ns}/side"
+    assert leases[grant.lease.id].state == agent_pb2.ACTIVE
