@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 import yaml
 
+from spillway.testing.agentproc import AgentProcess
 from spillway.testing.cluster import Cluster, ensure_binaries, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
@@ -149,6 +150,8 @@ BAD_VALUES = [
     ("agent.defaultTtl=soon", "/agent/defaultTtl"),
     ("node.hostPaths.stateDir=var/lib/spillway", "/node/hostPaths/stateDir"),
     ("devicePlugin.unti=2Gi", "/devicePlugin"),
+    ("tls.agentServerName=Spillway_Agent", "/tls/agentServerName"),
+    ("tls.agentServerName=", "/tls/agentServerName"),
 ]
 
 
@@ -205,49 +208,76 @@ def test_ha_monitoring_and_cert_manager_render(helm: Any) -> None:
         "with cert-manager, Helm makes no certificates"
     op = find(objs, "Deployment", "-operator")
     assert "--peering=sw-spillway" in op["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--agent-server-name=spillway-agent" in op["spec"]["template"]["spec"]["containers"][0]["args"]
+    agent_cert = find(objs, "Certificate", "-agent-tls")["spec"]
+    assert agent_cert["dnsNames"] == AGENT_SANS and agent_cert["commonName"] == "spillway-agent"
     assert find(objs, "DaemonSet")["spec"]["template"]["spec"]["runtimeClassName"] == "nvidia"
     rule = find(objs, "PrometheusRule")
     plain = yaml.safe_load((CHART / "rules" / "spillway.rules.yaml").read_text())
     assert [g["name"] for g in rule["spec"]["groups"]] == [g["name"] for g in plain["groups"]]
 
 
-def _container_argv(container: dict[str, Any], env: dict[str, str]) -> list[str]:
-    """What the container would run after the entry point `spillway` (Kubernetes $(VAR)
-    expansion, and the agent's sh -c wrapper, done by hand)."""
+# The agent certificate's DNS names for release "sw" in namespace spillway-system, defaults.
+AGENT_SANS = ["spillway-agent", "sw-spillway-agent", "sw-spillway-agent.spillway-system",
+              "sw-spillway-agent.spillway-system.svc", "sw-spillway-agent.spillway-system.svc.cluster.local"]
+
+
+def _container_argv(container: dict[str, Any], env: dict[str, str], bin_dir: Path) -> list[str]:
+    """What the container would run after the entry point `spillway`: Kubernetes $(VAR)
+    expansion by hand; a `command` (the agent's sh -c wrapper) is run by the real /bin/sh with
+    a stand-in `spillway` on PATH (`bin_dir`) that prints its arguments."""
     args = []
     for a in container["args"]:
         for k, v in env.items():
             a = a.replace(f"$({k})", v)
         args.append(a)
     if container.get("command"):
-        script = container["command"][2]
-        assert script.startswith('exec spillway "$@" ')
-        out = subprocess.run(["/bin/sh", "-c", f'printf "%s\\n" {script[len("exec spillway "):]}', "spillway", *args],
-                             capture_output=True, text=True, env={**os.environ, **env}, check=True)
+        fake = bin_dir / "spillway"
+        if not fake.exists():
+            fake.write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
+            fake.chmod(0o755)
+        out = subprocess.run([*container["command"], *args], capture_output=True, text=True, check=True,
+                             env={"PATH": f"{bin_dir}:/usr/bin:/bin", **env})
         return out.stdout.splitlines()
     return args
 
 
 @pytest.mark.cluster
 @pytest.mark.parametrize("values", [None, *EXAMPLES], ids=lambda p: p.name if p else "defaults")
-def test_rendered_command_lines_parse_with_the_real_cli(helm: Any, values: Path | None) -> None:
+def test_rendered_command_lines_parse_with_the_real_cli(helm: Any, values: Path | None, tmp_path: Path) -> None:
+    """Every container's command line parses; the agent advertises its pod IP (IPv6 in
+    brackets), and the operator checks the name that the agent certificate carries."""
+    from cryptography import x509
+
     objs = render(helm, *(["-f", str(values)] if values else []))
     parser = cli_parser()
-    env = {"NODE_NAME": "gpu-0", "POD_IP": "10.1.2.3", "POD_NAMESPACE": "spillway-system"}
     seen = set()
-    for obj in objs:
-        if obj["kind"] not in ("Deployment", "DaemonSet", "Pod"):
-            continue
-        spec = obj["spec"] if obj["kind"] == "Pod" else obj["spec"]["template"]["spec"]
-        for c in spec["containers"]:
-            argv = _container_argv(c, env)
-            args = parser.parse_args(argv)  # SystemExit (exit 2) on a flag the CLI does not know
-            seen.add(args.command)
-            if args.command == "agent":
-                assert args.node_name == "gpu-0"
-                if "--publish" in argv:
-                    assert args.advertise_endpoint == "10-1-2-3.spillway-system.pod.cluster.local:7443"
+    for pod_ip, endpoint in (("10.1.2.3", "10.1.2.3:7443"), ("fd00:10:244::3", "[fd00:10:244::3]:7443")):
+        env = {"NODE_NAME": "gpu-0", "POD_IP": pod_ip}
+        for obj in objs:
+            if obj["kind"] not in ("Deployment", "DaemonSet", "Pod"):
+                continue
+            spec = obj["spec"] if obj["kind"] == "Pod" else obj["spec"]["template"]["spec"]
+            for c in spec["containers"]:
+                argv = _container_argv(c, env, tmp_path)
+                args = parser.parse_args(argv)  # SystemExit (exit 2) on a flag the CLI does not know
+                seen.add(args.command)
+                if args.command == "agent":
+                    assert args.node_name == "gpu-0"
+                    if "--publish" in argv:
+                        assert args.advertise_endpoint == endpoint
+                if args.command == "operator":
+                    server_name = args.agent_server_name
     assert {"agent", "deviceplugin", "operator", "pool"} <= seen
+    # The operator's name is one the agent certificate carries (Helm-made or cert-manager).
+    if any(o["kind"] == "Certificate" for o in objs):
+        sans = find(objs, "Certificate", "-agent-tls")["spec"]["dnsNames"]
+    else:
+        pem = base64.b64decode(find(objs, "Secret", "-agent-tls")["data"]["tls.crt"])
+        sans = x509.load_pem_x509_certificate(pem).extensions.get_extension_for_class(
+            x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
+    assert server_name and server_name in sans
+    assert not [n for n in sans if ".pod" in n], f"no pod DNS names any more: {sans}"
 
 
 def _secret_files(objs: list[dict[str, Any]], suffix: str, into: Path) -> tuple[Path, Path, Path]:
@@ -261,52 +291,85 @@ def _secret_files(objs: list[dict[str, Any]], suffix: str, into: Path) -> tuple[
     return paths[0], paths[1], paths[2]
 
 
-@pytest.mark.cluster
-def test_helm_made_certificates_carry_mutual_tls_to_a_real_agent(helm: Any, tmp_path: Path) -> None:
-    """The agent serves with the chart's agent certificate; the helm-test pod's command (the
-    operator's client certificate) reads its pool over TCP; a client without a certificate is
-    refused. The simulated backend stands in for the GPU."""
+def _dns_sans(cert_path: Path) -> list[str]:
     from cryptography import x509
 
-    from spillway.testing.agentproc import DEFAULT_TOPOLOGY, free_port
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    return list(cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+                .get_values_for_type(x509.DNSName))
 
-    objs = render(helm, "--set", "tls.agentServerName=localhost")
+
+def _serve(server: tuple[Path, Path, Path], node: str) -> tuple[AgentProcess, str]:
+    """A real agent (simulated GPUs) serving mutual TLS on 127.0.0.1 with these files."""
+    from spillway.testing.agentproc import AgentProcess, free_port
+
+    endpoint = f"127.0.0.1:{free_port()}"
+    proc = AgentProcess(node_name=node, extra_args=[
+        "--listen", endpoint, "--tls-cert", str(server[0]), "--tls-key", str(server[1]), "--tls-ca", str(server[2])])
+    return proc.start(), endpoint
+
+
+def _node_name(endpoint: str, client: tuple[Path, Path, Path], server_name: str | None) -> str:
+    """The agent's node name as the operator would read it: dialled at `endpoint` (an IP),
+    its certificate checked against `server_name`; the gRPC status code name on failure."""
+    import grpc
+
+    from spillway.agent.client import AgentClient
+    from spillway.pki import TlsFiles
+
+    async def go() -> str:
+        async with AgentClient(endpoint, tls=TlsFiles(*client), server_name=server_name, timeout=30) as c:
+            try:
+                return (await c.inventory()).node_name
+            except grpc.aio.AioRpcError as exc:
+                return exc.code().name
+
+    return asyncio.run(go())
+
+
+@pytest.mark.cluster
+def test_helm_made_certificates_carry_mutual_tls_to_a_real_agent(helm: Any, tmp_path: Path) -> None:
+    """The agent serves with the chart's agent certificate, dialled by IP: the operator's
+    client certificate and --agent-server-name reach it; without the name, or without a client
+    certificate, it is refused. The helm-test pod's command (which dials the agent Service)
+    reads its pool. The simulated backend stands in for the GPU."""
+    objs = render(helm)
     server = _secret_files(objs, "-agent-tls", tmp_path / "agent")
     client = _secret_files(objs, "-operator-tls", tmp_path / "operator")
-    cert = x509.load_pem_x509_certificate(server[0].read_bytes())
-    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
-    assert "*.spillway-system.pod.cluster.local" in sans and "sw-spillway-agent.spillway-system.svc" in sans
+    assert _dns_sans(server[0]) == AGENT_SANS
+    op_args = find(objs, "Deployment", "-operator")["spec"]["template"]["spec"]["containers"][0]["args"]
+    (server_name,) = [a.split("=", 1)[1] for a in op_args if a.startswith("--agent-server-name=")]
 
-    port, metrics = free_port(), free_port()
-    agent = subprocess.Popen(
-        [sys.executable, "-m", "spillway", "agent", "--backend", "simulated", "--topology", str(DEFAULT_TOPOLOGY),
-         "--node-name", "chart-node", "--socket", str(tmp_path / "a.sock"), "--listen", f"127.0.0.1:{port}",
-         "--tls-cert", str(server[0]), "--tls-key", str(server[1]), "--tls-ca", str(server[2]),
-         "--state-dir", str(tmp_path / "state"), "--metrics-port", str(metrics)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(REPO)})
+    agent, endpoint = _serve(server, "chart-node")
     try:
+        assert _node_name(endpoint, client, server_name) == "chart-node"
+        assert _node_name(endpoint, client, None) == "UNAVAILABLE", "the IP is not in the certificate"
+        assert _node_name(endpoint, (client[0], client[1], server[2]), "sw-spillway-agent.spillway-system") \
+            == "chart-node"
+
         pod = find(objs, "Pod", "-test-agents")["spec"]["containers"][0]
         argv = []
+        service = ""
         for a in pod["args"]:
             if a.startswith("--target="):
-                a = f"--target=localhost:{port}"
+                service = a.removeprefix("--target=").rsplit(":", 1)[0]
+                a = f"--target={endpoint}"
             for key, path in zip(("tls.crt", "tls.key", "ca.crt"), client, strict=True):
                 a = a.replace(f"/etc/spillway/tls/{key}", str(path))
             argv.append(a)
-
-        def answer() -> subprocess.CompletedProcess[str] | None:
-            r = subprocess.run([sys.executable, "-m", "spillway", *argv], capture_output=True, text=True,
-                               env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)
-            return r if r.returncode == 0 else None
-
-        result = wait_until(answer, timeout=60, interval=1, what="the agent to answer the helm test's command")
-        pool = json.loads(result.stdout)
+        assert service in AGENT_SANS
+        # The pod resolves the Service name to the agent; here 127.0.0.1 stands in, so the
+        # Service name is checked as the server name.
+        r = subprocess.run([sys.executable, "-m", "spillway", *argv, "--tls-server-name", service],
+                           capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)
+        assert r.returncode == 0, r.stderr
+        pool = json.loads(r.stdout)
         assert pool["node_name" if "node_name" in pool else "nodeName"] == "chart-node"
 
         from spillway.agent.client import AgentClient
 
         async def no_cert() -> str:
-            async with AgentClient(f"localhost:{port}", tls=None, timeout=10) as c:
+            async with AgentClient(endpoint, tls=None, timeout=10) as c:
                 try:
                     await c.inventory()
                 except Exception as exc:  # refused: no client certificate
@@ -315,8 +378,7 @@ def test_helm_made_certificates_carry_mutual_tls_to_a_real_agent(helm: Any, tmp_
 
         assert asyncio.run(no_cert()) != "answered"
     finally:
-        agent.terminate()
-        agent.wait(timeout=30)
+        agent.cleanup()
 
 
 # --- against the real API server ------------------------------------------------------------
@@ -396,6 +458,7 @@ def test_install_rbac_upgrade_uninstall(chart_cluster: Cluster, kwok_nodes: Any)
         for kind, name in (("deployment", "sw-spillway-operator"), ("daemonset", "sw-spillway-node"),
                            ("service", "sw-spillway-agent"), ("service", "sw-spillway-operator"),
                            ("secret", "sw-spillway-agent-tls"), ("secret", "sw-spillway-operator-tls"),
+                           ("secret", "sw-spillway-ca"),
                            ("poddisruptionbudget", "sw-spillway-operator"), ("serviceaccount", "sw-spillway-agent"),
                            ("serviceaccount", "sw-spillway-deviceplugin"), ("serviceaccount", "sw-spillway-operator")):
             c.kubectl("get", kind, name, "-n", ns)
@@ -418,13 +481,14 @@ def test_install_rbac_upgrade_uninstall(chart_cluster: Cluster, kwok_nodes: Any)
             (op, "watch", "memorypools.spillway.dev"), (op, "patch", "memorypools.spillway.dev"),
             (op, "create", "pods"), (op, "delete", "pods"),
             (op, "patch", "pods"), (op, "create", "events"), (op, "patch", "clusterkopfpeerings.kopf.dev"),
-            (op, "create", "pods/eviction"),
+            (op, "create", "pods/eviction"), (op, "list", "nodes"), (op, "watch", "nodes"),
             (agent, "create", "memorypools.spillway.dev"), (agent, "patch", "memorypools.spillway.dev/status"),
             (agent, "update", "memorypools.spillway.dev"), (agent, "get", "nodes"),
             (dp, "list", "pods"), (dp, "watch", "pods"), (dp, "patch", "pods"), (dp, "create", "events"),
         ]
         denied = [
-            (op, "delete", "nodes"), (op, "list", "secrets"), (op, "create", "memorypools.spillway.dev"),
+            (op, "delete", "nodes"), (op, "patch", "nodes"), (op, "list", "secrets"),
+            (op, "create", "memorypools.spillway.dev"),
             (op, "delete", "memorypools.spillway.dev"), (op, "patch", "memorypools.spillway.dev/status"),
             (op, "create", "clusterroles.rbac.authorization.k8s.io"),
             (agent, "list", "secrets"), (agent, "get", "secrets"), (agent, "delete", "memorypools.spillway.dev"),
@@ -441,11 +505,12 @@ def test_install_rbac_upgrade_uninstall(chart_cluster: Cluster, kwok_nodes: Any)
         assert not wrong, wrong
 
         # Upgrade: same certificates (looked up, not made again), new values applied.
-        before = c.get_json("secret", "sw-spillway-agent-tls", "-n", ns)["data"]
+        tls_secrets = ("sw-spillway-agent-tls", "sw-spillway-operator-tls", "sw-spillway-ca")
+        before = [c.get_json("secret", name, "-n", ns)["data"] for name in tls_secrets]
         up = c.helm("upgrade", "sw", str(CHART), "-n", ns, "-f", str(values), "--set", "operator.replicas=1",
                     "--set", "devicePlugin.unit=2Gi", check=False)
         assert up.returncode == 0, up.stderr
-        assert c.get_json("secret", "sw-spillway-agent-tls", "-n", ns)["data"] == before
+        assert [c.get_json("secret", name, "-n", ns)["data"] for name in tls_secrets] == before
         ds = c.get_json("daemonset", "sw-spillway-node", "-n", ns)
         assert "--unit=2Gi" in ds["spec"]["template"]["spec"]["containers"][1]["args"]
         assert c.kubectl("get", "poddisruptionbudget", "sw-spillway-operator", "-n", ns, check=False).returncode != 0
@@ -462,6 +527,104 @@ def test_install_rbac_upgrade_uninstall(chart_cluster: Cluster, kwok_nodes: Any)
                              "app.kubernetes.io/instance=sw", "-o", "name").stdout.split()
     assert cluster_left == []
     c.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+
+
+def _tls_secret(name: str, ns: str, cert: bytes, key: bytes, ca: bytes) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+            "metadata": {"name": name, "namespace": ns,
+                         "labels": {"app.kubernetes.io/instance": "sw", "app.kubernetes.io/managed-by": "Helm"},
+                         "annotations": {"meta.helm.sh/release-name": "sw", "meta.helm.sh/release-namespace": ns}},
+            "data": {k: base64.b64encode(v).decode() for k, v in (("tls.crt", cert), ("tls.key", key),
+                                                                    ("ca.crt", ca))}}
+
+
+def _pems(bundle: bytes) -> list[bytes]:
+    end = b"-----END CERTIFICATE-----"
+    return [p.strip() + b"\n" + end + b"\n" for p in bundle.split(end) if p.strip()]
+
+
+@pytest.mark.cluster
+def test_upgrade_reissues_the_agent_certificate_when_its_names_change(chart_cluster: Cluster, tmp_path: Path) -> None:
+    """Secrets as a chart of before (agent certificate naming pod DNS wildcards, no CA Secret,
+    no annotations) meet this chart's lookups (`helm template --dry-run=server`, as an upgrade
+    renders): the agent certificate is made again with the new names under a new CA; the
+    operator's client certificate is kept and the trust bundle holds both CAs, so old and new
+    agents and the operator all accept each other while the pods roll. Rendered again over its
+    own Secrets, nothing changes; a new tls.agentServerName re-issues the agent certificate
+    under the same CA. Real handshakes with a real agent check each step."""
+    from spillway.pki import make_ca
+
+    c = chart_cluster
+    ns = c.create_namespace("tls-upgrade")
+    try:
+        sans = [n.replace("spillway-system", ns) for n in AGENT_SANS]
+        old_ca = make_ca("sw-spillway-ca")
+        old_agent = old_ca.issue("spillway-agent", [*sans, f"*.{ns}.pod.cluster.local", f"*.{ns}.pod"], client=False,
+                                 server=True)
+        old_operator = old_ca.issue("spillway-operator", client=True, server=False)
+        c.kubectl("apply", "-f", "-", input=yaml.safe_dump_all([
+            _tls_secret("sw-spillway-agent-tls", ns, *old_agent, old_ca.cert_pem),
+            _tls_secret("sw-spillway-operator-tls", ns, *old_operator, old_ca.cert_pem)]))
+
+        def upgrade_render(*extra: str) -> list[dict[str, Any]]:
+            text = c.helm("template", "sw", str(CHART), "-n", ns, "--dry-run=server", "-s", "templates/tls.yaml",
+                          *extra).stdout
+            return docs(text)
+
+        objs = upgrade_render()
+        agent = _secret_files(objs, "-agent-tls", tmp_path / "new-agent")
+        operator = _secret_files(objs, "-operator-tls", tmp_path / "operator")
+        new_ca = base64.b64decode(find(objs, "Secret", "-ca")["data"]["tls.crt"])
+        assert agent[0].read_bytes() != old_agent[0] and _dns_sans(agent[0]) == sans
+        assert operator[0].read_bytes() == old_operator[0] and operator[1].read_bytes() == old_operator[1]
+        bundle = operator[2].read_bytes()
+        assert agent[2].read_bytes() == bundle
+        assert _pems(bundle) == [old_ca.cert_pem, new_ca], "the trust bundle: the old CA, then the new one"
+        annotations = find(objs, "Secret", "-agent-tls")["metadata"]["annotations"]
+        assert json.loads(annotations["spillway.dev/dns-names"]) == sans
+
+        old_dir = tmp_path / "old-agent"
+        old_dir.mkdir()
+        old_files = (old_dir / "tls.crt", old_dir / "tls.key", old_dir / "ca.crt")
+        for path, data in zip(old_files, (*old_agent, old_ca.cert_pem), strict=True):
+            path.write_bytes(data)
+        new_agent, new_ep = _serve(agent, "new-agent")
+        not_rolled, old_ep = _serve(old_files, "old-agent")
+        try:
+            # The operator after the upgrade (kept certificate, both CAs) reaches both agents by IP.
+            assert _node_name(new_ep, operator, "spillway-agent") == "new-agent"
+            assert _node_name(old_ep, operator, "spillway-agent") == "old-agent"
+            # The operator before the upgrade (old CA only) still reaches the agent not yet rolled.
+            before = (operator[0], operator[1], old_files[2])
+            assert _node_name(old_ep, before, "spillway-agent") == "old-agent"
+            assert _node_name(new_ep, operator, None) == "UNAVAILABLE"
+        finally:
+            new_agent.cleanup()
+            not_rolled.cleanup()
+
+        # The upgrade applied: rendering again over these Secrets changes nothing.
+        applied = [o for o in objs if o["kind"] == "Secret"]
+        for o in applied:  # as `helm upgrade` would own them
+            o["metadata"].setdefault("annotations", {}).update(
+                {"meta.helm.sh/release-name": "sw", "meta.helm.sh/release-namespace": ns})
+        c.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(applied))
+        assert [o["data"] for o in upgrade_render() if o["kind"] == "Secret"] == [o["data"] for o in applied]
+
+        # A new server name: the agent certificate is made again, under the same CA.
+        renamed = upgrade_render("--set", "tls.agentServerName=agents.spillway.example")
+        agent2 = _secret_files(renamed, "-agent-tls", tmp_path / "renamed")
+        assert _dns_sans(agent2[0])[0] == "agents.spillway.example"
+        for suffix in ("-ca", "-operator-tls"):
+            assert find(renamed, "Secret", suffix)["data"] == find(applied, "Secret", suffix)["data"]
+        assert agent2[2].read_bytes() == bundle
+        renamed_agent, ep = _serve(agent2, "renamed-agent")
+        try:
+            assert _node_name(ep, operator, "agents.spillway.example") == "renamed-agent"
+            assert _node_name(ep, operator, "spillway-agent") == "UNAVAILABLE"
+        finally:
+            renamed_agent.cleanup()
+    finally:
+        c.kubectl("delete", "namespace", ns, "--wait=false", check=False)
 
 
 @pytest.mark.cluster

@@ -75,12 +75,15 @@ app.kubernetes.io/component: {{ .part }}
 {{- include "spillway.component" (dict "ctx" . "part" "ca") -}}
 {{- end -}}
 
-{{/* DNS names in the agent's server certificate. */}}
+{{/* DNS names in the agent's server certificate: the fixed name the operator checks
+(tls.agentServerName; it dials each agent at the pod IP in its MemoryPool) and the agent
+Service's names (the helm test dials the Service). No pod DNS names: they need CoreDNS pod
+records. */}}
 {{- define "spillway.agentDnsNames" -}}
 {{- $svc := include "spillway.component" (dict "ctx" . "part" "agent") -}}
 {{- $ns := .Release.Namespace -}}
 {{- $domain := .Values.clusterDomain -}}
-{{- list .Values.tls.agentServerName $svc (printf "%s.%s" $svc $ns) (printf "%s.%s.svc" $svc $ns) (printf "%s.%s.svc.%s" $svc $ns $domain) (printf "*.%s.pod.%s" $ns $domain) (printf "*.%s.pod" $ns) | toJson -}}
+{{- list .Values.tls.agentServerName $svc (printf "%s.%s" $svc $ns) (printf "%s.%s.svc" $svc $ns) (printf "%s.%s.svc.%s" $svc $ns $domain) | uniq | toJson -}}
 {{- end -}}
 
 {{- define "spillway.tlsMountPath" -}}/etc/spillway/tls{{- end -}}
