@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
+import signal
+import subprocess
 import time
 import urllib.request
 import uuid
@@ -16,8 +19,9 @@ from typing import Any
 import pytest
 
 from spillway.api.v1 import agent_pb2
+from spillway.testing.agentproc import free_port
 from spillway.testing.cluster import Cluster, wait_until
-from spillway.testing.sandbox import Sandbox
+from spillway.testing.sandbox import REPO_ROOT, Sandbox
 from tests.fixtures_prometheus import HistogramServer, PrometheusProcess, expected_quantile
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
@@ -504,4 +508,73 @@ def test_slo_met_with_slack_releases_elastic_leases_when_others_want_the_pool(
         assert json.loads(pod["metadata"]["annotations"]["spillway.dev/elastic-leases"]) == []
         cluster.kubectl("delete", "inferencetenant", "elastic", "starved", "-n", ns, "--timeout=60s")
     finally:
+        sandbox.start_operator()
+
+
+def test_two_operator_replicas_with_peering_one_acts_and_the_other_takes_over_when_it_is_killed(
+    cluster: Cluster, sandbox: Sandbox, k8s_namespace: str
+) -> None:
+    ns = k8s_namespace
+    peering = f"spw-{uuid.uuid4().hex[:5]}"
+    cluster.kubectl("apply", "-f", str(REPO_ROOT / "charts" / "spillway" / "crds" / "kopf-peerings.yaml"))
+    cluster.kubectl("wait", "--for=condition=Established", "crd/clusterkopfpeerings.kopf.dev", "--timeout=60s")
+    cluster.kubectl("create", "-f", "-", input=json.dumps(
+        {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": peering}}))
+    common = ["--resync-interval", "3s", "--lease-ttl", "60s", "--peering", peering]
+    a_from = sandbox.operator_log.stat().st_size if sandbox.operator_log.exists() else 0
+    standby_log = sandbox.workdir / f"operator-{peering}-b.log"
+    standby: subprocess.Popen[bytes] | None = None
+    try:
+        sandbox.start_operator([*common, "--priority", "200"])  # A: the active one
+        a_port = sandbox.operator_metrics_port
+        sandbox.operator_metrics_port = b_port = free_port()
+        b_cmd = sandbox.operator_command([*common, "--priority", "100"])
+        sandbox.operator_metrics_port = a_port
+        env = {**os.environ, "KUBECONFIG": str(sandbox.kubeconfig), "PYTHONPATH": str(REPO_ROOT)}
+        with standby_log.open("ab") as out:
+            standby = subprocess.Popen(b_cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                       env=env, cwd=str(REPO_ROOT), start_new_session=True)
+
+        def b_ready() -> bool:
+            assert standby is not None and standby.poll() is None, standby_log.read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{b_port}/readyz", timeout=2) as resp:
+                    return bool(resp.status == 200)
+            except OSError:
+                return False
+
+        wait_until(b_ready, timeout=90, what="the standby operator to be ready")
+        cluster.apply(tenant("duo", replicas=2, memory="30Gi", request="4Gi"), ns)
+        wait_phase(cluster, sandbox, ns, "duo", "Running")
+        time.sleep(5)  # several resyncs: a standby that acted would have written by now
+
+        def placed_lines(text: str) -> list[str]:
+            return [x for x in text.splitlines() if "reason=Placed" in x and f"tenant={ns}/duo" in x]
+
+        a_log = sandbox.operator_log.read_bytes()[a_from:].decode(errors="replace")
+        assert len(placed_lines(a_log)) == 2, a_log[-3000:]
+        assert f"{ns}/duo" not in standby_log.read_text(), "the standby acted while the active one ran"
+
+        sandbox.kill_operator()  # kill -9 the active one: its peering record expires, the standby resumes
+        cluster.kubectl("scale", "inferencetenant/duo", "-n", ns, "--replicas=3")
+
+        def three() -> dict[str, Any] | None:
+            s = get_tenant(cluster, ns, "duo").get("status") or {}
+            return s if s.get("phase") == "Running" and s.get("replicas") == 3 else None
+
+        wait_until(three, timeout=180, what="the standby to take over and place the third replica")
+        b_text = standby_log.read_text()
+        assert [x for x in placed_lines(b_text) if "replica 2 " in x], b_text[-3000:]
+        pods = [p for p in pods_of(cluster, ns, "duo") if not p["metadata"].get("deletionTimestamp")]
+        assert sorted(p["metadata"]["name"] for p in pods) == ["duo-0", "duo-1", "duo-2"]
+        held = {x.id for v in agent_leases(sandbox, f"tenant:{ns}/duo/").values() for x in v}
+        assert held == set().union(*(pod_lease_ids(p) for p in pods))
+        # The survivor finishes the job on its own: delete releases everything.
+        cluster.kubectl("delete", "inferencetenant", "duo", "-n", ns, "--timeout=90s")
+        assert not any(agent_leases(sandbox, f"tenant:{ns}/").values())
+    finally:
+        if standby is not None and standby.poll() is None:
+            os.killpg(standby.pid, signal.SIGKILL)
+            standby.wait()
+        cluster.kubectl("delete", "clusterkopfpeering", peering, "--ignore-not-found", check=False)
         sandbox.start_operator()

@@ -352,12 +352,6 @@ class Engine:
                 raise
         self._local_record[node] = dict(record)
 
-    async def sync_all_local(self) -> None:
-        for node in list(self.pools):
-            try:
-                await self.sync_local(node)
-            except Exception:
-                log.warning("local reservation sync failed", exc_info=True, extra={"node": node})
 
     def ready(self) -> str:
         return "" if self.synced else "initial sync (startup sweep) not finished"
@@ -845,7 +839,6 @@ class Engine:
         released = await self._sweep_holder("tenant:", orphan)
         if released:
             log.info("startup sweep released orphaned leases", extra={"released": released})
-        await self.sync_all_local()  # local reservations from the pods that exist (a crash may have left some)
         self.synced = True
         return released
 

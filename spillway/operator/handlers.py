@@ -120,7 +120,8 @@ def register(
 
     @kopf.timer(API_GROUP, API_VERSION, POOL_PLURAL, interval=resync_s, registry=registry)
     async def pool_resync(name: str, **_: Any) -> None:
-        """Local reservations on the node follow the replicas placed there."""
+        """Local reservations on the node follow the replicas placed there (first run at once, so a
+        restarted operator recomputes them; only the active operator of a peering runs timers)."""
         if engine.synced:
             await engine.sync_local(name)
 
