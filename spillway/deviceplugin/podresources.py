@@ -128,8 +128,11 @@ class Attributor:
                 self.store.update(replace(alloc, renewed_at=now))
         except grpc.aio.AioRpcError as exc:
             if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION):
-                log.warning("a pod's lease ended at the agent; forgetting it", extra={
-                    "leases": alloc.key, "pod": pod, "error": f"{exc.code().name}: {exc.details()}"})
+                # An init container's client releases its lease when it exits: expected, not a warning.
+                (log.info if alloc.role == ROLE_INIT else log.warning)(
+                    "a pod's lease ended at the agent; forgetting it", extra={
+                        "leases": alloc.key, "pod": pod, "container": alloc.container,
+                        "error": f"{exc.code().name}: {exc.details()}"})
                 self.store.remove(alloc)
             else:
                 log.warning("could not update a pod's lease", extra={
