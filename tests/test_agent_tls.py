@@ -15,9 +15,11 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -173,3 +175,56 @@ def test_operator_agent_server_name_needs_tls() -> None:
     r = spillway("operator", "--agent-server-name", NAME, "--metrics-port", "0", "--health-port", "-1")
     assert r.returncode != 0
     assert "--agent-server-name checks the agents' TLS certificates" in r.stderr, r.stderr
+
+
+# --- the operator, end to end ----------------------------------------------------------------
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_operator_reserves_at_agents_known_by_ip_with_the_server_name(cluster: Any, k8s_namespace: str) -> None:
+    """The operator (subprocess, real kube-apiserver) reads an agent's MemoryPool endpoint
+    (127.0.0.1:PORT), dials it and checks the certificate against --agent-server-name: the
+    tenant's reservation is made at the agent. Without the flag the same operator is refused by
+    the handshake and says so."""
+    from spillway.testing.cluster import wait_until
+    from spillway.testing.sandbox import Sandbox
+
+    ns = k8s_namespace
+    sb = Sandbox(cluster)
+    sb.start()
+    node = f"tls-{uuid.uuid4().hex[:5]}"
+    try:
+        # Agents whose certificate names only NAME (not 127.0.0.1, which they advertise).
+        sb.server_tls, sb.client_tls = write_mtls_dir(sb.workdir / "tls-named", server_names=[NAME])
+        sb.add_gpu_nodes([node])
+        endpoint = sb.agents[node].endpoint
+        assert endpoint.startswith("127.0.0.1:")
+        watch = ("--namespace", ns, "--resync-interval", "5s", "--lease-ttl", "60s")
+
+        async def holders() -> list[str]:
+            async with AgentClient(endpoint, tls=sb.client_tls, server_name=NAME, timeout=20) as c:
+                return [x.holder for x in await c.leases()]
+
+        sb.start_operator((*watch, "--agent-server-name", NAME))
+        cluster.apply(_tenant("named"), ns)
+        wait_until(lambda: any(h.startswith(f"tenant:{ns}/named/") for h in asyncio.run(holders())), timeout=120,
+                   what="the operator's reservation at the agent")
+
+        sb.start_operator(watch)  # the same operator without the name: refused by the handshake
+        cluster.apply(_tenant("unnamed"), ns)
+        wait_until(lambda: MISMATCH in sb.operator_log.read_text(), timeout=120,
+                   what="the operator to report the name mismatch")
+        assert not any(h.startswith(f"tenant:{ns}/unnamed/") for h in asyncio.run(holders()))
+        cluster.kubectl("delete", "inferencetenant", "--all", "-n", ns, "--wait=false", check=False)
+    finally:
+        print(sb.logs())
+        sb.stop()
+        cluster.kubectl("delete", "node", node, "--ignore-not-found", "--wait=false", check=False)
+        cluster.kubectl("delete", "memorypool", node, "--ignore-not-found", "--wait=false", check=False)
+
+
+def _tenant(name: str) -> dict[str, Any]:
+    return {"apiVersion": "spillway.dev/v1alpha1", "kind": "InferenceTenant", "metadata": {"name": name},
+            "spec": {"replicas": 1, "model": {"image": "spillway/toy-server:0.1.0", "memory": "40Gi", "port": 8000},
+                     "peerMemory": {"request": "4Gi", "limit": "4Gi", "fallback": "None"}}}
