@@ -245,3 +245,73 @@ def test_acquire_grows_with_an_elastic_lease(agent: AgentProcess) -> None:
         pm.put(["k"], [torch.arange(1000)])
         assert torch.equal(pm.get(["k"]).result()[0], torch.arange(1000))
     assert lease_of(agent, pm.lease_id).state == agent_pb2.RELEASED
+
+
+def two_lender_env(agent: AgentProcess, size: str = "64Mi") -> tuple[dict[str, str], list[str], list[str]]:
+    """The device plugin's form for a pod whose peer memory comes from two lender GPUs:
+    comma-separated ids and tokens, in the order of SPILLWAY_LENDER_GPUS."""
+    inv = call(agent, lambda c: c.inventory())
+    gpus = [str(inv.gpus[1].uuid), str(inv.gpus[2].uuid)]
+    got = [call(agent, lambda c, g=g: c.acquire(size, "tenant-c", gpu_uuid=g, ttl_s=30.0)) for g in gpus]
+    ids = [g.lease.id for g in got]
+    env = {
+        "SPILLWAY_LEASE_ID": ",".join(ids),
+        "SPILLWAY_LEASE_TOKEN": ",".join(g.token for g in got),
+        "SPILLWAY_AGENT_SOCKET": str(agent.socket),
+        "SPILLWAY_LENDER_GPUS": ",".join(gpus),
+    }
+    return env, ids, gpus
+
+
+def test_two_lenders_hold_one_store_and_a_revocation_moves_only_its_own_blocks(agent: AgentProcess) -> None:
+    env, ids, gpus = two_lender_env(agent)
+    pm = PeerMemory.from_env(env, holder="llm-2")
+    try:
+        for lease_id in ids:
+            lease = lease_of(agent, lease_id)
+            assert lease.state == agent_pb2.ACTIVE and lease.pid == os.getpid() and lease.holder == "llm-2"
+        s = pm.stats()
+        assert s.lease_id == ",".join(ids) and s.lender_gpu == ",".join(gpus)
+        assert s.leased_bytes == s.peer_capacity_bytes == 128 << 20 and s.lease_state == "ACTIVE,ACTIVE"
+        # 96 MiB of 2 MiB blocks: more than one 64 MiB lease holds, so both arenas are used
+        gen = torch.Generator().manual_seed(5)
+        blocks = {f"k{i}": torch.randint(0, 255, (2 << 20,), dtype=torch.uint8, generator=gen) for i in range(48)}
+        keys = list(blocks)
+        for i in range(0, 48, 8):
+            pm.put(keys[i : i + 8], [blocks[k] for k in keys[i : i + 8]]).synchronize()
+        assert all(pm.tier_of(k) == "simulated-cpu" for k in keys)
+        with pytest.raises(OutOfPeerMemory):  # 128 MiB leased, 96 used: 17 x 2 MiB more do not fit
+            pm.put([f"x{i}" for i in range(17)], [torch.ones(2 << 20, dtype=torch.uint8)] * 17)
+        assert len(pm) == 48  # the refused batch left nothing behind
+
+        resp = call(agent, lambda c: c.reclaim(gpus[1], "64Mi", reason="second lender needs it", deadline_s=4.0))
+        assert [x.id for x in resp.revoking] == [ids[1]]
+        wait_for(lambda: pm.revocations[1] is not None and pm.revocations[1].released_at, 10,
+                 "the client to move the second lease's blocks and release it")
+        rec = pm.revocations[1]
+        assert rec is not None and rec.on_time and not rec.error and 0 < rec.blocks < 48
+        assert pm.revocations[0] is None and pm.revocation is rec
+        assert lease_of(agent, ids[1]).state == agent_pb2.RELEASED
+        assert lease_of(agent, ids[0]).state == agent_pb2.ACTIVE  # the first lender is untouched
+        s = pm.stats()
+        assert s.blocks_peer == 48 - rec.blocks and s.blocks_host == rec.blocks
+        assert s.peer_capacity_bytes == 64 << 20 and pm.device_kind == "simulated-cpu"
+        got = pm.get(keys).result()
+        assert [digest(t) for t in got] == [digest(blocks[k]) for k in keys]  # nothing lost
+        first = next(k for k in keys if pm.tier_of(k) == "simulated-cpu")
+        pm.evict([first])
+        pm.put(["after"], [torch.ones(1 << 20, dtype=torch.uint8)]).synchronize()  # the first lease still takes puts
+        assert pm.tier_of("after") == "simulated-cpu"
+    finally:
+        pm.close()
+    assert lease_of(agent, ids[0]).state == agent_pb2.RELEASED
+
+
+def test_mismatched_lease_and_token_lists_are_refused_before_any_claim(agent: AgentProcess) -> None:
+    env, ids, _ = two_lender_env(agent)
+    env["SPILLWAY_LEASE_TOKEN"] = env["SPILLWAY_LEASE_TOKEN"].split(",")[0]
+    with pytest.raises(LeaseUnavailable, match=r"2 lease id.* but 1 token"):
+        PeerMemory.from_env(env)
+    for lease_id in ids:
+        lease = lease_of(agent, lease_id)
+        assert lease.pid == 0 and lease.holder == "tenant-c"  # not claimed, not attached

@@ -249,11 +249,11 @@ def test_pool_rows_fall_back_when_fragmented_and_respect_the_budget() -> None:
 def test_a_revocation_copies_into_host_memory_set_aside_ahead() -> None:
     store = make_store(1 << 20)
     spare = torch.empty(1 << 20, dtype=torch.uint8)
-    store.spare_host = spare
+    store.spare_host = [spare]
     blocks = [random_block(64 << 10) for _ in range(8)]
     store.put(list(range(8)), blocks)
     store.close_primary()
-    assert store.spare_host is None  # used, not a fresh allocation
+    assert store.spare_host == []  # used, not a fresh allocation
     assert store._index[0].extent.arena.tensor.data_ptr() == spare.data_ptr()
     assert [digest(t) for t in store.get(list(range(8))).result()] == [digest(b) for b in blocks]
 

@@ -152,7 +152,9 @@ class Extent:
 @dataclass
 class Tier:
     """A place for blocks. `kind` names it for logs and stats: "cuda" (the lender GPU),
-    "simulated-cpu" (the peer tier when no GPU is present), "host-pinned" or "host-pageable"."""
+    "simulated-cpu" (the peer tier when no GPU is present), "host-pinned" or "host-pageable".
+    A fixed tier has one arena per lease (`fixed_bytes` makes the first; `add_fixed` the others,
+    each on its lender's device); a growable tier adds chunks up to `limit_bytes`."""
 
     kind: str
     device: torch.device
@@ -166,8 +168,16 @@ class Tier:
         if self.fixed_bytes is not None:
             self.arenas.append(Arena(self._empty(self.fixed_bytes)))
 
-    def _empty(self, nbytes: int) -> torch.Tensor:
-        return torch.empty(nbytes, dtype=torch.uint8, device=self.device, pin_memory=self.pinned)
+    def _empty(self, nbytes: int, device: torch.device | None = None) -> torch.Tensor:
+        return torch.empty(nbytes, dtype=torch.uint8, device=device or self.device, pin_memory=self.pinned)
+
+    def add_fixed(self, nbytes: int, device: torch.device) -> Arena:
+        """Another fixed arena, on its own device (a second lease, on a second lender GPU)."""
+        if self.fixed_bytes is None:
+            raise ValueError("add_fixed is for fixed tiers (one arena per lease)")
+        arena = Arena(self._empty(nbytes, device))
+        self.arenas.append(arena)
+        return arena
 
     @property
     def capacity_bytes(self) -> int:

@@ -6,7 +6,7 @@ import asyncio
 import concurrent.futures
 import logging
 import os
-from collections.abc import Coroutine, Iterable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, TypeVar
@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import torch
 
 from spillway.api.v1 import agent_pb2
-from spillway.client.arena import Tier
+from spillway.client.arena import Arena, Tier
 from spillway.client.devices import cuda_available, find_cuda_device, visible_gpu_uuids
 from spillway.client.lease import LeaseKeeper, RevocationRecord
 from spillway.client.store import BlockStore, Transfer
@@ -43,10 +43,10 @@ class LeaseUnavailable(RuntimeError):
 class Stats:
     device_kind: str  # where new blocks go now
     peer_kind: str  # what the peer tier is (or was): cuda, simulated-cpu, or "" without a lease
-    lease_id: str
+    lease_id: str  # comma-separated when several leases back the store (so are state and lender)
     lease_state: str
     lender_gpu: str
-    leased_bytes: int
+    leased_bytes: int  # all leases together
     peer_capacity_bytes: int
     peer_used_bytes: int
     host_used_bytes: int
@@ -65,6 +65,26 @@ def _host_tier(limit_bytes: int | None = None) -> Tier:
     )
 
 
+def _lender_device(keeper: LeaseKeeper, device: torch.device | str | None) -> tuple[torch.device, str]:
+    """Where a lease's arena lives, and the peer tier's kind."""
+    lease = keeper.lease
+    assert lease is not None
+    if device is not None:
+        dev = torch.device(device)
+        return dev, (KIND_CUDA if dev.type == "cuda" else KIND_SIMULATED)
+    found = find_cuda_device(lease.gpu_uuid)
+    if found is not None:
+        return found, KIND_CUDA
+    if keeper.simulated:
+        return torch.device("cpu"), KIND_SIMULATED
+    raise LeaseUnavailable(
+        f"the lender GPU {lease.gpu_uuid} of lease {lease.id} is not visible to this process "
+        f"(visible: {', '.join(visible_gpu_uuids()) or 'no CUDA devices'}); the device plugin mounts "
+        "the lender's device node: check that the pod requests spillway.dev/peer-hbm and that "
+        "NVIDIA_VISIBLE_DEVICES / CUDA_VISIBLE_DEVICES do not hide it"
+    )
+
+
 class PeerMemory:
     """Block store on leased peer memory with a host-memory fallback.
 
@@ -73,11 +93,13 @@ class PeerMemory:
     `HostMemory()` (no lease: pinned host memory from the start). Then `put`, `get`, `evict`.
     """
 
-    def __init__(self, store: BlockStore, keeper: LeaseKeeper | None, *, peer_kind: str, lender_gpu: str = "") -> None:
+    def __init__(
+        self, store: BlockStore, keepers: Sequence[LeaseKeeper] = (), *, peer_kind: str, lender_gpu: str = ""
+    ) -> None:
         self._store = store
-        self._keeper = keeper
+        self._keepers = list(keepers)
         self.peer_kind = peer_kind
-        self.lender_gpu = lender_gpu
+        self.lender_gpu = lender_gpu  # comma-separated when several leases (lenders) back this store
         self._closed = False
 
     # ---- construction ------------------------------------------------------------------
@@ -98,67 +120,99 @@ class PeerMemory:
     ) -> PeerMemory:
         """Claim a lease, attach this PID to it and allocate its bytes on the lender.
 
+        `lease_id` and `token` may each be a comma-separated list (the device plugin's form when
+        a pod's peer memory comes from several lender GPUs): each lease is claimed and gets its
+        own arena on its own lender, blocks spread over them, and a revocation of one lease moves
+        only that lease's blocks to host memory.
+
         The arena lives on the CUDA device whose UUID is the lease's GPU. `device` overrides
         that (for example the one GPU of a single-GPU benchmark machine). When the agent's GPU
         is simulated and no override is given, the peer tier is a CPU arena labelled
-        `simulated-cpu`. `max_bytes` caps the arena below the leased size. `renew_ttl_s` is the TTL
-        each background renewal asks for (0: the lease's own). `reserve_host` sets aside (pinned)
-        host memory of the arena's size now, so a revocation only copies: use it for large
-        leases, where pinning at revocation time could miss the deadline."""
+        `simulated-cpu`. `max_bytes` caps the arenas (in lease order) below the leased size.
+        `renew_ttl_s` is the TTL each background renewal asks for (0: the lease's own).
+        `reserve_host` sets aside (pinned) host memory of each arena's size now, so a revocation
+        only copies: use it for large leases, where pinning at revocation time could miss the
+        deadline."""
+        ids = [x.strip() for x in lease_id.split(",")]
+        tokens = [x.strip() for x in token.split(",")]
+        if len(ids) != len(tokens) or not all(ids) or not all(tokens):
+            raise LeaseUnavailable(
+                f"{len(ids)} lease id(s) but {len(tokens)} token(s) (or an empty one): {ENV_LEASE_ID} and "
+                f"{ENV_LEASE_TOKEN} must list the same number of comma-separated entries, in the same order"
+            )
         # holder/pod "" keep what the lease has (the operator or device plugin named it)
         store_box: list[BlockStore] = []
+        arena_of: dict[str, Arena] = {}
 
-        def on_revoke() -> tuple[int, int]:
-            if not store_box:
-                return 0, 0
-            blocks, nbytes, _ = store_box[0].close_primary()
-            return blocks, nbytes
+        def revoker(lid: str) -> Callable[[], tuple[int, int]]:
+            def on_revoke() -> tuple[int, int]:
+                if not store_box or lid not in arena_of:
+                    return 0, 0
+                blocks, nbytes, _ = store_box[0].close_primary([arena_of[lid]])
+                return blocks, nbytes
 
-        keeper = LeaseKeeper(
-            agent_socket, lease_id, token, on_revoke=on_revoke, holder=holder, pod=pod, renew_ttl_s=renew_ttl_s
-        )
+            return on_revoke
+
+        keepers: list[LeaseKeeper] = []
         try:
-            lease = keeper.lease
-            assert lease is not None
-            size = lease.bytes if max_bytes is None else min(lease.bytes, parse_quantity(max_bytes))
-            if device is not None:
-                dev = torch.device(device)
-                kind = KIND_CUDA if dev.type == "cuda" else KIND_SIMULATED
-            else:
-                found = find_cuda_device(lease.gpu_uuid)
-                if found is not None:
-                    dev, kind = found, KIND_CUDA
-                elif keeper.simulated:
-                    dev, kind = torch.device("cpu"), KIND_SIMULATED
-                else:
-                    raise LeaseUnavailable(
-                        f"the lender GPU {lease.gpu_uuid} of lease {lease.id} is not visible to this process "
-                        f"(visible: {', '.join(visible_gpu_uuids()) or 'no CUDA devices'}); the device plugin mounts "
-                        "the lender's device node: check that the pod requests spillway.dev/peer-hbm and that "
-                        "NVIDIA_VISIBLE_DEVICES / CUDA_VISIBLE_DEVICES do not hide it"
-                    )
+            for lid, tok in zip(ids, tokens, strict=True):
+                keepers.append(
+                    LeaseKeeper(agent_socket, lid, tok, on_revoke=revoker(lid), holder=holder, pod=pod,
+                                renew_ttl_s=renew_ttl_s)
+                )
+            budget = None if max_bytes is None else parse_quantity(max_bytes)
             host = _host_tier(None if host_limit is None else parse_quantity(host_limit))
-            primary = Tier(kind, dev, fixed_bytes=size)
+            primary: Tier | None = None
+            kind = ""
+            placed: list[tuple[LeaseKeeper, torch.device, int]] = []
+            for keeper in keepers:
+                lease = keeper.lease
+                assert lease is not None
+                size = lease.bytes if budget is None else min(lease.bytes, budget)
+                if budget is not None:
+                    budget -= size
+                dev, k = _lender_device(keeper, device)
+                if kind and k != kind:
+                    raise LeaseUnavailable(
+                        f"lease {lease.id} would live in {k} memory but the others in {kind}: all lenders of one "
+                        "store must be real GPUs, or all simulated"
+                    )
+                kind = k
+                if size <= 0:
+                    continue  # max_bytes leaves nothing for this lease: it is kept, unused
+                if primary is None:
+                    primary = Tier(kind, dev, fixed_bytes=size)
+                    arena_of[keeper.lease_id] = primary.arenas[0]
+                else:
+                    arena_of[keeper.lease_id] = primary.add_fixed(size, dev)
+                placed.append((keeper, dev, size))
+            if primary is None:
+                raise LeaseUnavailable(f"max_bytes {max_bytes} leaves no room in lease(s) {lease_id}: ask for more")
             store = BlockStore(primary, host)
             if reserve_host:
-                store.spare_host = host._empty(size)
+                store.spare_host = [host._empty(size) for _, _, size in placed]
             store_box.append(store)
-            if keeper.revoked:  # REVOKING arrived while we allocated
-                store.close_primary()
+            for keeper in keepers:
+                if keeper.revoked and keeper.lease_id in arena_of:  # REVOKING arrived while we allocated
+                    store.close_primary([arena_of[keeper.lease_id]])
         except BaseException:
-            keeper.close(release=False)
+            for keeper in keepers:
+                keeper.close(release=False)
             raise
-        pm = cls(store, keeper, peer_kind=kind, lender_gpu=lease.gpu_uuid)
-        log.info(
-            "peer memory ready",
-            extra={
-                "lease": lease.id,
-                "tier": kind,
-                "device": str(dev),
-                "bytes": format_bytes(size),
-                "lender_gpu": lease.gpu_uuid,
-            },
-        )
+        lenders = ",".join(k.lease.gpu_uuid for k in keepers if k.lease is not None)
+        pm = cls(store, keepers, peer_kind=kind, lender_gpu=lenders)
+        for keeper, dev, size in placed:
+            assert keeper.lease is not None
+            log.info(
+                "peer memory ready",
+                extra={
+                    "lease": keeper.lease.id,
+                    "tier": kind,
+                    "device": str(dev),
+                    "bytes": format_bytes(size),
+                    "lender_gpu": keeper.lease.gpu_uuid,
+                },
+            )
         return pm
 
     @classmethod
@@ -207,7 +261,7 @@ class PeerMemory:
             reserve_host=reserve_host,
         )
         lenders = [u.strip() for u in env.get(ENV_LENDER_GPUS, "").split(",") if u.strip()]
-        if lenders and pm.lender_gpu not in lenders:
+        if lenders and any(u not in lenders for u in pm.lender_gpu.split(",")):
             log.warning(
                 "lease GPU is not among SPILLWAY_LENDER_GPUS",
                 extra={"lease_gpu": pm.lender_gpu, "lender_gpus": ",".join(lenders)},
@@ -313,29 +367,36 @@ class PeerMemory:
 
     @property
     def lease_id(self) -> str:
-        return self._keeper.lease_id if self._keeper is not None else ""
+        """The lease's id (comma-separated when several leases back this store)."""
+        return ",".join(k.lease_id for k in self._keepers)
 
     @property
     def revocation(self) -> RevocationRecord | None:
-        return self._keeper.revocation if self._keeper is not None else None
+        """The first revocation that happened (per lease: `revocations`)."""
+        return next((r for r in self.revocations if r is not None), None)
+
+    @property
+    def revocations(self) -> list[RevocationRecord | None]:
+        """Per lease, in lease order: what its revocation did, or None."""
+        return [k.revocation for k in self._keepers]
 
     def stats(self) -> Stats:
         counts = self._store.counts()
-        lease = self._keeper.lease if self._keeper is not None else None
+        leases = [k.lease for k in self._keepers if k.lease is not None]
         has_peer = self._store.primary is not self._store.fallback and self._store.primary_open
         return Stats(
             device_kind=self.device_kind,
             peer_kind=self.peer_kind,
             lease_id=self.lease_id,
-            lease_state=agent_pb2.LeaseState.Name(lease.state) if lease is not None else "",
+            lease_state=",".join(agent_pb2.LeaseState.Name(x.state) for x in leases),
             lender_gpu=self.lender_gpu,
-            leased_bytes=lease.bytes if lease is not None else 0,
+            leased_bytes=sum(x.bytes for x in leases),
             peer_capacity_bytes=self._store.primary.capacity_bytes if has_peer else 0,
             peer_used_bytes=self._store.primary.used_bytes if has_peer else 0,
             host_used_bytes=self._store.fallback.used_bytes,
             blocks_peer=counts["primary"] if has_peer else 0,
             blocks_host=counts["fallback"] if has_peer else len(self._store),
-            renewals=self._keeper.renewals if self._keeper is not None else 0,
+            renewals=sum(k.renewals for k in self._keepers),
         )
 
     def __repr__(self) -> str:
@@ -351,13 +412,13 @@ class PeerMemory:
             raise RuntimeError("this PeerMemory is closed")
 
     def close(self, *, release: bool = True) -> None:
-        """Stop renewing and give the lease back (blocks are dropped)."""
+        """Stop renewing and give the lease(s) back (blocks are dropped)."""
         if self._closed:
             return
         self._closed = True
         self._store.synchronize()
-        if self._keeper is not None:
-            self._keeper.close(release=release)
+        for keeper in self._keepers:
+            keeper.close(release=release)
 
     def __enter__(self) -> PeerMemory:
         return self
@@ -374,7 +435,7 @@ class HostMemory(PeerMemory):
     def __init__(self, *, limit_bytes: int | str | None = None) -> None:
         host = _host_tier(None if limit_bytes is None else parse_quantity(limit_bytes))
         # The primary tier is the host tier itself: there is no peer tier to overflow.
-        super().__init__(BlockStore(host, host), None, peer_kind="")
+        super().__init__(BlockStore(host, host), (), peer_kind="")
 
 
 def _run_coroutine(coro: Coroutine[Any, Any, T]) -> T:

@@ -139,9 +139,10 @@ class BlockStore:
         self._lock = threading.RLock()
         self._primary_open = True
         self._streams: dict[int, torch.cuda.Stream] = {}
-        # Host memory set aside for a revocation (pinning a large buffer takes time; doing it
-        # ahead keeps the move within the revoke deadline). None: allocate when needed.
-        self.spare_host: torch.Tensor | None = None
+        # Host memory set aside for revocations, one buffer per lease (pinning a large buffer
+        # takes time; doing it ahead keeps the move within the revoke deadline). Empty:
+        # allocate when needed.
+        self.spare_host: list[torch.Tensor] = []
 
     # ---- inspection -------------------------------------------------------------------
     @property
@@ -505,34 +506,44 @@ class BlockStore:
         for st in self._streams.values():
             st.synchronize()
 
-    def close_primary(self) -> tuple[int, int, float]:
-        """Move every block of the primary tier to the fallback tier and stop using the primary.
-        Copy, synchronize, then update the index, then drop the primary arena: a block is never
+    def close_primary(self, arenas: Iterable[Arena] | None = None) -> tuple[int, int, float]:
+        """Move every block in these primary arenas (default: all of them; one arena per lease)
+        to the fallback tier and stop using those arenas; the primary tier closes with its last
+        arena. Copy, synchronize, then update the index, then drop the arena: a block is never
         gone from one tier before it is safely in the other. Returns (blocks, bytes, seconds)."""
         t0 = time.monotonic()
         with self._lock:
-            self._primary_open = False  # new puts go to the fallback from now on
-            entries = [e for e in self._index.values() if _tier_of(e) is self.primary]
+            closing = list(self.primary.arenas) if arenas is None else [a for a in arenas if a in self.primary.arenas]
+            if self.primary is self.fallback or not closing:
+                if arenas is None:
+                    self._primary_open = False
+                return 0, 0, time.monotonic() - t0
+            closing_ids = {id(a) for a in closing}
+            remaining = [a for a in self.primary.arenas if id(a) not in closing_ids]
+            if not remaining:
+                self._primary_open = False  # new puts go to the fallback from now on
+            entries = [
+                e
+                for e in self._index.values()
+                if _tier_of(e) is self.primary and id(_extent_of(e).arena) in closing_ids
+            ]
             nbytes = sum(e.nbytes if isinstance(e, Block) else e[0].nbytes for e in entries)
             # what holds an extent: single blocks, and each row batch once
             holders: list[Block | RowBatch] = [e for e in entries if isinstance(e, Block)]
             holders += list({id(e[0]): e[0] for e in entries if isinstance(e, tuple)}.values())
-            by_arena: dict[int, Arena] = {id(h.extent.arena): h.extent.arena for h in holders}
             new_arena_of: dict[int, Arena] = {}
             copies: list[tuple[torch.Tensor, torch.Tensor]] = []
-            for key, arena in by_arena.items():
+            for arena in closing:
                 hw = arena.allocator.high_water
                 if hw == 0:
                     continue
-                spare = self.spare_host
-                if spare is not None and spare.numel() >= hw:
-                    host, self.spare_host = spare[:hw], None
-                else:
+                host = self._take_spare(hw)
+                if host is None:
                     host = self.fallback._empty(hw)
                 copies.append((host, arena.view(0, hw)))
-                new_arena_of[key] = self.fallback.adopt(host, arena.allocator.used_ranges())
-            self.synchronize()  # puts still in flight into the arena land first
-            devices = self._cuda([self.primary.device])
+                new_arena_of[id(arena)] = self.fallback.adopt(host, arena.allocator.used_ranges())
+            self.synchronize()  # puts still in flight into the arenas land first
+            devices = self._cuda([a.tensor.device for a in closing])
             self._begin(devices)
             with self._stream_ctx(devices):
                 for dst, src in copies:
@@ -541,13 +552,25 @@ class BlockStore:
             for h in holders:  # the data is safely in host memory: switch the index over
                 h.tier = self.fallback
                 h.extent = Extent(new_arena_of[id(h.extent.arena)], h.extent.offset, h.extent.size)
-            for arena in self.primary.arenas:
+            for arena in closing:
                 arena.tensor = torch.empty(0, dtype=torch.uint8, device=arena.tensor.device)
-            self.primary.arenas.clear()
-        if self.primary.device.type == "cuda":
-            with torch.cuda.device(self.primary.device):
+            self.primary.arenas[:] = remaining
+        for d in devices:
+            with torch.cuda.device(d):
                 torch.cuda.empty_cache()  # give the lender GPU its bytes back, not to our cache
         return len(entries), nbytes, time.monotonic() - t0
+
+    def _take_spare(self, nbytes: int) -> torch.Tensor | None:
+        """A slice of host memory set aside ahead of a revocation, when one is big enough."""
+        for i, spare in enumerate(self.spare_host):
+            if spare.numel() >= nbytes:
+                del self.spare_host[i]
+                return spare[:nbytes]
+        return None
+
+
+def _extent_of(entry: Entry) -> Extent:
+    return entry.extent if isinstance(entry, Block) else entry[0].extent
 
 
 def _tier_of(entry: Entry) -> Tier:
