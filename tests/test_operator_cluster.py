@@ -203,8 +203,27 @@ def test_operator_killed_at_random_points_leaves_no_duplicate_pod_and_no_orphane
         pods = pods_of(cluster, ns, n)
         assert len({p["metadata"]["name"] for p in pods}) == len(pods)
         wait_phase(cluster, sandbox, ns, n, "Running", timeout=60)
+    # Local reservations: exactly the models of the pods that exist, whatever the kills interrupted.
+    wait_until(lambda: local_reservations(sandbox) == wanted_local(cluster, ns, names), timeout=60,
+               what="local reservations to match the pods after kill -9 and restart")
     cluster.kubectl("delete", "inferencetenant", *names, "-n", ns, "--timeout=90s")
     assert not any(agent_leases(sandbox, f"tenant:{ns}/").values())
+    wait_until(lambda: local_reservations(sandbox) == {}, timeout=60, what="local reservations to clear")
+
+
+def local_reservations(sb: Sandbox) -> dict[str, int]:
+    """Non-zero local reservations at the agents, by GPU."""
+    return {g: x.local_reserved_bytes for n in sb.agents for g, x in gpu_facts(sb, n).items()
+            if x.local_reserved_bytes}
+
+
+def wanted_local(cluster: Cluster, ns: str, names: list[str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for n in names:
+        for p in pods_of(cluster, ns, n):
+            ann = p["metadata"]["annotations"]
+            out[ann["spillway.dev/gpu"]] = out.get(ann["spillway.dev/gpu"], 0) + int(ann["spillway.dev/local-reserved"])
+    return out
 
 
 def test_revoked_lease_moves_to_another_lender_or_falls_back(

@@ -145,7 +145,7 @@ class Engine:
         out: dict[str, tuple[str, str]] = {}
         for name, view in self.pools.items():
             if limit > 0 and view.heartbeat and now - view.heartbeat > limit:
-                verdict = (f"has no live MemoryPool (its agent stopped publishing {now - view.heartbeat:.0f}s ago)", "")
+                verdict = (f"has no live MemoryPool (its agent has not published for more than {limit:g}s)", "")
             elif self.nodes is not None:
                 verdict = node_verdict(self.nodes.get(name), now, limit)
             else:
