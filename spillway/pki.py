@@ -44,6 +44,23 @@ class TlsFiles:
         object.__setattr__(self, "ca", Path(ca))
 
 
+def read_tls(files: TlsFiles) -> tuple[bytes, bytes, bytes]:
+    """(cert, key, ca) PEM bytes, after checking that the key belongs to the certificate.
+    Raises ValueError naming the files when it does not (a rotation caught half-way, or a
+    wrong Secret), so a server keeps what it has instead of serving a broken pair."""
+    cert, key, ca = files.cert.read_bytes(), files.key.read_bytes(), files.ca.read_bytes()
+    try:
+        public = x509.load_pem_x509_certificate(cert).public_key()
+        private = serialization.load_pem_private_key(key, password=None)
+    except ValueError as exc:
+        raise ValueError(f"{files.cert} / {files.key}: not a PEM certificate and key: {exc}") from exc
+    der = serialization.Encoding.DER
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    if public.public_bytes(der, spki) != private.public_key().public_bytes(der, spki):
+        raise ValueError(f"the key {files.key} does not belong to the certificate {files.cert}")
+    return cert, key, ca
+
+
 @dataclass(frozen=True)
 class CertPair:
     """Paths of a certificate and its private key."""

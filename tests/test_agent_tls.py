@@ -228,3 +228,41 @@ def _tenant(name: str) -> dict[str, Any]:
     return {"apiVersion": "spillway.dev/v1alpha1", "kind": "InferenceTenant", "metadata": {"name": name},
             "spec": {"replicas": 1, "model": {"image": "spillway/toy-server:0.1.0", "memory": "40Gi", "port": 8000},
                      "peerMemory": {"request": "4Gi", "limit": "4Gi", "fallback": "None"}}}
+
+
+def test_a_rotated_certificate_is_served_without_a_restart(tmp_path: Path) -> None:
+    """cert-manager renews the Secret in place: new connections get the new certificate, a key
+    that does not match its certificate (a rotation seen half-way) is refused and the previous
+    pair stays in use, and the agent process is the same throughout."""
+    from spillway.pki import make_ca
+
+    ca = make_ca("rotation-ca")
+    ca_path = ca.write(tmp_path)
+    live = ca.issue_files(tmp_path, "server", "spillway-agent", [NAME], client=False, server=True)
+    client = ca.issue_files(tmp_path, "client", "spillway-client", client=True, server=False)
+    client_tls = TlsFiles(client.cert, client.key, ca_path)
+    port = free_port()
+    proc = AgentProcess(node_name="rotate-node", extra_args=[
+        "--listen", f"127.0.0.1:{port}", "--tls-cert", str(live.cert), "--tls-key", str(live.key),
+        "--tls-ca", str(ca_path)])
+    proc.start()
+    target = f"127.0.0.1:{port}"
+    renamed = "renamed-agent.example"
+    try:
+        pid = proc.proc.pid if proc.proc else None
+        assert asyncio.run(_inventory(target, client_tls, NAME)).node_name == "rotate-node"
+        assert MISMATCH in _refusal(target, client_tls, renamed).details()
+
+        (tmp_path / "next").mkdir()
+        new = ca.issue_files(tmp_path / "next", "server", "spillway-agent", [renamed], client=False, server=True)
+        os.replace(new.key, live.key)  # half a rotation: the new key under the old certificate
+        assert asyncio.run(_inventory(target, client_tls, NAME)).node_name == "rotate-node"  # old pair kept
+        assert "cannot be used; keeping the previous certificate" in proc.log_path.read_text()
+
+        os.replace(new.cert, live.cert)  # the rotation completes
+        assert asyncio.run(_inventory(target, client_tls, renamed)).node_name == "rotate-node"
+        assert MISMATCH in _refusal(target, client_tls, NAME).details()
+        assert "TLS certificate reloaded" in proc.log_path.read_text()
+        assert proc.proc is not None and proc.proc.pid == pid and proc.proc.poll() is None  # no restart
+    finally:
+        proc.cleanup()

@@ -27,7 +27,7 @@ from spillway.agent.service import AgentCore, AgentServicer, lease_pb, now_ms
 from spillway.agent.store import Store, load_or_create_key
 from spillway.api.v1 import agent_pb2_grpc as pb_grpc
 from spillway.metrics import HttpEndpoint
-from spillway.pki import TlsFiles
+from spillway.pki import TlsFiles, read_tls
 
 log = logging.getLogger("spillway.agent")
 
@@ -56,6 +56,56 @@ class AgentConfig:
     durable: bool = False
     publish: bool = False
     advertise_endpoint: str = ""
+
+
+class TlsReloader:
+    """Serves the TCP port's certificate from files and picks up a new one without a restart
+    (cert-manager renewals, a rotated Secret): gRPC asks before each new connection; the files
+    are re-read only when one of them changed, and a pair whose key does not match its
+    certificate is refused (logged) while the previous one stays in use. Connections already
+    open keep the certificate they were made with."""
+
+    def __init__(self, files: TlsFiles) -> None:
+        self.files = files
+        self.loaded = self._signature()
+        self.reloads = 0
+        self._refused: tuple[tuple[int, int, int], ...] | None = None
+        self._initial = self._config(*read_tls(files))
+
+    def _signature(self) -> tuple[tuple[int, int, int], ...]:
+        # stat follows symlinks: a Secret volume swaps its ..data link, which changes these
+        out = []
+        for path in (self.files.cert, self.files.key, self.files.ca):
+            try:
+                st = path.stat()
+                out.append((st.st_ino, st.st_size, st.st_mtime_ns))
+            except OSError:
+                out.append((0, 0, 0))
+        return tuple(out)
+
+    @staticmethod
+    def _config(cert: bytes, key: bytes, ca: bytes) -> grpc.ServerCertificateConfiguration:
+        return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
+
+    def credentials(self) -> grpc.ServerCredentials:
+        return grpc.dynamic_ssl_server_credentials(self._initial, self.fetch, require_client_authentication=True)
+
+    def fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        """gRPC's callback: a new configuration, or None to keep the current one."""
+        sig = self._signature()
+        if sig == self.loaded or sig == self._refused:
+            return None
+        try:
+            config = self._config(*read_tls(self.files))
+        except (OSError, ValueError) as exc:
+            self._refused = sig
+            log.error("TLS files changed but cannot be used; keeping the previous certificate",
+                      extra={"error": str(exc)})
+            return None
+        self.loaded = sig
+        self.reloads += 1
+        log.info("TLS certificate reloaded", extra={"cert": str(self.files.cert), "reloads": self.reloads})
+        return config
 
 
 def make_backend(cfg: AgentConfig) -> InventoryBackend:
@@ -87,6 +137,7 @@ class Agent:
         self.attach = AttachServer(attach_socket_path(cfg.socket), self._on_attach, self._on_detach)
         self.http: HttpEndpoint | None = None
         self.tcp_port = 0
+        self.tls_reloader: TlsReloader | None = None
         self._publisher: asyncio.Task[None] | None = None
 
     def _on_attach(self, lease_id: str, token: str, pid: int) -> dict[str, Any]:
@@ -117,10 +168,8 @@ class Agent:
         if cfg.listen:
             if cfg.tls is None:
                 raise ValueError("--listen needs --tls-cert, --tls-key and --tls-ca (mutual TLS)")
-            creds = grpc.ssl_server_credentials(
-                [(cfg.tls.key.read_bytes(), cfg.tls.cert.read_bytes())],
-                root_certificates=cfg.tls.ca.read_bytes(), require_client_auth=True)
-            self.tcp_port = self.server.add_secure_port(cfg.listen, creds)
+            self.tls_reloader = TlsReloader(cfg.tls)
+            self.tcp_port = self.server.add_secure_port(cfg.listen, self.tls_reloader.credentials())
         await self.server.start()
         cfg.socket.chmod(0o660)
         await self.attach.start()
