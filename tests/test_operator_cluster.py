@@ -419,8 +419,10 @@ def test_the_gpu_of_a_placed_model_keeps_its_memory_at_the_agent_until_the_repli
     # from the pods that exist and clears what it had set.
     sandbox.kill_operator()
     cluster.kubectl("scale", "inferencetenant/local", "-n", ns, "--replicas=0")
+    t0 = time.monotonic()
     sandbox.start_operator()
     wait_until(lambda: reserved(node, gpu, 0), timeout=90, what="the local reservation to clear after scale-down")
+    print(f"operator restart -> stale local reservation cleared: {time.monotonic() - t0:.1f}s")
     wait_until(lambda: gpu not in pool_record(cluster, node), timeout=30,
                what="the record on the MemoryPool to drop it")
 
@@ -448,6 +450,7 @@ def test_a_deleted_node_whose_agent_still_publishes_is_lost_and_its_replicas_mov
         for n in others:
             cluster.kubectl("uncordon", n)
 
+        t0 = time.monotonic()
         cluster.remove_node(doomed)  # the agent keeps publishing its MemoryPool
         assert sandbox.agents[doomed].proc is not None and sandbox.agents[doomed].proc.poll() is None
 
@@ -457,6 +460,7 @@ def test_a_deleted_node_whose_agent_still_publishes_is_lost_and_its_replicas_mov
             return s if s.get("phase") == "Running" and len(s["placements"]) == 2 and doomed not in nodes else None
 
         st = wait_until(moved, timeout=120, what="the deleted node's replicas to be re-placed")
+        print(f"deleted node -> both replicas Running elsewhere: {time.monotonic() - t0:.1f}s (resync 3s)")
         assert all(p["leases"] for p in st["placements"])
         lost = [e for e in events_of(cluster, ns, "nomad") if e["reason"] == "NodeLost"]
         assert lost and "no Node object" in lost[0]["message"]
@@ -574,6 +578,7 @@ def test_two_operator_replicas_with_peering_one_acts_and_the_other_takes_over_wh
         assert len(placed_lines(a_log)) == 2, a_log[-3000:]
         assert f"{ns}/duo" not in standby_log.read_text(), "the standby acted while the active one ran"
 
+        t0 = time.monotonic()
         sandbox.kill_operator()  # kill -9 the active one: its peering record expires, the standby resumes
         cluster.kubectl("scale", "inferencetenant/duo", "-n", ns, "--replicas=3")
 
@@ -582,6 +587,7 @@ def test_two_operator_replicas_with_peering_one_acts_and_the_other_takes_over_wh
             return s if s.get("phase") == "Running" and s.get("replicas") == 3 else None
 
         wait_until(three, timeout=180, what="the standby to take over and place the third replica")
+        print(f"kill -9 of the active operator -> standby placed the new replica: {time.monotonic() - t0:.1f}s")
         b_text = standby_log.read_text()
         assert [x for x in placed_lines(b_text) if "replica 2 " in x], b_text[-3000:]
         pods = [p for p in pods_of(cluster, ns, "duo") if not p["metadata"].get("deletionTimestamp")]
