@@ -140,8 +140,14 @@ def test_tenants_run_with_reservations_at_the_agents_and_delete_releases_them(
     assert all(x.kind == agent_pb2.RESERVATION for leases in held.values() for x in leases)
     reasons = {e["reason"] for e in events_of(cluster, ns, "chat")}
     assert "Placed" in reasons
-    # kopf's bookkeeping stays in annotations of our prefix; status is ours alone.
-    assert any(k.startswith("operator.spillway.dev/") for k in t["metadata"]["annotations"])
+    # kopf's bookkeeping stays in annotations of our prefix; status is ours alone. kopf writes them
+    # after its handler returns, which may be after a pod event's reconcile wrote Running.
+    def with_kopf_annotations() -> dict[str, Any] | None:
+        x = get_tenant(cluster, ns, "chat")
+        ours = any(k.startswith("operator.spillway.dev/") for k in x["metadata"].get("annotations") or {})
+        return x if ours else None
+
+    t = wait_until(with_kopf_annotations, timeout=30, what="kopf's annotations under our prefix")
     assert not any(k.startswith("kopf.zalando.org") for k in t["metadata"]["annotations"])
     assert set(st) <= {"phase", "observedGeneration", "replicas", "readyReplicas", "selector", "peerMemoryBytes",
                        "peerMemory", "elasticBytes", "placements", "conditions", "slo"}
