@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+from pathlib import Path
 
 import grpc
 
@@ -116,3 +117,49 @@ async def test_kill9_under_200_concurrent_clients(agent: AgentProcess) -> None:
     check_invariant(inv, all_leases)
     assert sum(g.leased_bytes for g in inv.gpus) == sum(
         x.bytes for x in all_leases if x.state == pb.RESERVED)
+
+
+def test_checkpoints_run_beside_commits_and_lose_nothing(tmp_path: Path) -> None:
+    """The store never checkpoints inside a commit (SQLite's default would, with an fsync on the
+    answer's path); a checkpoint from another thread while commits go on keeps every row."""
+    import threading
+
+    from spillway.agent.pool import Event, Kind, Lease, State
+    from spillway.agent.store import Store
+
+    store = Store(tmp_path / "leases.db")
+    assert store.db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+
+    def lease(i: int) -> Lease:
+        return Lease(id=f"l-{i}", holder="h", kind=Kind.RESERVATION, gpu_uuid="GPU-x", bytes=64 << 20, priority=0,
+                     state=State.ACTIVE, created_at_ms=i, expires_at_ms=10**13, ttl_ms=60_000, token_hash="t", seq=i)
+
+    for i in range(300):
+        store.apply([Event("lease", lease=lease(i), time_ms=i)])
+    wal = tmp_path / "leases.db-wal"
+    assert wal.stat().st_size > 300 * 4096 // 2  # nothing folded in by a commit
+    assert store.commits == 300
+
+    stop = threading.Event()
+    rounds: list[tuple[int, int, int]] = []
+
+    def checkpointer() -> None:
+        while not stop.is_set():
+            rounds.append(store.checkpoint())
+
+    t = threading.Thread(target=checkpointer)
+    t.start()
+    try:
+        for i in range(300, 1300):
+            store.apply([Event("lease", lease=lease(i), time_ms=i)])
+            if i % 3 == 0:
+                store.apply([Event("forget", lease=lease(i - 300), time_ms=i)])
+    finally:
+        stop.set()
+        t.join()
+    assert rounds and any(done > 0 for _, _, done in rounds)
+    store.close()  # a final TRUNCATE checkpoint
+    assert not wal.exists() or wal.stat().st_size == 0
+    leases, _ = Store(tmp_path / "leases.db").load()
+    forgotten = {f"l-{i - 300}" for i in range(300, 1300) if i % 3 == 0}
+    assert {x.id for x in leases} == {f"l-{i}" for i in range(1300)} - forgotten

@@ -5,6 +5,11 @@ whose Acquire was answered survives a kill -9 of the agent. `synchronous=NORMAL`
 mode is durable against a process crash (the WAL is in the OS page cache); `durable=True`
 (`--fsync`) uses `synchronous=FULL` and also survives a power loss, at the cost of an
 fsync per call.
+
+Checkpoints (copying the WAL into the database file, with an fsync) do not run inside a
+commit, where SQLite runs them by default every 1000 pages and where they stalled an
+answer for several milliseconds; the agent calls `checkpoint()` from a worker thread on a
+second connection instead.
 """
 
 from __future__ import annotations
@@ -68,6 +73,11 @@ class Store:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
         self.db.executescript(_SCHEMA)
+        self.commits = 0  # transactions since the last checkpoint
+        self._checkpointer: sqlite3.Connection | None = None
+        if path is not None:
+            self.db.execute("PRAGMA wal_autocheckpoint=0")  # see checkpoint()
+            self._checkpointer = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
 
     def load(self) -> tuple[list[Lease], dict[str, int]]:
         rows = self.db.execute(f"SELECT {', '.join(_COLUMNS)} FROM leases").fetchall()
@@ -105,8 +115,22 @@ class Store:
             if reserved is not None:
                 self.db.executemany("INSERT OR REPLACE INTO gpu_local (gpu_uuid, reserved) VALUES (?, ?)",
                                     list(reserved.items()))
+        self.commits += 1
+
+    def checkpoint(self, mode: str = "PASSIVE") -> tuple[int, int, int]:
+        """Copy committed WAL frames into the database file; safe from another thread while
+        commits go on (PASSIVE never blocks them). Returns SQLite's (busy, wal frames,
+        frames checkpointed)."""
+        if self._checkpointer is None:
+            return 0, 0, 0
+        self.commits = 0
+        row = self._checkpointer.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+        return int(row[0]), int(row[1]), int(row[2])
 
     def close(self) -> None:
+        if self._checkpointer is not None:
+            self.checkpoint("TRUNCATE")
+            self._checkpointer.close()
         self.db.close()
 
 
