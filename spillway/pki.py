@@ -44,6 +44,19 @@ class TlsFiles:
         object.__setattr__(self, "ca", Path(ca))
 
 
+def tls_signature(files: TlsFiles) -> tuple[tuple[int, int, int], ...]:
+    """What changes when any of the three files is replaced (inode, size, mtime; stat follows
+    links, so a Secret volume's swapped `..data` link counts). A missing file reads as zeros."""
+    out = []
+    for path in (files.cert, files.key, files.ca):
+        try:
+            st = path.stat()
+            out.append((st.st_ino, st.st_size, st.st_mtime_ns))
+        except OSError:
+            out.append((0, 0, 0))
+    return tuple(out)
+
+
 def read_tls(files: TlsFiles) -> tuple[bytes, bytes, bytes]:
     """(cert, key, ca) PEM bytes, after checking that the key belongs to the certificate.
     Raises ValueError naming the files when it does not (a rotation caught half-way, or a

@@ -266,3 +266,47 @@ def test_a_rotated_certificate_is_served_without_a_restart(tmp_path: Path) -> No
         assert proc.proc is not None and proc.proc.pid == pid and proc.proc.poll() is None  # no restart
     finally:
         proc.cleanup()
+
+
+def test_the_operator_picks_up_a_renewed_client_certificate(tmp_path: Path) -> None:
+    """The agent trusts only the new CA. The operator's pool starts with a client certificate from
+    the old one (refused), its files are replaced in place (as a Secret volume is), and the same
+    pool, without a restart, reaches the agent with the new certificate."""
+    from spillway.pki import make_ca
+
+    old_ca, new_ca = make_ca("old-ca"), make_ca("new-ca")
+    ca_path = new_ca.write(tmp_path)
+    server = new_ca.issue_files(tmp_path, "server", "spillway-agent", [NAME], client=False, server=True)
+    op_dir = tmp_path / "operator"
+    op_dir.mkdir()
+    client = old_ca.issue_files(op_dir, "tls", "spillway-operator", client=True, server=False)
+    port = free_port()
+    proc = AgentProcess(node_name="renew-node", extra_args=[
+        "--listen", f"127.0.0.1:{port}", "--tls-cert", str(server.cert), "--tls-key", str(server.key),
+        "--tls-ca", str(ca_path)])
+    proc.start()
+    endpoint = f"127.0.0.1:{port}"
+
+    async def go() -> None:
+        pool = AgentPool(Tls(str(client.cert), str(client.key), str(ca_path), server_name=NAME))
+        pool.RECHECK_S = 0.0
+        try:
+            first = pool.client(endpoint)
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await first.inventory()
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert pool.client(endpoint) is first  # nothing changed: the same client
+            (tmp_path / "next").mkdir()
+            renewed = new_ca.issue_files(tmp_path / "next", "tls", "spillway-operator", client=True, server=False)
+            os.replace(renewed.key, client.key)
+            os.replace(renewed.cert, client.cert)
+            second = pool.client(endpoint)
+            assert second is not first and pool.renewals == 1
+            assert (await second.inventory()).node_name == "renew-node"
+        finally:
+            await pool.close()
+
+    try:
+        asyncio.run(go())
+    finally:
+        proc.cleanup()

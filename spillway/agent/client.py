@@ -69,8 +69,9 @@ class AgentClient:
                         tb: TracebackType | None) -> None:
         await self.close()
 
-    async def close(self) -> None:
-        await self.channel.close()
+    async def close(self, grace: float | None = None) -> None:
+        """Close the channel; with `grace`, calls in flight get that many seconds to finish."""
+        await self.channel.close(grace)
 
     async def inventory(self) -> agent_pb2.Inventory:
         return await self.stub.GetInventory(agent_pb2.GetInventoryRequest(), timeout=self.timeout)

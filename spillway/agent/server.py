@@ -27,7 +27,7 @@ from spillway.agent.service import AgentCore, AgentServicer, lease_pb, now_ms
 from spillway.agent.store import Store, load_or_create_key
 from spillway.api.v1 import agent_pb2_grpc as pb_grpc
 from spillway.metrics import HttpEndpoint
-from spillway.pki import TlsFiles, read_tls
+from spillway.pki import TlsFiles, read_tls, tls_signature
 
 log = logging.getLogger("spillway.agent")
 
@@ -67,21 +67,10 @@ class TlsReloader:
 
     def __init__(self, files: TlsFiles) -> None:
         self.files = files
-        self.loaded = self._signature()
+        self.loaded = tls_signature(self.files)
         self.reloads = 0
         self._refused: tuple[tuple[int, int, int], ...] | None = None
         self._initial = self._config(*read_tls(files))
-
-    def _signature(self) -> tuple[tuple[int, int, int], ...]:
-        # stat follows symlinks: a Secret volume swaps its ..data link, which changes these
-        out = []
-        for path in (self.files.cert, self.files.key, self.files.ca):
-            try:
-                st = path.stat()
-                out.append((st.st_ino, st.st_size, st.st_mtime_ns))
-            except OSError:
-                out.append((0, 0, 0))
-        return tuple(out)
 
     @staticmethod
     def _config(cert: bytes, key: bytes, ca: bytes) -> grpc.ServerCertificateConfiguration:
@@ -92,7 +81,7 @@ class TlsReloader:
 
     def fetch(self) -> grpc.ServerCertificateConfiguration | None:
         """gRPC's callback: a new configuration, or None to keep the current one."""
-        sig = self._signature()
+        sig = tls_signature(self.files)
         if sig == self.loaded or sig == self._refused:
             return None
         try:

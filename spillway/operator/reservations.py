@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -72,21 +73,55 @@ def _error(exc: grpc.aio.AioRpcError, what: str, endpoint: str) -> ReservationEr
 
 
 class AgentPool:
-    """One client per agent endpoint, created on first use and kept."""
+    """One client per agent endpoint, created on first use and kept until the operator's TLS
+    files change (a renewed client certificate): then new clients are made with the new files,
+    and the old ones close once their calls in flight are done."""
+
+    RECHECK_S = 5.0  # how often the TLS files are looked at (a stat of three files)
+    CLOSE_GRACE_S = 30.0
 
     def __init__(self, tls: Tls | None = None) -> None:
+        from spillway.pki import TlsFiles
+
         self.tls = tls
+        self._files = TlsFiles(tls.cert, tls.key, tls.ca) if tls else None
         self._clients: dict[str, AgentClient] = {}
+        self._signature = self._read_signature()
+        self._checked = time.monotonic()
+        self._closing: set[asyncio.Task[None]] = set()
+        self.renewals = 0  # how many times new TLS files were picked up
+
+    def _read_signature(self) -> tuple[tuple[int, int, int], ...]:
+        from spillway.pki import tls_signature
+
+        return tls_signature(self._files) if self._files else ()
+
+    def _recheck_tls(self) -> None:
+        now = time.monotonic()
+        if self._files is None or now - self._checked < self.RECHECK_S:
+            return
+        self._checked = now
+        sig = self._read_signature()
+        if sig == self._signature:
+            return
+        self._signature = sig
+        self.renewals += 1
+        old, self._clients = list(self._clients.values()), {}
+        log.info("TLS files changed: new agent connections use them", extra={"cert": self._files.cert,
+                                                                               "open_clients": len(old)})
+        for c in old:
+            task = asyncio.get_running_loop().create_task(c.close(self.CLOSE_GRACE_S))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     def client(self, endpoint: str) -> AgentClient:
+        self._recheck_tls()
         c = self._clients.get(endpoint)
         if c is None:
             from spillway.agent.client import AgentClient
-            from spillway.pki import TlsFiles
 
-            tls = TlsFiles(self.tls.cert, self.tls.key, self.tls.ca) if self.tls else None
             server_name = self.tls.server_name if self.tls else ""
-            c = AgentClient(endpoint, tls=tls, server_name=server_name or None)
+            c = AgentClient(endpoint, tls=self._files, server_name=server_name or None)
             self._clients[endpoint] = c
         return c
 
@@ -96,6 +131,8 @@ class AgentPool:
             await c.close()
 
     async def close(self) -> None:
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
         clients, self._clients = list(self._clients.values()), {}
         for c in clients:
             try:
