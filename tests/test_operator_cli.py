@@ -34,3 +34,8 @@ def test_bad_duration_and_size_name_the_accepted_forms() -> None:
     assert r.returncode != 0 and "duration" in r.stderr and "5s" in r.stderr
     r = run("--slo-step", "lots")
     assert r.returncode != 0 and "quantity" in r.stderr
+
+
+def test_a_peering_lifetime_kopf_could_not_refresh_in_time_is_refused() -> None:
+    r = run("--peering", "p", "--peering-lifetime", "5s")
+    assert r.returncode != 0 and "--peering-lifetime 5s is too short" in r.stderr and "at least 15s" in r.stderr

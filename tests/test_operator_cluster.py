@@ -593,7 +593,11 @@ def test_two_operator_replicas_with_peering_one_acts_and_the_other_takes_over_wh
             return s if s.get("phase") == "Running" and s.get("replicas") == 3 else None
 
         wait_until(three, timeout=180, what="the standby to take over and place the third replica")
-        print(f"kill -9 of the active operator -> standby placed the new replica: {time.monotonic() - t0:.1f}s")
+        took = time.monotonic() - t0
+        print(f"kill -9 of the active operator -> standby placed the new replica: {took:.1f}s")
+        # the record lives --peering-lifetime (15s by default) after its last refresh, then the standby resumes
+        # and places on its next resync; kopf's default lifetime (60s) would take about a minute
+        assert took < 45, f"takeover took {took:.0f}s: the peering lifetime is not applied"
         b_text = standby_log.read_text()
         assert [x for x in placed_lines(b_text) if "replica 2 " in x], b_text[-3000:]
         pods = [p for p in pods_of(cluster, ns, "duo") if not p["metadata"].get("deletionTimestamp")]

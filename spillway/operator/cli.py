@@ -49,6 +49,10 @@ def add_commands(sub: Any) -> None:
                    help="kopf peering priority: the highest-priority operator runs, the others stand by. kopf pauses "
                         "every peer when two share a priority, so the default is drawn at random at start-up "
                         "(1..1000000) and replicas of one Deployment differ")
+    p.add_argument("--peering-lifetime", default="15s",
+                   help="how long an operator's peering record counts as alive without a refresh: a standby takes "
+                        "over this long after the active one dies (refreshed every lifetime minus 5-10 s; at "
+                        "least 15s; kopf's own default is 60s)")
     p.set_defaults(func=run)
 
 
@@ -67,12 +71,16 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
         resync = parse_duration(args.resync_interval)
         step = parse_quantity(args.slo_step)
         stale = parse_duration(args.pool_stale_after)
+        lifetime = parse_duration(args.peering_lifetime)
     except (DurationError, QuantityError) as exc:
         raise SystemExit(f"spillway operator: {exc}") from exc
     if resync >= ttl:
         raise SystemExit(f"spillway operator: --resync-interval ({args.resync_interval}) must be shorter than "
                          f"--lease-ttl ({args.lease_ttl}), or reservations expire between renewals")
-    return {"ttl": ttl, "resync": resync, "step": step, "stale": stale}
+    if lifetime < 15:
+        raise SystemExit(f"spillway operator: --peering-lifetime {args.peering_lifetime} is too short: kopf refreshes "
+                         "the record 5-10 s before it runs out, so give at least 15s")
+    return {"ttl": ttl, "resync": resync, "step": step, "stale": stale, "lifetime": round(lifetime)}
 
 
 def _drop_kopf_extras(record: logging.LogRecord) -> bool:
@@ -121,7 +129,7 @@ async def _main(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
         event=handlers.post_event,
     )
     registry = kopf.OperatorRegistry()
-    handlers.register(registry, engine, resync_s=cfg["resync"])
+    handlers.register(registry, engine, resync_s=cfg["resync"], peering_lifetime_s=cfg["lifetime"])
     endpoint = HttpEndpoint(metrics.registry, ready=engine.ready)
     port = await endpoint.start(args.metrics_port, args.metrics_host)
     log.info("operator metrics", extra={"port": port})

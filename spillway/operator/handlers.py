@@ -48,7 +48,12 @@ def post_event(body: Mapping[str, Any], type_: str, reason: str, message: str) -
 
 
 def register(
-    registry: kopf.OperatorRegistry, engine: Engine, *, resync_s: float = 30.0, agent_retry_s: float = 2.0
+    registry: kopf.OperatorRegistry,
+    engine: Engine,
+    *,
+    resync_s: float = 30.0,
+    agent_retry_s: float = 2.0,
+    peering_lifetime_s: int = 15,
 ) -> None:
     pokes: dict[str, asyncio.Task[None]] = {}
     syncs: dict[str, asyncio.Task[None]] = {}
@@ -90,6 +95,7 @@ def register(
         settings.posting.reporting_component = "spillway-operator"
         settings.watching.server_timeout = 300
         settings.batching.worker_limit = 64
+        settings.peering.lifetime = peering_lifetime_s  # a standby takes over this long after the active one dies
         for attempt in range(1, 61):
             try:
                 released = await engine.startup_sync()
