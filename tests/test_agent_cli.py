@@ -90,3 +90,13 @@ def test_agent_refuses_bad_topology(tmp_path: Path) -> None:
     r = spillway("agent", "--backend", "simulated", "--topology", str(bad), "--socket", str(tmp_path / "a.sock"),
                  "--state-dir", str(tmp_path / "s"))
     assert r.returncode == 1 and "gpus[0]" in r.stderr and "4Gi" in r.stderr
+
+
+def test_a_socket_path_too_long_for_unix_sockets_is_refused_with_the_limit(tmp_path: Path) -> None:
+    deep = tmp_path / ("d" * 60) / ("e" * 60) / "agent.sock"
+    r = subprocess.run([sys.executable, "-m", "spillway", "agent", "--socket", str(deep), "--state-dir",
+                        str(tmp_path / "state")], capture_output=True, text=True, timeout=60, check=False,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode != 0
+    assert f"--socket {deep} is too long" in r.stderr and "at most 107" in r.stderr
+    assert not deep.parent.exists()  # refused before anything was created

@@ -32,6 +32,7 @@ from spillway.pki import TlsFiles, read_tls, tls_signature
 log = logging.getLogger("spillway.agent")
 
 DEFAULT_SOCKET = "/run/spillway/agent.sock"
+MAX_UNIX_PATH = 107  # sockaddr_un.sun_path is 108 bytes with the terminating NUL
 DEFAULT_STATE_DIR = "/var/lib/spillway/agent"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_TOPOLOGY = REPO_ROOT / "examples" / "topologies" / "dgx-h100.yaml"
@@ -110,6 +111,11 @@ class Agent:
 
     def __init__(self, cfg: AgentConfig) -> None:
         self.cfg = cfg
+        longest = attach_socket_path(cfg.socket)  # the agent's two sockets: PATH and PATH.attach
+        if len(os.fsencode(str(longest))) > MAX_UNIX_PATH:
+            raise ValueError(f"--socket {cfg.socket} is too long: its attach socket {longest} has "
+                             f"{len(os.fsencode(str(longest)))} bytes and unix socket paths hold at most "
+                             f"{MAX_UNIX_PATH}; choose a shorter path (the default is {DEFAULT_SOCKET})")
         self.backend = make_backend(cfg)
         facts = self.backend.read()
         self.metrics = AgentMetrics(cfg.node_name, self.backend.name, self.backend.simulated)

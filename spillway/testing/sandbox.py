@@ -62,6 +62,7 @@ class Sandbox:
         self.cluster = cluster
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="spw-sb-", dir="/tmp"))
         self.workdir.mkdir(parents=True, exist_ok=True)
+        self._sockets: Path | None = None
         self.agents: dict[str, AgentHandle] = {}
         self.operator: subprocess.Popen[bytes] | None = None
         self.operator_log = self.workdir / "operator.log"
@@ -100,6 +101,9 @@ class Sandbox:
             self.cluster.stop()
         if self._own_cluster:
             shutil.rmtree(self.workdir, ignore_errors=True)
+        if self._sockets is not None:
+            shutil.rmtree(self._sockets, ignore_errors=True)
+            self._sockets = None
 
     @property
     def kubeconfig(self) -> Path:
@@ -118,12 +122,19 @@ class Sandbox:
             "--publish", "--advertise-endpoint", a.endpoint,
         ]
 
+    def _socket_dir(self) -> Path:
+        """Unix socket paths are limited to 107 bytes, and the workdir may be deep (a test's tmp_path,
+        SPILLWAY_DEMO_DIR): the agents' sockets live in a short directory of their own."""
+        if self._sockets is None:
+            self._sockets = Path(tempfile.mkdtemp(prefix="spw-s-", dir="/tmp"))
+        return self._sockets
+
     def start_agent(self, node: str, topology: Path = DGX_H100) -> AgentHandle:
         d = self.workdir / "agents" / node
         d.mkdir(parents=True, exist_ok=True)
         a = self.agents.get(node) or AgentHandle(
-            node=node, endpoint=f"127.0.0.1:{free_port()}", socket=d / "agent.sock", state_dir=d / "state",
-            log_path=d / "agent.log",
+            node=node, endpoint=f"127.0.0.1:{free_port()}", socket=self._socket_dir() / f"{node}.sock",
+            state_dir=d / "state", log_path=d / "agent.log",
         )
         with a.log_path.open("ab") as log:
             a.proc = subprocess.Popen(
