@@ -12,6 +12,11 @@ VENV_KEY   := $(shell cat requirements.txt requirements-dev.txt | sha256sum | cu
 VENV       ?= $(CACHE_DIR)/venv-$(VENV_KEY)
 PY         := $(VENV)/bin/python
 PYTEST_ARGS ?=
+# Test workers (pytest-xdist): most of the suite waits on control planes, Prometheus and
+# subprocesses, so two workers halve the wall time even on 2 cores. Each worker has its own
+# control plane; a file's tests stay on one worker. TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
+XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 export PYTHONPATH := $(CURDIR)
 
 PROTOS := $(shell find spillway/api -name '*.proto')
@@ -51,11 +56,11 @@ lint: venv proto-check
 	$(PY) -m mypy
 
 test: venv system-deps k8s-bins lint
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
 
 # Unit tests only (no control plane): quick feedback while coding.
 test-fast: venv
-	$(PY) -m pytest -m "not cluster and not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not cluster and not slow" $(XDIST) $(PYTEST_ARGS)
 
 # --- running it ------------------------------------------------------------------------
 demo: venv system-deps k8s-bins
