@@ -97,6 +97,24 @@ def _wait_count(cluster: Any, want: int, timeout: float, *args: str, jsonpath: s
         time.sleep(1.0)
 
 
+def _print_stragglers(cluster: Any) -> None:
+    """Which tenants did not get to Running, and what the operator said about them."""
+    items = json.loads(cluster.kubectl("get", "inferencetenants", "-n", "bench", "-o", "json", timeout=120).stdout)
+    for it in items["items"]:
+        st = it.get("status") or {}
+        if st.get("phase") == "Running":
+            continue
+        name = it["metadata"]["name"]
+        conds = {c.get("type"): f"{c.get('status')} {c.get('reason', '')}: {c.get('message', '')}"
+                 for c in st.get("conditions") or []}
+        print(f"  not Running: {name} phase={st.get('phase')} replicas={st.get('replicas')} {conds}", flush=True)
+        ev = cluster.kubectl("get", "events", "-n", "bench", "--field-selector", f"involvedObject.name={name}",
+                             "--sort-by=.lastTimestamp", "-o", "custom-columns=REASON:.reason,MSG:.message",
+                             check=False, timeout=60).stdout.strip().splitlines()[-4:]
+        for line in ev:
+            print(f"    {line[:300]}", flush=True)
+
+
 def run(nodes: int, tenants: int, timeout: float, per_helper: int = 10) -> dict[str, float]:
     from spillway.testing.cluster import wait_until
     from spillway.testing.sandbox import H100_LABELS, Sandbox, free_port
@@ -153,8 +171,12 @@ def run(nodes: int, tenants: int, timeout: float, per_helper: int = 10) -> dict[
         t0 = time.monotonic()
         cluster.kubectl("create", "-n", "bench", "-f", "-", input=_tenants(tenants), timeout=300)
         results["tenants_created_s"] = time.monotonic() - t0
-        _wait_count(cluster, tenants, timeout, "inferencetenants", "-n", "bench",
-                    jsonpath="{.items[*].status.phase}", value="Running")
+        try:
+            _wait_count(cluster, tenants, timeout, "inferencetenants", "-n", "bench",
+                        jsonpath="{.items[*].status.phase}", value="Running")
+        except TimeoutError:
+            _print_stragglers(cluster)
+            raise
         results["tenants_running_s"] = time.monotonic() - t0
         leases = 0
         for x in _count(cluster, "memorypools", jsonpath="{.items[*].status.totals.leased}"):

@@ -419,3 +419,32 @@ def test_repair_moves_fresh_loans_so_a_non_lending_tenant_fits() -> None:
     later = plan(nodes, ts, first.assignments)
     assert later.assignments[key("llm")] == first.assignments[key("llm")]
     assert key("plain") in later.pending
+
+
+def test_a_model_placed_by_an_earlier_plan_counts_before_the_agent_shows_it() -> None:
+    """The operator plans one tenant at a time. A replica placed a moment ago keeps its model's
+    memory on its GPU, but the agent's published pool does not show that yet (the local reservation
+    is set after the pod is created). Its assignment carries what it keeps, so a later plan does
+    not lend that memory away (the agent would reclaim those leases once the reservation lands)."""
+    nodes = [make_node("a", 2)]  # both GPUs NVLinked, 80Gi each, 2Gi headroom, nothing in use yet
+    first = tenant("llm", 60, request=8)
+    p1 = plan(nodes, [first])
+    a = p1.assignments[key("llm")]
+    assert a.keeps == 60 * GI
+    hungry = tenant("rag", 10, request=30)  # needs 30Gi from the GPU that hosts the 60Gi model
+    p2 = plan(nodes, [hungry], current=dict(p1.assignments))
+    b = p2.assignments[key("rag")]
+    assert b.gpu_uuid != a.gpu_uuid
+    from_first = sum(n for u, n in b.lenders if u == a.gpu_uuid)
+    assert 60 * GI + from_first <= (80 - 2) * GI, b  # the model and the loans fit under the headroom
+    assert b.host_fallback and not b.lenders  # 18Gi left there: not enough, so it spills to host memory
+
+
+def test_a_tenant_that_does_not_lend_keeps_its_whole_gpu_in_later_plans() -> None:
+    nodes = [make_node("a", 2)]
+    p1 = plan(nodes, [tenant("private", 20, lending=False)])
+    a = p1.assignments[key("private")]
+    assert a.keeps == 80 * GI
+    p2 = plan(nodes, [tenant("llm", 10, request=8)], current=dict(p1.assignments))
+    b = p2.assignments[key("llm")]
+    assert all(u != a.gpu_uuid for u, _ in b.lenders) and b.host_fallback

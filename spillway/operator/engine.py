@@ -729,8 +729,8 @@ class Engine:
             self.assignments.pop(a.key, None)
             raise
         observed = rc.observe_pod(created)
-        self.assignments[a.key] = Assignment(a.key, a.node, a.gpu_uuid, tuple((x.gpu_uuid, x.bytes) for x in leases),
-                                             fallback)
+        self.assignments[a.key] = dataclasses.replace(a, lenders=tuple((x.gpu_uuid, x.bytes) for x in leases),
+                                                      host_fallback=fallback)
         if fallback and spec.peer_request > 0:
             self.metrics.placements.labels(outcome="fallback").inc()
             self.event(body, "Warning", "FellBackToHostMemory",

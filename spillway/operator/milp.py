@@ -27,6 +27,7 @@ from scipy.sparse import lil_matrix
 
 from spillway.operator.model import Assignment, NodeView, Plan, ReplicaKey, TenantSpec
 from spillway.operator.placement import objective, weight
+from spillway.operator.pods import local_bytes
 
 GIB = float(1 << 30)
 
@@ -167,7 +168,8 @@ def solve(nodes: Sequence[NodeView], tenants: Sequence[TenantSpec], *, time_limi
                     out.append((uuid, nbytes))
                     left -= nbytes
                 lenders = tuple(out)
-            assignments[key] = Assignment(key, node.name, gpu.uuid, lenders, host_fallback=t.borrower and not lenders)
+            assignments[key] = Assignment(key, node.name, gpu.uuid, lenders, host_fallback=t.borrower and not lenders,
+                                          keeps=local_bytes(t.memory, t.lending, gpu.total))
     else:
         for _, key in reps:
             pending[key] = f"no MILP solution: {res.message}"

@@ -325,6 +325,10 @@ class Assignment:
     gpu_uuid: str
     lenders: tuple[tuple[str, int], ...] = ()
     host_fallback: bool = False
+    # What its own GPU keeps for it (`pods.local_bytes`: the model's memory, or the whole GPU when
+    # the tenant does not lend); 0 when unknown (a pod made before the annotation). The planner
+    # counts it for replicas of other tenants, whose local use the agent may not show yet.
+    keeps: int = 0
 
     @property
     def peer_bytes(self) -> int:

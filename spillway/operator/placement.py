@@ -26,6 +26,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from spillway.operator.model import Assignment, NodeView, Plan, ReplicaKey, TenantSpec
+from spillway.operator.pods import local_bytes
 from spillway.units import format_bytes, format_duration
 
 # An SLO at or under these targets is "tight": it gets the lender with the most headroom.
@@ -70,6 +71,7 @@ class _Gpu:
     uuid: str
     index: int
     node: str
+    total: int
     cap: int  # total - headroom - leases that are not ours
     foreign: int  # local use not belonging to a replica we place
     occupant: ReplicaKey | None = None
@@ -135,6 +137,7 @@ class _State:
                     uuid=g.uuid,
                     index=g.index,
                     node=view.name,
+                    total=g.total,
                     cap=max(0, g.total - g.headroom - ext_leased),
                     foreign=0 if g.uuid in ours_on else local,
                     peers=tuple(o.uuid for o in view.gpus if view.nvlinked(g.uuid, o.uuid)),
@@ -261,7 +264,8 @@ def _place_one(state: _State, t: TenantSpec, key: ReplicaKey, mode: str) -> Assi
             return None
     _, node, host, lenders = best
     _commit(state, node, host, t, key, lenders)
-    return Assignment(key, node.view.name, host.uuid, lenders, host_fallback=(t.borrower and not lenders))
+    return Assignment(key, node.view.name, host.uuid, lenders, host_fallback=(t.borrower and not lenders),
+                      keeps=local_bytes(t.memory, t.lending, host.total))
 
 
 def _repair(state: _State, t: TenantSpec, mode: str) -> tuple[float, _Node, _Gpu, tuple[tuple[str, int], ...]] | None:
@@ -374,8 +378,10 @@ def _kept(
     if host.occupant is not None:
         return None, f"GPU {a.gpu_uuid} is taken by {host.occupant}"
     if t is None:
-        # A tenant the caller did not pass: keep it as it is, counting what it holds.
-        state.occupy(node, host.uuid, a.key, max(0, state.local.get(host.uuid, 0)), True)
+        # A tenant the caller did not pass: keep it as it is, counting what it holds: what its pod
+        # says its GPU keeps (the agent's figure lags: the local reservation is set after the pod
+        # is created and published seconds later), or the local use the agent shows, if more.
+        state.occupy(node, host.uuid, a.key, max(a.keeps, state.local.get(host.uuid, 0)), True)
         state.lend(node, [(u, b) for u, b in a.lenders if u in node.gpus])
         node.refresh()
         return a, ""
@@ -406,7 +412,8 @@ def _kept(
             return None, (f"its lenders on {a.node} no longer have {format_bytes(t.peer_request)} and fallback is None")
         lenders = ()
     _commit(state, node, host, t, a.key, lenders, memory=keeps)
-    return Assignment(a.key, a.node, a.gpu_uuid, lenders, host_fallback=(t.borrower and not lenders)), ""
+    return Assignment(a.key, a.node, a.gpu_uuid, lenders, host_fallback=(t.borrower and not lenders),
+                      keeps=local_bytes(t.memory, t.lending, host.total)), ""
 
 
 def plan(
@@ -499,7 +506,7 @@ def plan(
                 state.lend(node, lenders)
                 node.starved -= 1
                 node.refresh()
-                out[key] = Assignment(key, fb.node, fb.gpu_uuid, lenders, host_fallback=False)
+                out[key] = replace(fb, lenders=lenders, host_fallback=False)
     for key, why in moved.items():
         if key in pending:
             pending[key] = f"{why}; {pending[key]}"
@@ -536,8 +543,8 @@ def replan_lenders(
     if lenders is None:
         if tenant.fallback == "None":
             return None
-        return Assignment(key, a.node, a.gpu_uuid, (), host_fallback=True)
-    return Assignment(key, a.node, a.gpu_uuid, lenders, host_fallback=False)
+        return replace(a, lenders=(), host_fallback=True)
+    return replace(a, lenders=lenders, host_fallback=False)
 
 
 def describe(a: Assignment, t: TenantSpec | None = None) -> str:

@@ -171,6 +171,7 @@ def assignment_of(namespace: str, tenant: str, pod: ObservedPod) -> Assignment:
         gpu_uuid=pod.gpu_uuid,
         lenders=tuple((x.gpu_uuid, x.bytes) for x in pod.all_leases()),
         host_fallback=pod.fallback,
+        keeps=pod.local_bytes,
     )
 
 
