@@ -230,6 +230,16 @@ def _tenant(name: str) -> dict[str, Any]:
                      "peerMemory": {"request": "4Gi", "limit": "4Gi", "fallback": "None"}}}
 
 
+def start_tcp_agent(node: str, server: TlsFiles) -> tuple[AgentProcess, str]:
+    """A started agent serving mutual TLS on 127.0.0.1 with these files; (process, "host:port")."""
+    port = free_port()
+    proc = AgentProcess(node_name=node, extra_args=[
+        "--listen", f"127.0.0.1:{port}", "--tls-cert", str(server.cert), "--tls-key", str(server.key),
+        "--tls-ca", str(server.ca)])
+    proc.start()
+    return proc, f"127.0.0.1:{port}"
+
+
 def test_a_rotated_certificate_is_served_without_a_restart(tmp_path: Path) -> None:
     """cert-manager renews the Secret in place: new connections get the new certificate, a key
     that does not match its certificate (a rotation seen half-way) is refused and the previous
@@ -241,12 +251,7 @@ def test_a_rotated_certificate_is_served_without_a_restart(tmp_path: Path) -> No
     live = ca.issue_files(tmp_path, "server", "spillway-agent", [NAME], client=False, server=True)
     client = ca.issue_files(tmp_path, "client", "spillway-client", client=True, server=False)
     client_tls = TlsFiles(client.cert, client.key, ca_path)
-    port = free_port()
-    proc = AgentProcess(node_name="rotate-node", extra_args=[
-        "--listen", f"127.0.0.1:{port}", "--tls-cert", str(live.cert), "--tls-key", str(live.key),
-        "--tls-ca", str(ca_path)])
-    proc.start()
-    target = f"127.0.0.1:{port}"
+    proc, target = start_tcp_agent("rotate-node", TlsFiles(live.cert, live.key, ca_path))
     renamed = "renamed-agent.example"
     try:
         pid = proc.proc.pid if proc.proc else None
@@ -280,12 +285,7 @@ def test_the_operator_picks_up_a_renewed_client_certificate(tmp_path: Path) -> N
     op_dir = tmp_path / "operator"
     op_dir.mkdir()
     client = old_ca.issue_files(op_dir, "tls", "spillway-operator", client=True, server=False)
-    port = free_port()
-    proc = AgentProcess(node_name="renew-node", extra_args=[
-        "--listen", f"127.0.0.1:{port}", "--tls-cert", str(server.cert), "--tls-key", str(server.key),
-        "--tls-ca", str(ca_path)])
-    proc.start()
-    endpoint = f"127.0.0.1:{port}"
+    proc, endpoint = start_tcp_agent("renew-node", TlsFiles(server.cert, server.key, ca_path))
 
     async def go() -> None:
         pool = AgentPool(Tls(str(client.cert), str(client.key), str(ca_path), server_name=NAME))

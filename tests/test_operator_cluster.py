@@ -276,22 +276,29 @@ TTFT_SHARES = {0.05: 0.2, 0.1: 0.3, 0.25: 0.3, 0.5: 0.15, 1.0: 0.05}
 TBT_SHARES = {0.01: 0.6, 0.025: 0.39, 0.05: 0.01}
 
 
+def start_slow_tenant(cluster: Cluster, sandbox: Sandbox, ns: str, prometheus: PrometheusProcess,
+                      histogram_server: HistogramServer, name: str, *, window: str) -> None:
+    """A model server whose TTFT/TBT histograms miss the SLO, scraped by the real Prometheus; an
+    operator that reads them; and a tenant with 4Gi of peer memory that may grow to 8Gi."""
+    histogram_server.set_histogram("vllm:time_to_first_token_seconds", TTFT_SHARES, per_second=200)
+    histogram_server.set_histogram("vllm:inter_token_latency_seconds", TBT_SHARES, per_second=2000)
+    prometheus.add_target(histogram_server.address, {"namespace": ns, "pod": f"{name}-0"})
+    sandbox.start_operator(["--resync-interval", "3s", "--lease-ttl", "60s", "--prometheus-url", prometheus.url,
+                            "--slo-step", "2Gi"])
+    prometheus.wait_for_series(f'count_over_time(vllm:time_to_first_token_seconds_count{{namespace="{ns}"}}[30s])'
+                               " >= 10", timeout=60)
+    cluster.apply(tenant(name, replicas=1, memory="40Gi", request="4Gi", limit="8Gi",
+                         slo={"ttft": "200ms", "tbt": "25ms", "percentile": 99, "attainment": 0.95,
+                              "window": window}), ns)
+
+
 def test_slo_feedback_reports_what_prometheus_saw_and_grows_peer_memory(
     cluster: Cluster, sandbox: Sandbox, k8s_namespace: str, prometheus: PrometheusProcess,
     histogram_server: HistogramServer,
 ) -> None:
     ns = k8s_namespace
-    histogram_server.set_histogram("vllm:time_to_first_token_seconds", TTFT_SHARES, per_second=200)
-    histogram_server.set_histogram("vllm:inter_token_latency_seconds", TBT_SHARES, per_second=2000)
-    prometheus.add_target(histogram_server.address, {"namespace": ns, "pod": "slow-0"})
-    sandbox.start_operator(["--resync-interval", "3s", "--lease-ttl", "60s", "--prometheus-url", prometheus.url,
-                            "--slo-step", "2Gi"])
     try:
-        prometheus.wait_for_series(f'count_over_time(vllm:time_to_first_token_seconds_count{{namespace="{ns}"}}[30s])'
-                                   " >= 10", timeout=60)
-        cluster.apply(tenant("slow", replicas=1, memory="40Gi", request="4Gi", limit="8Gi",
-                             slo={"ttft": "200ms", "tbt": "25ms", "percentile": 99, "attainment": 0.95,
-                                  "window": "8s"}), ns)
+        start_slow_tenant(cluster, sandbox, ns, prometheus, histogram_server, "slow", window="8s")
 
         def grown() -> dict[str, Any] | None:
             st = get_tenant(cluster, ns, "slow").get("status") or {}
@@ -494,17 +501,8 @@ def test_slo_met_with_slack_releases_elastic_leases_when_others_want_the_pool(
     histogram_server: HistogramServer,
 ) -> None:
     ns = k8s_namespace
-    histogram_server.set_histogram("vllm:time_to_first_token_seconds", TTFT_SHARES, per_second=200)
-    histogram_server.set_histogram("vllm:inter_token_latency_seconds", TBT_SHARES, per_second=2000)
-    prometheus.add_target(histogram_server.address, {"namespace": ns, "pod": "elastic-0"})
-    sandbox.start_operator(["--resync-interval", "3s", "--lease-ttl", "60s", "--prometheus-url", prometheus.url,
-                            "--slo-step", "2Gi"])
     try:
-        prometheus.wait_for_series(f'count_over_time(vllm:time_to_first_token_seconds_count{{namespace="{ns}"}}[30s])'
-                                   " >= 10", timeout=60)
-        cluster.apply(tenant("elastic", replicas=1, memory="40Gi", request="4Gi", limit="8Gi",
-                             slo={"ttft": "200ms", "tbt": "25ms", "percentile": 99, "attainment": 0.95,
-                                  "window": "6s"}), ns)
+        start_slow_tenant(cluster, sandbox, ns, prometheus, histogram_server, "elastic", window="6s")
 
         def elastic_bytes(want: int) -> dict[str, Any] | None:
             s = get_tenant(cluster, ns, "elastic").get("status") or {}

@@ -495,7 +495,8 @@ class Engine:
 
     async def _write_status(self, ns: str, name: str, status: Mapping[str, Any]) -> None:
         try:
-            await self.kube.patch_custom_status(API_GROUP, API_VERSION, TENANT_PLURAL, name, {"status": status}, ns)
+            await self.kube.patch_custom(API_GROUP, API_VERSION, TENANT_PLURAL, name, {"status": status}, ns,
+                                         subresource="status")
         except KubeError as exc:
             if exc.status != 404:
                 raise

@@ -176,18 +176,14 @@ class KubeClient:
         out = await self.request("GET", f"/apis/{group}/{version}{ns}/{plural}")
         return list(out.get("items") or [])
 
-    async def patch_custom_status(
-        self, group: str, version: str, plural: str, name: str, patch: Mapping[str, Any], namespace: str = ""
-    ) -> None:
-        ns = f"/namespaces/{namespace}" if namespace else ""
-        await self.request("PATCH", f"/apis/{group}/{version}{ns}/{plural}/{name}/status", body=patch,
-                           content_type="application/merge-patch+json")
-
     async def patch_custom(
-        self, group: str, version: str, plural: str, name: str, patch: Mapping[str, Any], namespace: str = ""
+        self, group: str, version: str, plural: str, name: str, patch: Mapping[str, Any], namespace: str = "",
+        *, subresource: str = "",
     ) -> None:
+        """A merge patch of a custom object (its `status` with subresource="status")."""
         ns = f"/namespaces/{namespace}" if namespace else ""
-        await self.request("PATCH", f"/apis/{group}/{version}{ns}/{plural}/{name}", body=patch,
+        sub = f"/{subresource}" if subresource else ""
+        await self.request("PATCH", f"/apis/{group}/{version}{ns}/{plural}/{name}{sub}", body=patch,
                            content_type="application/merge-patch+json")
 
     async def list_nodes(self) -> tuple[list[dict[str, Any]], str]:
