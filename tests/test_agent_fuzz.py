@@ -67,8 +67,9 @@ def test_random_requests_get_proper_codes(stub: pb_grpc.AgentStub, size: str, ho
     accounting_ok(stub)
 
 
-def test_random_requests_on_real_gpus(stub: pb_grpc.AgentStub) -> None:
-    """The same calls aimed at real GPU UUIDs and leases, so they get past the NOT_FOUND checks."""
+def test_random_requests_on_the_agents_own_gpus(stub: pb_grpc.AgentStub) -> None:
+    """The same calls aimed at the agent's own (simulated) GPU UUIDs and leases, so they get past the
+    NOT_FOUND checks."""
     inv = stub.GetInventory(pb.GetInventoryRequest(), timeout=30)
     gpus = [g.uuid for g in inv.gpus]
 
