@@ -55,6 +55,11 @@ def test_bad_topologies_are_explained(tmp_path: Path) -> None:
         "gpus:\n  - {index: 0, memory: 10Gi}\nnvlink: {groups: [[0, 3]]}\n": "index 3",
         "gpus:\n  - {index: 0, memory: 10Gi}\npcieP2P: maybe\n": "NOT_SUPPORTED",
         "gpus: [": "cannot read",
+        # device node minor numbers (a topology may set them; they default to the index)
+        "gpus:\n  - {index: 0, minor: 1, memory: 10Gi}\n  - {index: 1, memory: 10Gi}\n": "minor numbers .1, 1. repeat",
+        "gpus:\n  - {index: 0, minor: -1, memory: 10Gi}\n": "minor: -1",
+        "gpus:\n  - {index: 0, minor: two, memory: 10Gi}\n": "whole number",
+        "gpus:\n  - {index: zero, memory: 10Gi}\n": "index: 'zero'",
     }
     for text, needle in cases.items():
         p = tmp_path / "t.yaml"

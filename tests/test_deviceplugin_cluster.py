@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,14 +49,18 @@ class Stack:
     def gpus(self) -> list[agent_pb2.Gpu]:
         return list(self.run(lambda c: c.inventory()).gpus)
 
+    def reservation_annotations(self, grants: Sequence[agent_pb2.AcquireResponse]) -> dict[str, str]:
+        """The operator's reservation annotations: one comma-separated entry per lease in each."""
+        if not grants:
+            return {}
+        return {"spillway.dev/reservation": ",".join(g.lease.id for g in grants),
+                "spillway.dev/reservation-token": ",".join(g.token for g in grants),
+                "spillway.dev/reservation-node": self.node,
+                "spillway.dev/lender-gpus": ",".join(g.lease.gpu_uuid for g in grants)}
+
     def pod(self, name: str, units: int, *grants: agent_pb2.AcquireResponse) -> None:
         """A pod as the operator makes it: one comma-separated entry per lease in each annotation."""
-        annotations = {}
-        if grants:
-            annotations = {"spillway.dev/reservation": ",".join(g.lease.id for g in grants),
-                           "spillway.dev/reservation-token": ",".join(g.token for g in grants),
-                           "spillway.dev/reservation-node": self.node,
-                           "spillway.dev/lender-gpus": ",".join(g.lease.gpu_uuid for g in grants)}
+        annotations = self.reservation_annotations(grants)
         self.cluster.apply({
             "apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": name, "namespace": self.namespace, "annotations": annotations},
@@ -68,12 +72,7 @@ class Stack:
     def multi_pod(self, name: str, containers: dict[str, int], init: dict[str, int] | None = None,
                   *grants: agent_pb2.AcquireResponse, sidecars: dict[str, int] | None = None) -> None:
         """A pod with several containers (name -> units), init containers first as the kubelet sees them."""
-        annotations = {}
-        if grants:
-            annotations = {"spillway.dev/reservation": ",".join(g.lease.id for g in grants),
-                           "spillway.dev/reservation-token": ",".join(g.token for g in grants),
-                           "spillway.dev/reservation-node": self.node,
-                           "spillway.dev/lender-gpus": ",".join(g.lease.gpu_uuid for g in grants)}
+        annotations = self.reservation_annotations(grants)
 
         def c(n: str, units: int) -> dict[str, Any]:
             return {"name": n, "image": "registry.example/llm:1",
