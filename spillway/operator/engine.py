@@ -177,8 +177,13 @@ class Engine:
     def live_pools(self) -> dict[str, NodeView]:
         """The pools whose node is not lost (heartbeat fresh, Node present, not NotReady for long):
         the replicas there keep running."""
-        lost = self.pool_verdicts()
-        return {n: v for n, v in self.pools.items() if not (lost.get(n) or ("", ""))[0]}
+        return self.live_and_lost()[0]
+
+    def live_and_lost(self) -> tuple[dict[str, NodeView], dict[str, str]]:
+        """`live_pools()` and `lost_reasons()` from one pass over the verdicts."""
+        verdicts = self.pool_verdicts()
+        lost = {n: v[0] for n, v in verdicts.items() if v[0]}
+        return {n: v for n, v in self.pools.items() if n not in lost}, lost
 
     def placeable_pools(self) -> dict[str, NodeView]:
         """The live pools that may take new replicas (node Ready and not cordoned)."""
@@ -186,7 +191,7 @@ class Engine:
         return {n: v for n, v in self.pools.items() if n not in bad}
 
     def lost_reasons(self) -> dict[str, str]:
-        return {n: v[0] for n, v in self.pool_verdicts().items() if v[0]}
+        return self.live_and_lost()[1]
 
     def pool_deleted(self, name: str) -> None:
         self.pools.pop(name, None)
@@ -428,7 +433,7 @@ class Engine:
             if p.terminating and self.node_gone(p.node):
                 # Deleted before its Node went (or by someone else): only the pod GC would end it.
                 await self.kube.delete_pod(ns, p.name, uid=p.uid, grace_s=0)
-        decision = rc.decide(spec, observed, self.live_pools(), self.lost_reasons())
+        decision = rc.decide(spec, observed, *self.live_and_lost())
         touched: set[str] = set()  # nodes whose local reservations may have changed
 
         for pod, reason, message in decision.remove:
