@@ -8,7 +8,7 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
 CACHE_DIR  ?= $(HOME)/.cache/spillway
-VENV_KEY   := $(shell cat requirements.txt requirements-dev.txt | sha256sum | cut -c1-12)
+VENV_KEY   := $(shell cat requirements.txt requirements-dev.txt requirements-vllm.txt | sha256sum | cut -c1-12)
 VENV       ?= $(CACHE_DIR)/venv-$(VENV_KEY)
 PY         := $(VENV)/bin/python
 PYTEST_ARGS ?=
@@ -30,11 +30,13 @@ help:
 	@echo "make cluster-up  start the local control plane and print its KUBECONFIG; make cluster-down stops it"
 
 # --- environment -----------------------------------------------------------------------
+# requirements-vllm.txt goes in without dependencies (see the file): vLLM's offloading API runs on our torch.
 venv: $(VENV)/.ok
-$(VENV)/.ok: requirements.txt requirements-dev.txt
+$(VENV)/.ok: requirements.txt requirements-dev.txt requirements-vllm.txt
 	@mkdir -p $(CACHE_DIR)
 	@if [ ! -x $(PY) ]; then rm -rf $(VENV).tmp && python3 -m venv $(VENV).tmp && mv $(VENV).tmp $(VENV); fi
 	$(PY) -m pip install --disable-pip-version-check -q -r requirements-dev.txt
+	$(PY) -m pip install --disable-pip-version-check -q --no-deps -r requirements-vllm.txt
 	@touch $@
 
 system-deps:

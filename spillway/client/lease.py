@@ -280,3 +280,134 @@ class LeaseKeeper:
         if self._attachment is not None:
             self._attachment.close()
             self._attachment = None
+
+
+class LeaseWatcher:
+    """Watches leases held by another part of this pod, without claiming, renewing or releasing
+    them: a scheduler that must know a lease's size and hear of its revocation while a worker
+    process owns the lease (vLLM's scheduler beside its GPU worker).
+
+    Construction waits for the agent's first snapshot (the leases' sizes); a lease that is not
+    live then counts as revoked. `revoked` is set when any of them goes REVOKING or ends, and
+    `on_revoke()` (if given) runs once, in the watcher's thread."""
+
+    def __init__(
+        self,
+        agent_socket: str,
+        lease_ids: list[str],
+        tokens: list[str],
+        *,
+        on_revoke: Callable[[], None] | None = None,
+        start_timeout_s: float = 30.0,
+    ) -> None:
+        if len(lease_ids) != len(tokens) or not lease_ids:
+            raise ValueError(f"{len(lease_ids)} lease id(s) but {len(tokens)} token(s): give one token per lease")
+        self.agent_socket = agent_socket
+        self.lease_ids = list(lease_ids)
+        self._tokens = list(tokens)
+        self._on_revoke = on_revoke
+        self.leases: dict[str, agent_pb2.Lease] = {}
+        self.revoked = threading.Event()
+        self.reason = ""
+        self._stopping = threading.Event()
+        self._ready: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._loop = asyncio.new_event_loop()
+        self._astop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._run, name="spillway-lease-watch", daemon=True)
+        self._thread.start()
+        try:
+            self._ready.result(timeout=start_timeout_s)
+        except BaseException:
+            self.close()
+            raise
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_until_complete(self._main())
+        except Exception as exc:  # pragma: no cover - carried by the start future or logged
+            if not self._ready.done():
+                self._ready.set_exception(exc)
+            else:
+                log.exception("lease watcher stopped", extra={"leases": ",".join(self.lease_ids)})
+        finally:
+            self._loop.close()
+
+    async def _main(self) -> None:
+        from spillway.agent.client import AgentClient
+
+        self._astop = asyncio.Event()
+        if self._stopping.is_set():
+            self._astop.set()
+        client = AgentClient(self.agent_socket)
+        seen: set[str] = set()
+        try:
+            tasks = [
+                asyncio.create_task(self._watch(client, lid, tok, seen))
+                for lid, tok in zip(self.lease_ids, self._tokens, strict=True)
+            ]
+            await self._astop.wait()
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            await client.close()
+
+    async def _watch(self, client: Any, lease_id: str, token: str, seen: set[str]) -> None:
+        backoff = 0.2
+        while not self._stopping.is_set() and not self.revoked.is_set():
+            try:
+                async for ev in client.watch(lease_id, token):
+                    backoff = 0.2
+                    if ev.kind == agent_pb2.WatchEvent.SNAPSHOT:
+                        lease = next((x for x in ev.leases if x.id == lease_id), None)
+                        if lease is None:
+                            self._revoke(f"lease {lease_id} is not live")
+                        else:
+                            self.leases[lease_id] = lease
+                            if lease.state in (agent_pb2.REVOKING, *_TERMINAL):
+                                self._revoke(f"lease {lease_id} is {_state_name(lease.state)}")
+                        seen.add(lease_id)
+                        if seen.issuperset(self.lease_ids) and not self._ready.done():
+                            self._ready.set_result(None)
+                    elif ev.lease.id == lease_id:
+                        self.leases[lease_id] = ev.lease
+                        if ev.lease.state in (agent_pb2.REVOKING, *_TERMINAL):
+                            self._revoke(ev.lease.reason or f"lease {lease_id} is {_state_name(ev.lease.state)}")
+                    if self.revoked.is_set():
+                        return
+            except grpc.aio.AioRpcError as exc:
+                if self._stopping.is_set():
+                    return
+                if exc.code() in _LOST_CODES:
+                    if not self._ready.done():
+                        self._ready.set_exception(exc)
+                        return
+                    self._revoke(f"watch refused: {exc.code().name}: {exc.details()}")
+                    return
+                log.warning("watch stream broke; reconnecting", extra={"lease": lease_id, "code": exc.code().name})
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+
+    def _revoke(self, reason: str) -> None:
+        if self.revoked.is_set():
+            return
+        self.reason = reason
+        self.revoked.set()
+        log.warning("watched lease revoked", extra={"leases": ",".join(self.lease_ids), "reason": reason})
+        if self._on_revoke is not None:
+            try:
+                self._on_revoke()
+            except Exception:  # a callback's bug must not stop the watcher
+                log.exception("lease watcher callback failed")
+
+    def close(self) -> None:
+        self._stopping.set()
+        stop = self._astop
+        if stop is not None and not self._loop.is_closed():
+            try:
+                self._loop.call_soon_threadsafe(stop.set)
+            except RuntimeError:  # the loop just closed
+                pass
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout=10)
