@@ -137,8 +137,9 @@ class SpillwayLayer(DynamicLayer):
         need = -(-tokens // c)
         if need <= self._ncap:
             return buf
-        # at least double, so a long decode reallocates log(n) times
-        ncap = max(need, 2 * self._ncap)
+        # exactly the chunks needed: the buffer is made afresh from the slots at every prefetch,
+        # so growing it one chunk every chunk_tokens tokens costs one extra copy of the layer then
+        ncap = need
         ids = self._slots.alloc(self._rows * (ncap - self._ncap))  # OutOfPeerMemory: nothing allocated
         self._table = torch.cat([self._table, ids.view(self._rows, -1)], dim=1)
         grown = torch.empty(*buf.shape[:3], ncap * c, buf.shape[4], dtype=buf.dtype, device=buf.device)
@@ -233,9 +234,7 @@ class SpillwayCache(Cache):
             return
         n = None
         if self.max_tokens is not None:
-            chunks = -(-self.max_tokens // self.chunk_tokens)
-            # capacity doubles: make room for twice the chunks of the longest sequence per layer
-            n = 2 * chunks * rows * len(self.layers)
+            n = -(-self.max_tokens // self.chunk_tokens) * rows * len(self.layers)
         self.slots = self.memory.slots(slot_bytes, n)
         log.info(
             "SpillwayCache slots ready",
