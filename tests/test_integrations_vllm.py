@@ -56,11 +56,14 @@ BLOCKS = 64  # GPU blocks in vLLM's KV cache
 CTX = ReqContext(req_id="r0")
 
 
-def offloading_config(extra: dict[str, object], *, blocks_per_chunk: int = 1, world_size: int = 1) -> OffloadingConfig:
-    """What vLLM's build_offloading_config makes for one full-attention group of LAYERS layers."""
+def offloading_config(
+    extra: dict[str, object], *, blocks_per_chunk: int = 1, world_size: int = 1, page: int = PAGE, layers: int = LAYERS
+) -> OffloadingConfig:
+    """What vLLM's build_offloading_config makes for one full-attention group of `layers` layers."""
     return OffloadingConfig(
-        groups=(OffloadingGroupConfig(tokens_per_block=16, layer_names=("l0", "l1"), group_id=0),),
-        worker_kv_bytes_per_block=PAGE * LAYERS,
+        groups=(OffloadingGroupConfig(tokens_per_block=16, layer_names=tuple(f"l{i}" for i in range(layers)),
+                                      group_id=0),),
+        worker_kv_bytes_per_block=page * layers,
         enable_kv_cache_events=True,
         extra_config=extra,
         engine_id="engine-0",
@@ -163,7 +166,7 @@ def test_manager_lookup_store_hit_load_and_lru_eviction(lease_env: tuple[dict[st
         m.complete_store([e], CTX)
         m.complete_load([a], CTX)
         m.touch([c], CTX)  # c is used again: a goes next
-        f, g = keys(2, start=10)
+        (f,) = keys(1, start=10)
         out = m.prepare_store([f], CTX)
         assert out is not None and out.evicted_keys == [a]
         # nothing evictable (all pending or protected): refused, nothing changes

@@ -20,7 +20,6 @@ goes on, slower, with the same bytes.
 from __future__ import annotations
 
 import logging
-from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -38,6 +37,8 @@ class SpillwayLayer(DynamicLayer):
 
     def __init__(self, cache: SpillwayCache) -> None:
         super().__init__()
+        self.keys: torch.Tensor | None = None  # the attention's view while resident (DynamicLayer's fields)
+        self.values: torch.Tensor | None = None
         self._cache = cache
         self._len = 0  # tokens cached
         self._ncap = 0  # chunks of capacity (slots per row)

@@ -177,7 +177,9 @@ class SpillwayOffloadingWorker(OffloadingWorker):
             blocks = block_ids[b0 : b0 + n]
             slots = slot_ids[s0 : s0 + nslots]
             if len(blocks) != n or len(slots) != nslots:
-                raise ValueError(f"the job has {len(block_ids)} GPU blocks and {len(slot_ids)} slots; its groups need more")
+                raise ValueError(
+                    f"the job has {len(block_ids)} GPU blocks and {len(slot_ids)} slots; its groups need more"
+                )
             pos = np.arange(skip, skip + n)
             chunk, sub = pos // bpc, pos % bpc
             by_sub = [np.flatnonzero(sub == j) for j in range(bpc)]
