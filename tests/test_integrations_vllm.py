@@ -333,3 +333,21 @@ def test_slot_numbering_agrees_between_scheduler_and_worker() -> None:
     assert arena_sizes([64 << 20, 32 << 20], 80 << 20) == [64 << 20, 16 << 20]
     assert slots_that_fit([64 << 20], 8192) == 8192
     assert slots_that_fit([1 << 20, 1 << 20], 3001) == 2 * ((1 << 20) // 3008)  # per arena, 8-byte stride
+
+
+def test_the_scheduler_side_refuses_a_wrong_token_and_a_missing_agent(
+    lease_env: tuple[dict[str, str], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import grpc
+
+    monkeypatch.setenv("SPILLWAY_LEASE_TOKEN", "not-the-token")
+    spec = OffloadingSpecFactory.create_spec(offloading_config(user_extra()))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        spec.get_manager()
+    assert err.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    monkeypatch.setenv("SPILLWAY_AGENT_SOCKET", "/tmp/spw-no-agent-here.sock")
+    spec = OffloadingSpecFactory.create_spec(offloading_config(user_extra()))
+    assert isinstance(spec, SpillwayOffloadingSpec)
+    spec.agent_timeout_s = 1.0
+    with pytest.raises(TimeoutError, match="check that the agent runs and that its socket is mounted"):
+        spec.get_manager()

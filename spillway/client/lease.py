@@ -317,6 +317,12 @@ class LeaseWatcher:
         self._thread.start()
         try:
             self._ready.result(timeout=start_timeout_s)
+        except concurrent.futures.TimeoutError as exc:
+            self.close()
+            raise TimeoutError(
+                f"no snapshot of lease(s) {','.join(lease_ids)} from the agent at {agent_socket} within "
+                f"{start_timeout_s:g}s: check that the agent runs and that its socket is mounted in the pod"
+            ) from exc
         except BaseException:
             self.close()
             raise

@@ -84,6 +84,8 @@ def arena_sizes(lease_bytes: list[int], max_bytes: int | None) -> list[int]:
 class SpillwayOffloadingSpec(OffloadingSpec):
     """vLLM offloading spec: KV chunks in slots of the pod's Spillway lease."""
 
+    agent_timeout_s = 30.0  # how long the scheduler waits for the agent's snapshot of the lease
+
     def __init__(self, config: OffloadingConfig, env: Mapping[str, str] | None = None) -> None:
         super().__init__(config)
         self.vllm_version = check_vllm_version()
@@ -120,7 +122,7 @@ class SpillwayOffloadingSpec(OffloadingSpec):
     def _watch(self) -> LeaseWatcher:
         assert self.lease_env is not None
         e = self.lease_env
-        return LeaseWatcher(e.socket, e.ids, e.tokens)
+        return LeaseWatcher(e.socket, e.ids, e.tokens, start_timeout_s=self.agent_timeout_s)
 
     def num_slots(self, watcher: LeaseWatcher | None = None) -> int:
         if self.slot_bytes <= 0:
