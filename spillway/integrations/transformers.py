@@ -45,6 +45,7 @@ class SpillwayLayer(DynamicLayer):
         self._rows = 0  # rows: 2 * batch * kv_heads
         self._buf: torch.Tensor | None = None  # [2, B, H, ncap * C, D] while resident
         self._table = torch.empty(0, 0, dtype=torch.int64)  # [rows, ncap] slot ids
+        self._stored: Transfer | None = None  # the last store: the next fetch reads what it wrote
 
     # ---- transformers' CacheLayerMixin -------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -95,6 +96,8 @@ class SpillwayLayer(DynamicLayer):
         c = self._cache.chunk_tokens
         buf = torch.empty(2, b, h, self._ncap * c, d, dtype=self.dtype, device=self.device)
         if self._ncap:
+            if self._stored is not None and buf.is_cuda:
+                self._stored.wait()  # read after write, whichever streams the two copies ran on
             t = self._slots.load(self._as_rows(buf), torch.arange(self._rows * self._ncap), self._table.reshape(-1))
             _order_after(t, buf)
         self._buf = buf
@@ -156,7 +159,9 @@ class SpillwayLayer(DynamicLayer):
         chunks = torch.arange(first, last + 1)
         rows = (torch.arange(self._rows)[:, None] * self._ncap + chunks[None, :]).reshape(-1)
         assert self._buf is not None
-        self._slots.store(self._as_rows(self._buf), rows, self._table[:, first : last + 1].reshape(-1))
+        t = self._slots.store(self._as_rows(self._buf), rows, self._table[:, first : last + 1].reshape(-1))
+        # keep its events only: the Transfer itself holds the buffer until it is synchronized
+        self._stored = Transfer(t.events, [], [], t.devices)
 
     def release(self) -> None:
         """Give this layer's slots back and forget its tokens."""
@@ -165,6 +170,7 @@ class SpillwayLayer(DynamicLayer):
         self._table = torch.empty(self._rows, 0, dtype=torch.int64)
         self._ncap = self._len = 0
         self._buf = None
+        self._stored = None
         self.keys = self.values = None
 
 
