@@ -319,8 +319,17 @@ def test_bad_options_are_refused_with_what_to_fix(
         OffloadingSpecFactory.create_spec(offloading_config(user_extra(**extra), world_size=world_size))
 
 
-def test_an_unsupported_vllm_is_refused_with_the_supported_range() -> None:
+def test_an_unsupported_vllm_is_refused_with_the_supported_range(monkeypatch: pytest.MonkeyPatch) -> None:
     assert str(check_vllm_version()) == "0.33.0"  # the pinned one is accepted
+    # the user's path: vLLM's factory imports the package, whose first act is the check
+    import sys
+    from importlib import metadata
+
+    real = metadata.version
+    monkeypatch.setattr(metadata, "version", lambda name: "0.34.1" if name == "vllm" else real(name))
+    monkeypatch.delitem(sys.modules, "spillway.integrations.vllm")
+    with pytest.raises(UnsupportedVllm, match=r"vLLM 0.34.1 is not supported .* vllm>=0.33.0,<0.34"):
+        OffloadingSpecFactory.create_spec(offloading_config(user_extra(host_bytes="1Mi")))
     for bad in ("0.32.4", "0.34.0", "1.0.0"):
         with pytest.raises(UnsupportedVllm, match=f"vLLM {bad} is not supported") as err:
             check_vllm_version(bad)
