@@ -258,7 +258,9 @@ class BlockStore:
         if self._streams:
             self.synchronize()
 
-    def stream_ctx(self, devices: list[torch.device]) -> contextlib.ExitStack:
+    def stream_ctx(self, devices: list[torch.device]) -> contextlib.AbstractContextManager[object]:
+        if not devices:
+            return contextlib.nullcontext()
         stack = contextlib.ExitStack()
         for d in devices:
             stack.enter_context(torch.cuda.stream(self._stream(d)))
