@@ -119,6 +119,11 @@ def test_clear_errors_for_bad_calls() -> None:
     with pytest.raises(ValueError, match="has 12 bytes, the block 16"):
         store.get(["a"], out=[torch.zeros(3)])
     assert len(store) == 1
+    with pytest.raises(UnknownBlock, match="'nope' .nothing was evicted"):
+        store.evict(["a", "nope"])
+    assert len(store) == 1 and store.primary.used_bytes > 0  # "a" is still there
+    assert store.evict(["a", "nope"], missing_ok=True) == 1
+    assert store.primary.used_bytes == 0
 
 
 def test_fragmentation_falls_back_to_per_block_ranges_and_stays_correct() -> None:
