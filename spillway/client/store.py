@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import repeat
+from typing import cast
 
 import torch
 
@@ -393,10 +394,11 @@ class BlockStore:
         row_bytes = pool[0].numel() * pool.element_size()
         n = len(keys)
         with self._lock:
-            entries = list(map(self._index.get, keys))  # one C-level pass, not a Python loop
-            if None in entries:
-                k = keys[entries.index(None)]
+            found = list(map(self._index.get, keys))  # one C-level pass, not a Python loop
+            if None in found:
+                k = keys[found.index(None)]
                 raise UnknownBlock(f"no block with key {k!r}: it was never put or was evicted")
+            entries = cast("list[Entry]", found)
             e0 = entries[0]
             if isinstance(e0, tuple) and pool.is_contiguous():
                 batch, i0 = e0
