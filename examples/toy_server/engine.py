@@ -223,6 +223,10 @@ class Engine:
         return list(self.queue)
 
     @property
+    def swap_slots_used(self) -> int:
+        return sum(st.num_slots - st.free_slots for st in self._slot_stores)
+
+    @property
     def swapped_count(self) -> int:
         return sum(1 for s in self.queue if s.swapped)
 
