@@ -106,11 +106,13 @@ class Sequence:
 @dataclass(frozen=True)
 class EngineEvent:
     round: int
-    kind: str  # "load" (swap-in issued), "store" (swap-out issued), "wait" (blocked on swaps), "forward"
+    # "load" (swap-in issued), "store" (swap-out issued), "wait" (blocked on swaps), "forward"
+    # (launched), "forward-done" (logits on the host; seqs: the requests that got their first token)
+    kind: str
     seqs: tuple[int, ...]
     for_round: int = 0  # load: the round whose forward needs it
     nbytes: int = 0
-    seconds: float = 0.0  # wait: how long
+    seconds: float = 0.0  # wait: how long; forward-done: launch to logits
 
 
 @dataclass
@@ -223,6 +225,11 @@ class Engine:
         return list(self.queue)
 
     @property
+    def swap_tier(self) -> str:
+        """Where swapped contexts go now: cuda, simulated-cpu, host-pinned or host-pageable."""
+        return self._slot_stores[0].kind
+
+    @property
     def swap_slots_used(self) -> int:
         return sum(st.num_slots - st.free_slots for st in self._slot_stores)
 
@@ -305,14 +312,18 @@ class Engine:
             for s in cur:
                 self._finish(s, str(exc))
             return 0
-        self.stats.forward_s += time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        self.stats.forward_s += dt
         self.stats.rounds += 1
         produced = 0
         now = time.monotonic()
+        firsts = []
         for s, ch, row in zip(cur, chunks, logits, strict=True):
             s.cached += len(ch.tokens)
             if s.cached < len(s.prompt):
                 continue  # more prompt to go
+            if not s.generated:
+                firsts.append(s.id)
             token = int(torch.multinomial(torch.softmax(row / 0.8, -1), 1, generator=s.generator))
             s.generated.append(token)
             produced += 1
@@ -322,6 +333,7 @@ class Engine:
             s.emit(token, "length" if done else "", "")
             if done:
                 self._finish(s, None, emitted=True)
+        self.events.append(EngineEvent(r, "forward-done", tuple(firsts), seconds=dt))
         return produced
 
     def _finish(self, seq: Sequence, error: str | None, emitted: bool = False) -> None:
@@ -512,4 +524,3 @@ class Engine:
         self.drain()
         for store in self._slot_stores:
             store.close()
-        self._slot_stores = []
