@@ -57,9 +57,11 @@ class Result:
     def pct(self, q: float) -> float:
         return _pct(self.ttft, q)
 
-    def gbps(self, direction: str) -> float:
-        nbytes = self.stats.out_bytes if direction == "out" else self.stats.in_bytes
-        busy = self.stats.busy_s(direction)
+    def gbps(self, direction: str = "") -> float:
+        """Effective swap GB/s: bytes of `direction` ("": both) over the time such swaps were in flight."""
+        st = self.stats
+        nbytes = {"out": st.out_bytes, "in": st.in_bytes, "": st.out_bytes + st.in_bytes}[direction]
+        busy = st.busy_s(direction)
         return nbytes / busy / 1e9 if busy > 0 else 0.0
 
 
@@ -248,31 +250,35 @@ def main(argv: list[str]) -> int:
             host.close()
     print(
         f"{'swap target':<12} {'tier':<14} {'TTFT p50':>8} {'p99':>7} {'tok/s':>7} {'swap wait':>13} "
-        f"{'out':>9} {'in':>9} {'GB/s out':>14} {'GB/s in':>14}"
+        f"{'out':>9} {'in':>9} {'GB/s out':>14} {'GB/s in':>14} {'GB/s both':>14}"
     )
     for r, ceil in ((lent, ceil_lent), (base, ceil_host), (none, None)):
         st = r.stats
-
-        def eff(d: str, c: float | None) -> str:
-            return "-" if not c or not r.gbps(d) else f"{r.gbps(d):.1f}/{c:.0f} {100 * r.gbps(d) / c:3.0f}%"
-
+        cells = []
+        if ceil is not None:
+            # both directions through one path, back to back: the ceiling is the bytes-weighted harmonic mean
+            both = (st.out_bytes + st.in_bytes) / max(1e-12, st.out_bytes / ceil[0] + st.in_bytes / ceil[1])
+            for d, c in (("out", ceil[0]), ("in", ceil[1]), ("", both)):
+                cells.append(f"{r.gbps(d):.1f}/{c:.0f} {100 * r.gbps(d) / c:3.0f}%" if r.gbps(d) else "-")
+        else:
+            cells = ["-"] * 3
         print(
             f"{r.label:<12} {r.tier:<14} {r.pct(0.5):8.3f} {r.pct(0.99):7.3f} {r.tokens / r.wall_s:7.1f} "
             f"{st.wait_s:6.2f} s {100 * st.wait_s / r.wall_s:3.0f}% {format_bytes(st.out_bytes):>9} "
-            f"{format_bytes(st.in_bytes):>9} {eff('out', ceil[0] if ceil else None):>14} "
-            f"{eff('in', ceil[1] if ceil else None):>14}"
+            f"{format_bytes(st.in_bytes):>9} {cells[0]:>14} {cells[1]:>14} {cells[2]:>14}"
         )
     print(
-        "(GB/s: effective swap bandwidth / that path's copy ceiling for one context, and the share; swap wait: "
-        f"time the engine blocked on swaps, share of wall; swap-ins prefetched {lent.stats.prefetched}, "
-        f"late {lent.stats.late} per run)"
+        "(GB/s: effective swap bandwidth (bytes over the time a swap of that direction was in flight) / that "
+        "path's copy ceiling (the best plain copy of one context), and the share; swap wait: time the engine "
+        f"blocked on swaps, share of wall; swap-ins prefetched {lent.stats.prefetched}, late {lent.stats.late} "
+        "per run)"
     )
     print(
         f"TTFT p50 ratio host/lent: {base.pct(0.5) / lent.pct(0.5):.2f}; p99: {base.pct(0.99) / lent.pct(0.99):.2f}; "
         f"throughput ratio lent/host: {(lent.tokens / lent.wall_s) / (base.tokens / base.wall_s):.2f}"
     )
     for r in (lent, base):
-        bw = (r.stats.out_bytes + r.stats.in_bytes) / max(1e-9, r.stats.busy_s("out") + r.stats.busy_s("in")) / 1e9
+        bw = r.gbps()
         pred = project(r.events, bw, args.requests)
         print(
             f"model check, {r.label}: swaps at the measured {bw:.1f} GB/s predict TTFT p50 {_pct(pred, 0.5):.3f} s "
@@ -281,10 +287,7 @@ def main(argv: list[str]) -> int:
     # the NVLink node: the lent run's rounds (forward times) with its swapped bytes at --nvlink-gbps,
     # against the same rounds at the host path's measured bandwidth
     nv = project(lent.events, args.nvlink_gbps, args.requests)
-    host_bw = (base.stats.out_bytes + base.stats.in_bytes) / max(
-        1e-9, base.stats.busy_s("out") + base.stats.busy_s("in")
-    ) / 1e9
-    as_host = project(lent.events, host_bw, args.requests)
+    as_host = project(lent.events, base.gbps(), args.requests)
     print(
         f"two-GPU NVLink projection at {args.nvlink_gbps:.0f} GB/s each way: the same "
         f"{format_bytes(lent.stats.out_bytes + lent.stats.in_bytes)} swapped take "

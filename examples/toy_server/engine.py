@@ -130,10 +130,12 @@ class SwapStats:
     # per direction: (start, end) of every swap batch, seconds since the engine's first swap
     intervals: dict[str, list[tuple[float, float]]] = field(default_factory=lambda: {"in": [], "out": []})
 
-    def busy_s(self, direction: str) -> float:
-        """Seconds during which at least one swap of `direction` was in flight."""
+    def busy_s(self, direction: str = "") -> float:
+        """Seconds during which at least one swap of `direction` ("in", "out"; "": either) was
+        in flight."""
+        spans = self.intervals[direction] if direction else self.intervals["in"] + self.intervals["out"]
         total, end = 0.0, -math.inf
-        for a, b in sorted(self.intervals[direction]):
+        for a, b in sorted(spans):
             if b <= end:
                 continue
             total += b - max(a, end)
