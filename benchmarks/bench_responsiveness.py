@@ -93,9 +93,8 @@ async def _run(label: str, swap: PeerMemory, model: Decoder, cfg: EngineConfig, 
     server = ToyServer(model, swap, cfg, model_name="toy-bench")
     port = await server.start(0)
     prompts = [
-        f"{i:04d} " + ("the quick brown fox jumps over the lazy dog " * (args.prompt_tokens // 40 + 1))[
-            : args.prompt_tokens - 5
-        ]
+        f"{i:04d} "
+        + ("the quick brown fox jumps over the lazy dog " * (args.prompt_tokens // 40 + 1))[: args.prompt_tokens - 5]
         for i in range(args.requests)
     ]
     try:
@@ -107,8 +106,7 @@ async def _run(label: str, swap: PeerMemory, model: Decoder, cfg: EngineConfig, 
         tasks = []
         for i, p in enumerate(prompts):
             tasks.append(asyncio.create_task(_one(port, p, args.max_tokens, 1000 + i, firsts[i])))
-            while server.engine.waiting < i + 1:
-                await asyncio.sleep(0.002)
+            await server.queued(i + 1)
         t0 = time.monotonic()
         server.release()
         texts = await asyncio.gather(*tasks)
@@ -242,9 +240,15 @@ def main(argv: list[str]) -> int:
             lent = asyncio.run(_run("lent memory", lease, model, tight, args))
             base = asyncio.run(_run("host memory", host, model, tight, args))
             none = asyncio.run(_run("no swapping", host, model, roomy, args))
-            ceil_lent = (copy_ceiling(device, lender, ctx_blocks * block), copy_ceiling(lender, device, ctx_blocks * block))
+            ceil_lent = (
+                copy_ceiling(device, lender, ctx_blocks * block),
+                copy_ceiling(lender, device, ctx_blocks * block),
+            )
             host_dev = torch.device("cpu")
-            ceil_host = (copy_ceiling(device, host_dev, ctx_blocks * block), copy_ceiling(host_dev, device, ctx_blocks * block))
+            ceil_host = (
+                copy_ceiling(device, host_dev, ctx_blocks * block),
+                copy_ceiling(host_dev, device, ctx_blocks * block),
+            )
         finally:
             lease.close()
             host.close()

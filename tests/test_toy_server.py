@@ -304,8 +304,9 @@ async def test_fair_time_sharing_swaps_contexts_through_peer_memory_without_chan
         assert st.prefetched > 0
         assert swapped == reference  # the KV bytes came back exactly: same tokens
         m = await _metrics_of(tight)
-        assert m['spillway_client_swap_bytes_total{direction="out",model_name="toy-test",tier="simulated-cpu"}'] > 0
-        assert m['spillway_client_swap_duration_seconds_count{direction="in",model_name="toy-test",tier="simulated-cpu"}'] > 0
+        lbl = 'direction="{}",model_name="toy-test",tier="simulated-cpu"'
+        assert m["spillway_client_swap_bytes_total{" + lbl.format("out") + "}"] > 0
+        assert m["spillway_client_swap_duration_seconds_count{" + lbl.format("in") + "}"] > 0
     finally:
         await asyncio.to_thread(swap.close)
 
@@ -319,8 +320,7 @@ async def stream_in_order(
     tasks = []
     for i, p in enumerate(prompts):
         tasks.append(asyncio.create_task(stream(port, p, max_tokens, seed=100 + i)))
-        while server.engine.waiting < i + 1:
-            await asyncio.sleep(0.005)
+        await server.queued(i + 1)
     server.release()
     return list(await asyncio.gather(*tasks))
 

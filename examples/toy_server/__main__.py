@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--kv-blocks", type=int, default=256, help="local KV budget in blocks of 16 tokens")
     p.add_argument("--prefill-chunk", type=int, default=64, help="prompt tokens per request per round")
-    p.add_argument("--round-blocks", type=int, default=0, help="KV blocks one round's batch may hold (0: half the budget)")
+    p.add_argument("--round-blocks", type=int, default=0, help="KV blocks a round's batch may hold (0: half)")
     p.add_argument("--swap-blocks", type=int, default=0, help="swap slots (0: as many as the lease holds)")
     p.add_argument("--model", choices=sorted(PRESETS), default="tiny", help="model shape (random weights)")
     p.add_argument("--d-model", type=int, default=0, help="override the model's d_model")

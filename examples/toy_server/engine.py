@@ -34,8 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from spillway.client import HostMemory, OutOfPeerMemory, PeerMemory, Transfer
-from spillway.client.slots import SlotStore
+from spillway.client import HostMemory, OutOfPeerMemory, PeerMemory, SlotStore, Transfer
 
 from .model import BLOCK_TOKENS, Chunk, Decoder
 
@@ -182,9 +181,7 @@ class Engine:
         self._fences: dict[int, Transfer] = {}  # local block -> the swap-out still reading it
         self._timings: list[_Timing] = []
         host = isinstance(swap, HostMemory)
-        self._slot_stores = [
-            swap.slots(self.block_bytes, cfg.swap_blocks or (4 * cfg.kv_blocks if host else None))
-        ]
+        self._slot_stores = [swap.slots(self.block_bytes, cfg.swap_blocks or (4 * cfg.kv_blocks if host else None))]
         self._cuda = model.device.type == "cuda"
         if self._cuda:
             self._load_stream = torch.cuda.Stream(model.device)
@@ -277,9 +274,7 @@ class Engine:
         in_cur = set(map(id, cur))
         self.queue = [s for s in self.queue if id(s) not in in_cur] + cur
         after = {s.id: s.cached + self._step_len(s, s.cached) for s in cur}
-        ending = {
-            id(s) for s in cur if after[s.id] >= len(s.prompt) and len(s.generated) + 1 >= s.max_tokens
-        }
+        ending = {id(s) for s in cur if after[s.id] >= len(s.prompt) and len(s.generated) + 1 >= s.max_tokens}
         nxt = self._plan((s for s in self.queue if id(s) not in ending), after)
         try:
             # this round's batch: resident, with room for its new tokens (swap-ins here are late)
@@ -455,9 +450,7 @@ class Engine:
         self.stats.in_bytes += n * self.block_bytes
         self.stats.late += late
         self.stats.prefetched += not late
-        self.events.append(
-            EngineEvent(self.round, "load", (seq.id,), for_round=for_round, nbytes=n * self.block_bytes)
-        )
+        self.events.append(EngineEvent(self.round, "load", (seq.id,), for_round=for_round, nbytes=n * self.block_bytes))
 
     def _await(self, batch: list[Sequence]) -> None:
         """Before the forward: the batch's swap-ins are done, and no swap-out still reads a block

@@ -155,6 +155,7 @@ class ToyServer:
         self._wake = asyncio.Event()
         self._open = asyncio.Event()  # rounds run while set (see `hold`)
         self._open.set()
+        self._submitted = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
         self._round: asyncio.Future[int] | None = None  # the round running in a worker thread
         self._runner: web.AppRunner | None = None
@@ -181,6 +182,11 @@ class ToyServer:
 
     def release(self) -> None:
         self._open.set()
+
+    async def queued(self, n: int) -> None:
+        """Return once `n` requests wait for admission (while held: every request sent so far)."""
+        async with self._submitted:
+            await self._submitted.wait_for(lambda: self.engine.waiting >= n)
 
     # ---- HTTP --------------------------------------------------------------------------
     def app(self) -> web.Application:
@@ -263,6 +269,8 @@ class ToyServer:
             return self._error(400, str(exc))
         self.metrics.prompt_tokens.inc(len(tokens))
         self._wake.set()
+        async with self._submitted:
+            self._submitted.notify_all()
         rid = f"cmpl-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         if not stream:
