@@ -11,6 +11,7 @@ from spillway.client.peer import (
     PeerMemory,
     Stats,
 )
+from spillway.client.slots import SlotStore
 from spillway.client.store import BlockStore, OutOfPeerMemory, StoreError, Transfer, UnknownBlock
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "LeaseUnavailable",
     "OutOfPeerMemory",
     "PeerMemory",
+    "SlotStore",
     "Stats",
     "StoreError",
     "Transfer",

@@ -17,6 +17,7 @@ from spillway.api.v1 import agent_pb2
 from spillway.client.arena import Arena, Tier
 from spillway.client.devices import cuda_available, find_cuda_device, visible_gpu_uuids
 from spillway.client.lease import LeaseKeeper, RevocationRecord
+from spillway.client.slots import SlotStore
 from spillway.client.store import BlockStore, Transfer
 from spillway.units import format_bytes, parse_quantity
 
@@ -306,6 +307,14 @@ class PeerMemory:
             agent_socket, resp.lease.id, resp.token, holder=holder, device=device, reserve_host=reserve_host
         )
 
+    # ---- slots: the block-id hot path ----------------------------------------------------
+    def slots(self, slot_bytes: int, num_slots: int | None = None) -> SlotStore:
+        """Fixed-size slots for an engine's KV blocks (see `SlotStore`), carved out of the
+        lease's arena(s): `num_slots` of them, or as many as fit. `HostMemory` carves them out
+        of pinned host memory (give `num_slots`). Raises `OutOfPeerMemory` when they do not fit."""
+        self._check_open()
+        return self._store.slots(slot_bytes, num_slots)
+
     # ---- block store -------------------------------------------------------------------
     def put(self, keys: Sequence[object], tensors: Sequence[torch.Tensor]) -> Transfer:
         """Store a batch of blocks (asynchronously on CUDA; see `Transfer`). All or nothing:
@@ -412,11 +421,12 @@ class PeerMemory:
             raise RuntimeError("this PeerMemory is closed")
 
     def close(self, *, release: bool = True) -> None:
-        """Stop renewing and give the lease(s) back (blocks are dropped)."""
+        """Give the lender's memory back to the driver, then stop renewing and give the
+        lease(s) back (blocks and slots are dropped)."""
         if self._closed:
             return
         self._closed = True
-        self._store.synchronize()
+        self._store.close()
         for keeper in self._keepers:
             keeper.close(release=release)
 

@@ -14,6 +14,7 @@ So a batch of 16 KiB blocks costs a handful of kernels/copies, not one per block
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import threading
 import time
@@ -23,6 +24,8 @@ from dataclasses import dataclass
 import torch
 
 from spillway.client.arena import ALIGNMENT, Arena, Extent, Tier
+from spillway.client.rows import Index, as_index, as_words, copy_rows, layout, widest, word_rows
+from spillway.client.slots import SlotStore, carve
 from spillway.units import format_bytes
 
 log = logging.getLogger("spillway.client")
@@ -143,6 +146,45 @@ class BlockStore:
         # takes time; doing it ahead keeps the move within the revoke deadline). Empty:
         # allocate when needed.
         self.spare_host: list[torch.Tensor] = []
+        self._slot_stores: list[SlotStore] = []
+
+    # ---- slots: the block-id hot path (spillway.client.slots) ----------------------------
+    def slots(self, slot_bytes: int, num_slots: int | None = None) -> SlotStore:
+        """Carve `num_slots` fixed-size slots (default: as many as fit in the leased arenas)
+        out of the tier where new blocks go. Raises OutOfPeerMemory when they do not fit."""
+        if slot_bytes <= 0:
+            raise ValueError(f"slot_bytes must be positive, got {slot_bytes}")
+        if num_slots is not None and num_slots <= 0:
+            raise ValueError(f"num_slots must be positive, got {num_slots}")
+        with self._lock:
+            tier = self.primary if self._primary_open else self.fallback
+            segments = carve(tier, tier.arenas, slot_bytes, num_slots)
+            if not segments:
+                want = "any slot" if num_slots is None else f"{num_slots} slots"
+                raise OutOfPeerMemory(
+                    f"{want} of {format_bytes(slot_bytes)} do not fit in {tier.kind} memory: "
+                    f"{format_bytes(tier.free_bytes)} free of {format_bytes(tier.capacity_bytes)}; ask for fewer "
+                    "slots or a larger lease (nothing was reserved)"
+                )
+            store = SlotStore(self, segments, slot_bytes)
+            self._slot_stores.append(store)
+            return store
+
+    def drop_slots(self, store: SlotStore) -> None:
+        """Give a slot store's memory back to its arenas (its contents are dropped)."""
+        with self._lock:
+            if store not in self._slot_stores:
+                return
+            self._slot_stores.remove(store)
+            store._closed = True
+            for seg in store.segments:
+                seg.views.clear()
+                if seg.arena.tensor.numel():  # a closed lender arena is gone already
+                    seg.tier.free(seg.extent)
+
+    def done(self) -> Transfer:
+        """A transfer with nothing to wait for."""
+        return Transfer([], [], [])
 
     # ---- inspection -------------------------------------------------------------------
     @property
@@ -183,7 +225,7 @@ class BlockStore:
         return s
 
     @staticmethod
-    def _cuda(devices: Iterable[torch.device]) -> list[torch.device]:
+    def cuda_devices(devices: Iterable[torch.device]) -> list[torch.device]:
         out: list[torch.device] = []
         for d in devices:
             if d.type == "cuda":
@@ -192,12 +234,12 @@ class BlockStore:
                     out.append(d)
         return out
 
-    def _begin(self, devices: list[torch.device]) -> None:
+    def begin(self, devices: list[torch.device]) -> None:
         """Order our streams after the work already queued on the callers' current streams."""
         for d in devices:
             self._stream(d).wait_stream(torch.cuda.current_stream(d))
 
-    def _finish(self, devices: list[torch.device], tensors: list[torch.Tensor], keep: list[torch.Tensor]) -> Transfer:
+    def finish(self, devices: list[torch.device], tensors: list[torch.Tensor], keep: list[torch.Tensor]) -> Transfer:
         if not devices:
             return Transfer([], tensors, [])
         for t in keep:
@@ -210,13 +252,13 @@ class BlockStore:
             events.append(e)
         return Transfer(events, tensors, keep, devices)
 
-    def _host_barrier(self) -> None:
+    def host_barrier(self) -> None:
         """Before the CPU itself reads or writes host arena memory: let asynchronous copies
         from or to GPUs that may touch it finish first."""
         if self._streams:
             self.synchronize()
 
-    def _stream_ctx(self, devices: list[torch.device]) -> contextlib.ExitStack:
+    def stream_ctx(self, devices: list[torch.device]) -> contextlib.ExitStack:
         stack = contextlib.ExitStack()
         for d in devices:
             stack.enter_context(torch.cuda.stream(self._stream(d)))
@@ -253,9 +295,9 @@ class BlockStore:
                     f"host memory limit reached: cannot store {format_bytes(sum(sizes))} more "
                     f"({format_bytes(tier.used_bytes)} in use); nothing was stored"
                 )
-            devices = self._cuda([*{t.device for t in srcs}, *_arena_devices(extents)])
+            devices = self.cuda_devices([*{t.device for t in srcs}, *_arena_devices(extents)])
             keep = self._copy_in(srcs, sizes, extents, devices)
-            transfer = self._finish(devices, [], keep)
+            transfer = self.finish(devices, [], keep)
             for k, t, ext, s in zip(keys, srcs, extents, sizes, strict=True):
                 old = self._index.get(k)
                 self._index[k] = Block(k, tier, ext, s, t.dtype, tuple(t.shape), t.device)
@@ -267,8 +309,8 @@ class BlockStore:
         self, srcs: list[torch.Tensor], sizes: list[int], extents: list[Extent], devices: list[torch.device]
     ) -> list[torch.Tensor]:
         keep: list[torch.Tensor] = list(srcs)
-        self._begin(devices)
-        with self._stream_ctx(devices):
+        self.begin(devices)
+        with self.stream_ctx(devices):
             for i, j in _runs(extents):
                 arena = extents[i].arena
                 start = extents[i].offset
@@ -283,7 +325,7 @@ class BlockStore:
                 same_dev = all(t.device == src_dev for t in srcs[i:j])
                 if same_dev and src_dev == arena.tensor.device:
                     if src_dev.type == "cpu":
-                        self._host_barrier()
+                        self.host_barrier()
                     torch.cat(parts, out=dst) if len(parts) > 1 else dst.copy_(parts[0])
                 else:
                     if not same_dev:
@@ -309,6 +351,7 @@ class BlockStore:
             raise ValueError("put_rows needs a contiguous pool tensor")
         row_bytes = pool[0].numel() * pool.element_size()
         n = len(keys)
+        src_rows = as_index(rows, "rows", pool.shape[0])  # bad rows are refused before anything changes
         with self._lock:
             tier = self.primary if self._primary_open else self.fallback
             exts = None if row_bytes % ALIGNMENT else tier.alloc_batch([row_bytes * n])
@@ -316,28 +359,17 @@ class BlockStore:
                 return self.put(keys, _rows(pool, rows))
             ext = exts[0]
             arena = ext.arena
-            dst = arena.view(ext.offset, row_bytes * n).view(pool.dtype).view(n, *pool.shape[1:])
-            devices = self._cuda([pool.device, arena.tensor.device])
-            self._begin(devices)
+            src = word_rows(pool, "pool")
+            _, dt = widest(*layout(src))
+            dst = arena.view(ext.offset, row_bytes * n).view(n, row_bytes)
+            devices = self.cuda_devices([pool.device, arena.tensor.device])
             keep: list[torch.Tensor] = [pool]
-            with self._stream_ctx(devices):
-                if pool.is_cuda:  # one gather kernel (and one copy to a peer GPU or host)
-                    idx = torch.as_tensor(list(rows), dtype=torch.long).to(pool.device, non_blocking=True)
-                    keep.append(idx)
-                    if pool.device == arena.tensor.device:
-                        torch.index_select(pool, 0, idx, out=dst)
-                    else:
-                        staging = pool.index_select(0, idx)
-                        dst.copy_(staging, non_blocking=True)
-                        keep.append(staging)
-                elif arena.tensor.device.type == "cpu":  # (index_select is an element loop on the CPU)
-                    self._host_barrier()
-                    torch.stack(_rows(pool, rows), out=dst)
-                else:
-                    staging = torch.stack(_rows(pool, rows))
-                    dst.copy_(staging, non_blocking=True)
-                    keep.append(staging)
-            transfer = self._finish(devices, [], keep)
+            if not devices:
+                self.host_barrier()
+            self.begin(devices)
+            with self.stream_ctx(devices):
+                copy_rows(as_words(dst, dt), _RUN0(n), as_words(src, dt), src_rows, keep)
+            transfer = self.finish(devices, [], keep)
             batch = RowBatch(tier, ext, row_bytes, row_bytes, pool.dtype, tuple(pool.shape[1:]), pool.device, n)
             index = self._index
             for i, k in enumerate(keys):
@@ -375,30 +407,19 @@ class BlockStore:
             return self._copy_out(blocks, _rows(pool, rows), None)
 
     def _get_run(self, batch: RowBatch, i0: int, n: int, pool: torch.Tensor, rows: Sequence[int]) -> Transfer:
-        """Blocks i0..i0+n of one batch into pool rows: one copy and one scatter."""
+        """Blocks i0..i0+n of one batch into pool rows: one copy and one scatter (wide words)."""
         arena = batch.extent.arena
-        src = arena.view(batch.extent.offset + i0 * batch.stride, batch.stride * n)
-        src = src.view(pool.dtype).view(n, *pool.shape[1:])
-        devices = self._cuda([pool.device, arena.tensor.device])
-        self._begin(devices)
+        dst = word_rows(pool, "pool")
+        _, dt = widest(*layout(dst))
+        src = arena.view(batch.extent.offset + i0 * batch.stride, batch.stride * n).view(n, batch.stride)
+        devices = self.cuda_devices([pool.device, arena.tensor.device])
         keep: list[torch.Tensor] = [pool]
-        with self._stream_ctx(devices):
-            if pool.is_cuda:
-                if src.device != pool.device:
-                    staging = torch.empty(src.shape, dtype=src.dtype, device=pool.device)
-                    staging.copy_(src, non_blocking=True)
-                    keep.append(staging)
-                    src = staging
-                idx = torch.as_tensor(list(rows), dtype=torch.long).to(pool.device, non_blocking=True)
-                keep.append(idx)
-                pool.index_copy_(0, idx, src)
-            else:
-                if src.is_cuda:
-                    src = src.to("cpu")  # blocking: the CPU scatters it right after
-                else:
-                    self._host_barrier()
-                torch._foreach_copy_(_rows(pool, rows), list(src.unbind(0)))
-        return self._finish(devices, [], keep)
+        if not devices:
+            self.host_barrier()
+        self.begin(devices)
+        with self.stream_ctx(devices):
+            copy_rows(as_words(dst, dt), as_index(rows, "rows", pool.shape[0]), as_words(src, dt), _RUN0(n), keep)
+        return self.finish(devices, [], keep)
 
     # ---- get ---------------------------------------------------------------------------
     def get(
@@ -436,9 +457,9 @@ class BlockStore:
         results: list[torch.Tensor] = []
         keep: list[torch.Tensor] = []
         dests = [o.device for o in out] if out is not None else [device or b.device for b in blocks]
-        devices = self._cuda([*set(dests), *_arena_devices([b.extent for b in blocks])])
-        self._begin(devices)
-        with self._stream_ctx(devices):
+        devices = self.cuda_devices([*set(dests), *_arena_devices([b.extent for b in blocks])])
+        self.begin(devices)
+        with self.stream_ctx(devices):
             extents = [b.extent for b in blocks]
             for i, j in _runs(extents):
                 # split a run further where destination devices differ
@@ -451,7 +472,7 @@ class BlockStore:
                             )
                         )
                         sub_start = k
-        return self._finish(devices, results, keep)
+        return self.finish(devices, results, keep)
 
     def _copy_run(
         self, blocks: list[Block], out: Sequence[torch.Tensor] | None, dest: torch.device, keep: list[torch.Tensor]
@@ -471,7 +492,7 @@ class BlockStore:
             keep.append(staging)
             region = staging
         if not staged and dest.type == "cpu":
-            self._host_barrier()
+            self.host_barrier()
         views = [region[b.extent.offset - start : b.extent.offset - start + b.nbytes] for b in blocks]
         if out is None:
             tensors = [v.view(b.dtype).view(b.shape) for v, b in zip(views, blocks, strict=True)]
@@ -510,8 +531,11 @@ class BlockStore:
         """Move every block in these primary arenas (default: all of them; one arena per lease)
         to the fallback tier and stop using those arenas; the primary tier closes with its last
         arena. Copy, synchronize, then update the index, then drop the arena: a block is never
-        gone from one tier before it is safely in the other. Returns (blocks, bytes, seconds)."""
+        gone from one tier before it is safely in the other. Slot stores on those arenas move
+        with them (their ids stay valid). The lender's memory goes back to the driver before
+        this returns (see `give_back`). Returns (blocks, bytes, seconds)."""
         t0 = time.monotonic()
+        moved_slots: list[SlotStore] = []
         with self._lock:
             closing = list(self.primary.arenas) if arenas is None else [a for a in arenas if a in self.primary.arenas]
             if self.primary is self.fallback or not closing:
@@ -543,22 +567,54 @@ class BlockStore:
                 copies.append((host, arena.view(0, hw)))
                 new_arena_of[id(arena)] = self.fallback.adopt(host, arena.allocator.used_ranges())
             self.synchronize()  # puts still in flight into the arenas land first
-            devices = self._cuda([a.tensor.device for a in closing])
-            self._begin(devices)
-            with self._stream_ctx(devices):
+            devices = self.cuda_devices([a.tensor.device for a in closing])
+            self.begin(devices)
+            with self.stream_ctx(devices):
                 for dst, src in copies:
                     dst.copy_(src, non_blocking=True)
             self.synchronize()
+            copies.clear()  # (the last references to the lender's memory besides the arenas)
             for h in holders:  # the data is safely in host memory: switch the index over
                 h.tier = self.fallback
                 h.extent = Extent(new_arena_of[id(h.extent.arena)], h.extent.offset, h.extent.size)
+            for ss in self._slot_stores:
+                hit = False
+                for seg in ss.segments:
+                    if id(seg.arena) in closing_ids:
+                        seg.rebind(new_arena_of[id(seg.arena)], self.fallback)
+                        hit = True
+                if hit:
+                    moved_slots.append(ss)
+            lender_bytes = sum(a.tensor.numel() for a in closing if a.tensor.is_cuda)
             for arena in closing:
                 arena.tensor = torch.empty(0, dtype=torch.uint8, device=arena.tensor.device)
             self.primary.arenas[:] = remaining
-        for d in devices:
-            with torch.cuda.device(d):
-                torch.cuda.empty_cache()  # give the lender GPU its bytes back, not to our cache
+        give_back(devices, lender_bytes)
+        for ss in moved_slots:
+            ss.revoked()
         return len(entries), nbytes, time.monotonic() - t0
+
+    def close(self) -> None:
+        """Drop every block and slot and give the lender's memory back to the driver (before the
+        lease is released: `PeerMemory.close`)."""
+        with self._lock:
+            self.synchronize()
+            self._index.clear()
+            for ss in list(self._slot_stores):
+                ss._closed = True
+                for seg in ss.segments:
+                    seg.views.clear()
+            self._slot_stores.clear()
+            lender = [a for a in self.primary.arenas if a.tensor.is_cuda] if self.primary is not self.fallback else []
+            devices = self.cuda_devices([a.tensor.device for a in lender])
+            lender_bytes = sum(a.tensor.numel() for a in lender)
+            for arena in self.primary.arenas if self.primary is not self.fallback else []:
+                arena.tensor = torch.empty(0, dtype=torch.uint8, device=arena.tensor.device)
+            self.primary.arenas.clear()
+            self._primary_open = False
+            self.fallback.arenas.clear()
+            self.spare_host = []
+        give_back(devices, lender_bytes)
 
     def _take_spare(self, nbytes: int) -> torch.Tensor | None:
         """A slice of host memory set aside ahead of a revocation, when one is big enough."""
@@ -567,6 +623,39 @@ class BlockStore:
                 del self.spare_host[i]
                 return spare[:nbytes]
         return None
+
+
+def _RUN0(n: int) -> Index:
+    """The index 0, 1, ..., n-1 (a batch's own rows, contiguous in its range)."""
+    return Index(torch.arange(n), None, 0)
+
+
+def give_back(devices: Sequence[torch.device], nbytes: int) -> int:
+    """Return freed lender memory to the driver, not to torch's cache, so the lender's own
+    tenant (another process) can allocate it at once and the agent sees it free in NVML.
+    Works from any thread. Returns the bytes torch still holds in reserve on those devices;
+    logs a warning when that is more than what was just given back could explain."""
+    if not devices:
+        return 0
+    gc.collect()  # a reference cycle (an exception's frame, say) may still hold a view
+    before = {d: torch.cuda.memory_reserved(d) for d in devices}
+    held = 0
+    for d in devices:
+        torch.cuda.synchronize(d)
+        with torch.cuda.device(d):
+            torch.cuda.empty_cache()
+        held += torch.cuda.memory_reserved(d)
+    freed = sum(before.values()) - held
+    if nbytes and freed < nbytes:
+        log.warning(
+            "lender memory not fully given back: something in this process still references it",
+            extra={
+                "expected": format_bytes(nbytes),
+                "freed": format_bytes(max(freed, 0)),
+                "reserved": format_bytes(held),
+            },
+        )
+    return held
 
 
 def _extent_of(entry: Entry) -> Extent:
@@ -609,10 +698,3 @@ def _rows(pool: torch.Tensor, rows: Sequence[int]) -> list[torch.Tensor]:
 def _as_bytes_view(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1).view(torch.uint8)
 
-
-class _NullCtx:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
