@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -78,9 +80,16 @@ async def metrics(port: int) -> dict[str, float]:
 Tokens = dict[int, list[int]]
 
 
-def run_engine(engine: Engine, prompts: list[str], max_tokens: int, *, late: dict[int, str] | None = None) -> Tokens:
-    """Submit `prompts` (and `late[r]` before round r), run rounds until every request is done;
-    return each request's tokens (by submission index)."""
+def run_engine(
+    engine: Engine,
+    prompts: list[str],
+    max_tokens: int,
+    *,
+    late: dict[int, str] | None = None,
+    before: Callable[[int], None] = lambda r: None,
+) -> Tokens:
+    """Submit `prompts` (and `late[r]` before round r; `before(r)` runs then too), run rounds
+    until every request is done; return each request's tokens (by submission index)."""
     out: Tokens = {}
 
     def submit(i: int, text: str) -> None:
@@ -98,6 +107,7 @@ def run_engine(engine: Engine, prompts: list[str], max_tokens: int, *, late: dic
     while engine.has_work:
         for text in [t for r, t in (late or {}).items() if r == engine.round + 1]:
             submit(len(out), text)
+        before(engine.round + 1)
         engine.run_round()
     return out
 
@@ -172,6 +182,54 @@ async def test_tokens_are_identical_whatever_the_swap_target(agent: AgentProcess
     assert host.stats.out_bytes == lent.stats.out_bytes
     # requests share forwards: fewer forwards than requests' steps
     assert max(len(seqs) for seqs in forwards(none)) > 1 and none.stats.rounds < sum(map(len, forwards(none)))
+
+
+@pytest.mark.timeout(300)
+async def test_a_revocation_mid_run_moves_the_swapped_contexts_to_host_memory_and_changes_no_token(
+    agent: AgentProcess,
+) -> None:
+    """The lender wants its memory back while contexts sit in the lease's slots: the client moves
+    them to host memory and releases the lease in time; the engine goes on with the same slot
+    ids (now host memory) and every request gets the tokens it gets without any swapping."""
+    from spillway.api.v1 import agent_pb2
+
+    none = _engine(HostMemory(), kv_blocks=1024)
+    reference = await asyncio.to_thread(run_engine, none, PROMPTS, 5)
+    none.close()
+    gpu = await _first_gpu(agent)
+    lease = await asyncio.to_thread(PeerMemory.acquire, str(agent.socket), "64Mi", holder="toy", gpu_uuid=gpu)
+    engine = _engine(lease, kv_blocks=48)
+    revoked_with: list[int] = []
+
+    def revoke(r: int) -> None:
+        if r != 12:
+            return
+        revoked_with.append(engine.swap_slots_used)
+        assert engine.swap_tier == "simulated-cpu"
+
+        async def reclaim() -> agent_pb2.ReclaimResponse:
+            async with agent.client() as c:
+                return await c.reclaim(gpu, "64Mi", reason="lender needs it", deadline_s=4.0)
+
+        assert [x.id for x in asyncio.run(reclaim()).revoking] == [lease.lease_id]
+        deadline = time.monotonic() + 10
+        while not (lease.revocation and lease.revocation.released_at):
+            assert time.monotonic() < deadline, "the client did not move its slots and release"
+            time.sleep(0.05)
+
+    try:
+        got = await asyncio.to_thread(run_engine, engine, PROMPTS, 5, before=revoke)
+        assert revoked_with and revoked_with[0] > 0  # contexts were in the lease when it went
+        assert got == reference
+        assert engine.swap_tier == "host-pageable" and engine._slot_stores[0].generation == 1
+        st = engine.stats
+        assert st.in_blocks == st.out_blocks and st.overflow_blocks == 0
+        assert lease.revocation is not None and lease.revocation.on_time
+        engine.close()
+    finally:
+        await asyncio.to_thread(lease.close)
+    async with agent.client() as c:
+        assert next(x for x in await c.leases(include_ended=True) if x.id == lease.lease_id).state == agent_pb2.RELEASED
 
 
 def test_swap_ins_are_prefetched_a_round_ahead_and_swap_outs_issued_before_the_forward() -> None:
