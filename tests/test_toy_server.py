@@ -258,6 +258,42 @@ def test_swap_ins_are_prefetched_a_round_ahead_and_swap_outs_issued_before_the_f
     assert all(e.kind != "wait" for e in events)  # CPU copies are done when issued
 
 
+def test_cancelled_requests_give_back_their_blocks_and_slots() -> None:
+    """Requests cancelled while resident, swapped out or being swapped in leave nothing behind,
+    and the others finish."""
+    engine = _engine(HostMemory(), kv_blocks=48)
+    seqs: dict[int, Any] = {}
+    states_seen: list[dict[int, tuple[bool, bool, bool]]] = []
+
+    def cancel(r: int) -> None:
+        if not seqs:
+            seqs.update({s.id: s for s in engine.active})
+        if r == 8:
+            states = {s.id: (bool(s.blocks) and not s.loading, s.swapped, s.loading is not None) for s in engine.active}
+            states_seen.append(states)
+            # one of each kind that exists now: resident, swapped out, being swapped in
+            for kind in range(3):
+                victim = next((i for i, st in states.items() if st[kind] and not seqs[i].cancelled), None)
+                if victim is not None:
+                    seqs[victim].cancelled = True
+
+    out: Tokens = {}
+    for i, p in enumerate(PROMPTS):
+        out[i] = []
+        engine.submit(encode(p), 5, lambda t, f, e, i=i: out[i].append(t if t is not None else f), seed=100 + i)
+    while engine.has_work:
+        cancel(engine.round + 1)
+        engine.run_round()
+    cancelled = [i for i, s in seqs.items() if s.cancelled]
+    assert len(cancelled) == 3, states_seen
+    for i, toks in out.items():
+        if seqs[i + 1].cancelled:
+            assert toks[-1] == "cancelled"
+        else:
+            assert len(toks) == 5 and all(isinstance(t, int) for t in toks)
+    assert engine.swap_slots_used == 0 and sorted(engine.free) == list(range(48))
+
+
 def test_fair_time_sharing_admits_a_new_prompt_within_bounded_rounds() -> None:
     """A prompt that arrives while others are being served joins the rotation's tail: it runs
     within as many rounds as there are requests ahead of it, and every request runs at least
