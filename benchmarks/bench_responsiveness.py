@@ -192,6 +192,7 @@ def main(argv: list[str]) -> int:
     if gpu:  # identical tokens across runs: deterministic kernels where torch has a choice
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.utils.deterministic.fill_uninitialized_memory = False  # no NaN fill of GiBs of slots
     dtype = torch.bfloat16 if gpu else torch.float32
     mcfg = preset(args.model, d_model=args.d_model, n_layers=args.layers)
     t = time.monotonic()
@@ -272,8 +273,9 @@ def main(argv: list[str]) -> int:
             f"{format_bytes(st.in_bytes):>9} {cells[0]:>14} {cells[1]:>14} {cells[2]:>14}"
         )
     print(
-        "(GB/s: effective swap bandwidth (bytes over the time a swap of that direction was in flight) / that "
-        "path's copy ceiling (the best plain copy of one context), and the share; swap wait: time the engine "
+        "(GB/s: effective swap bandwidth (bytes over the time a swap of that direction was in flight; one "
+        "direction's figure includes time queued behind the other where they share a stream) / that path's "
+        "copy ceiling (the best plain copy of one context), and the share; swap wait: time the engine "
         f"blocked on swaps, share of wall; swap-ins prefetched {lent.stats.prefetched}, late {lent.stats.late} "
         "per run)"
     )
