@@ -219,6 +219,7 @@ class Decoder:
         group = c.n_heads // c.n_kv_heads
         mask = mask[:, None].expand(b, group, t_max, kv_len).reshape(b, 1, group * t_max, kv_len)
         cos, sin = self.cos[pos_t][:, None, :], self.sin[pos_t][:, None, :]
+        layer_t = torch.arange(c.n_layers, device=dev)
         hd, nkv, nh = c.head_dim, c.n_kv_heads, c.n_heads
 
         x = self.embed[ids_t]  # [N, d]
@@ -228,9 +229,10 @@ class Decoder:
             q = self._rope(qkv[:, : nh * hd].view(n, nh, hd), cos, sin)
             kk = self._rope(qkv[:, nh * hd : (nh + nkv) * hd].view(n, nkv, hd), cos, sin)
             vv = qkv[:, (nh + nkv) * hd :].view(n, nkv, hd)
+            # one scatter into the (contiguous) pool: every index a tensor, so no strided view
+            # is indexed (that would copy the whole layer on some paths)
+            pool[wblk_t, layer_t[li : li + 1], :, woff_t] = torch.stack([kk, vv], dim=1)
             kvl = pool[:, li]  # [blocks, 2, BT, KV, hd] (a strided view)
-            kvl[wblk_t, 0, woff_t] = kk
-            kvl[wblk_t, 1, woff_t] = vv
             keys = kvl[:, 0].index_select(0, table_d).view(b, kv_len, nkv, hd).transpose(1, 2)  # [B, KV, T, hd]
             vals = kvl[:, 1].index_select(0, table_d).view(b, kv_len, nkv, hd).transpose(1, 2)
             # queries padded to [B, t_max], each KV head's query heads stacked along the length
