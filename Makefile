@@ -21,12 +21,13 @@ export PYTHONPATH := $(CURDIR)
 
 PROTOS := $(shell find spillway/api -name '*.proto')
 
-.PHONY: py help venv proto proto-check lint test test-fast demo bench k8s-bins system-deps cluster-up cluster-down clean
+.PHONY: py help venv proto proto-check lint test test-fast test-gpu gpu-bundle demo bench k8s-bins system-deps cluster-up cluster-down clean
 
 help:
 	@echo "make demo        run the local system: control plane, simulated GPU nodes, agents, operator, tenants"
 	@echo "make test        lint, type-check and run every test (installs what it needs)"
 	@echo "make bench       run the benchmarks (results go in docs/BENCHMARKS.md)"
+	@echo "make test-gpu    the GPU tests and GPU benchmarks (on a GPU machine; make gpu-bundle first where pip works)"
 	@echo "make cluster-up  start the local control plane and print its KUBECONFIG; make cluster-down stops it"
 
 # --- environment -----------------------------------------------------------------------
@@ -63,6 +64,14 @@ test: venv system-deps k8s-bins lint
 # Unit tests only (no control plane): quick feedback while coding.
 test-fast: venv
 	$(PY) -m pytest -m "not cluster and not slow" $(XDIST) $(PYTEST_ARGS)
+
+# The GPU check: `pytest -m gpu` and the GPU benchmarks, logs in one folder (hack/gpu-check.sh).
+# On a GPU machine without a package registry, `make gpu-bundle` here first and carry `.gpu`.
+test-gpu:
+	PY=$(if $(wildcard $(PY)),$(PY),python3) hack/gpu-check.sh
+
+gpu-bundle: venv k8s-bins
+	PY=$(PY) hack/gpu-bundle.sh
 
 # --- running it ------------------------------------------------------------------------
 demo: venv system-deps k8s-bins

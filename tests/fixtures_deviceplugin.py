@@ -49,6 +49,12 @@ def harness_hash() -> str:
 
 
 def build_harness() -> Path:
+    prebuilt = os.environ.get("SPILLWAY_DPCONFORMANCE_BIN")
+    if prebuilt:  # the GPU machine has no Go: hack/gpu-bundle.sh builds it here and carries it there
+        path = Path(prebuilt)
+        if not (path.is_file() and os.access(path, os.X_OK)):
+            raise RuntimeError(f"SPILLWAY_DPCONFORMANCE_BIN={prebuilt} is not an executable file")
+        return path
     cache = Path(os.environ.get("SPILLWAY_CACHE_DIR", Path.home() / ".cache" / "spillway"))
     out = cache / f"dpconformance-{harness_hash()}" / "dpconformance"
     if out.exists():

@@ -119,6 +119,11 @@ def test_clear_errors_for_bad_calls() -> None:
     with pytest.raises(ValueError, match="has 12 bytes, the block 16"):
         store.get(["a"], out=[torch.zeros(3)])
     assert len(store) == 1
+    with pytest.raises(UnknownBlock, match=r"'nope' \(nothing was evicted\)"):
+        store.evict(["a", "nope"])
+    assert len(store) == 1 and store.primary.used_bytes > 0  # "a" is still there
+    assert store.evict(["a", "nope"], missing_ok=True) == 1
+    assert store.primary.used_bytes == 0
 
 
 def test_fragmentation_falls_back_to_per_block_ranges_and_stays_correct() -> None:
@@ -283,3 +288,35 @@ def test_row_batches_free_their_range_when_the_last_block_goes() -> None:
     assert torch.equal(got, pool[[4, 3]])
     store.evict(["a", "b", 7])
     assert store.fallback.used_bytes == 0
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    data=st.data(),
+    dtype=st.sampled_from([torch.uint8, torch.float16, torch.bfloat16, torch.float32, torch.int64]),
+    row_shape=st.sampled_from([(64,), (4, 32), (2, 8, 16), (3, 100)]),
+)
+def test_keyed_api_round_trips_random_batches_byte_for_byte(
+    data: st.DataObject, dtype: torch.dtype, row_shape: tuple[int, ...]
+) -> None:
+    """put_rows/get_rows and put/get over random batches and row orders, rows that are aligned or
+    not, blocks that are views of a bigger tensor (non-contiguous) for put: every byte compared."""
+    n_rows = data.draw(st.integers(2, 48), label="rows")
+    pool = torch.randint(-100, 100, (n_rows, *row_shape), dtype=torch.int16).to(dtype)
+    store = make_store(n_rows * pool[0].numel() * pool.element_size() * 4 + (64 << 10))
+    rows = data.draw(st.permutations(range(n_rows)), label="order")[: data.draw(st.integers(1, n_rows), label="n")]
+    keys = [("k", r) for r in rows]
+    store.put_rows(keys, pool, rows).synchronize()
+    back = torch.zeros_like(pool)
+    order = data.draw(st.permutations(range(len(rows))), label="get order")
+    store.get_rows([keys[i] for i in order], back, [rows[i] for i in order]).synchronize()
+    for r in rows:
+        assert digest(back[r]) == digest(pool[r])
+    # the list form, with non-contiguous blocks (every other element of a row)
+    blocks = [pool[r].reshape(-1)[::2] for r in rows]
+    lkeys = [("l", r) for r in rows]
+    store.put(lkeys, blocks).synchronize()
+    got = store.get(lkeys).result()
+    assert [digest(g) for g in got] == [digest(b) for b in blocks]
+    assert store.evict(keys + lkeys) == 2 * len(rows)
+    assert store.primary.used_bytes == 0 and len(store) == 0

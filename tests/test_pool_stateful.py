@@ -139,7 +139,8 @@ class PoolMachine(RuleBasedStateMachine):
         revoking = sum(x.bytes for x in self.pool.leases.values() if x.gpu_uuid == u and x.state == State.REVOKING)
         assert revoking >= min(size_mi * MiB, sum(x.bytes for x in live_before))
         for v in victims:
-            assert v.state == State.REVOKING and v.revoke_deadline_ms == self.now + (deadline or 5000)
+            assert v.state == State.REVOKING
+            assert v.revoke_deadline_ms == self.now + self.pool.revoke_deadline_for(v.bytes, deadline or 5000)
         self._commit()
 
     @rule(gpu=st.integers(0, 3), used_gi=st.integers(0, 16), reserved=st.booleans())

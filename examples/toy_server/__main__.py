@@ -18,7 +18,7 @@ import torch
 from spillway import logging as slog
 from spillway.client import HostMemory, PeerMemory
 
-from . import EngineConfig, ModelConfig, TinyDecoder, ToyServer
+from . import PRESETS, Decoder, EngineConfig, ToyServer, preset
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,8 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--kv-blocks", type=int, default=256, help="local KV budget in blocks of 16 tokens")
     p.add_argument("--prefill-chunk", type=int, default=64, help="prompt tokens per request per round")
-    p.add_argument("--d-model", type=int, default=128)
-    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--round-blocks", type=int, default=0, help="KV blocks a round's batch may hold (0: half)")
+    p.add_argument("--swap-blocks", type=int, default=0, help="swap slots (0: as many as the lease holds)")
+    p.add_argument("--model", choices=sorted(PRESETS), default="tiny", help="model shape (random weights)")
+    p.add_argument("--d-model", type=int, default=0, help="override the model's d_model")
+    p.add_argument("--layers", type=int, default=0, help="override the model's layer count")
     p.add_argument("--swap", choices=("env", "agent", "host"), default="env")
     p.add_argument("--agent-socket", default="/run/spillway/agent.sock")
     p.add_argument("--lease-size", default="1Gi", help="ELASTIC lease size for --swap agent")
@@ -50,13 +53,18 @@ def open_swap(args: argparse.Namespace) -> PeerMemory:
 
 async def serve(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
-    model = TinyDecoder(ModelConfig(d_model=args.d_model, n_layers=args.layers), device, dtype)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = Decoder(preset(args.model, d_model=args.d_model, n_layers=args.layers), device, dtype)
     swap = open_swap(args)
     server = ToyServer(
         model,
         swap,
-        EngineConfig(kv_blocks=args.kv_blocks, prefill_chunk=args.prefill_chunk),
+        EngineConfig(
+            kv_blocks=args.kv_blocks,
+            prefill_chunk=args.prefill_chunk,
+            round_blocks=args.round_blocks,
+            swap_blocks=args.swap_blocks,
+        ),
         model_name=args.model_name,
     )
     await server.start(args.port, args.host)

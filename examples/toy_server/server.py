@@ -17,7 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from spillway.client import PeerMemory
 
 from .engine import ContextTooLong, Engine, EngineConfig, Sequence
-from .model import TinyDecoder, decode, encode
+from .model import Decoder, decode, encode
 
 log = logging.getLogger("toy_server")
 
@@ -147,13 +147,17 @@ class _Token:
 
 
 class ToyServer:
-    def __init__(self, model: TinyDecoder, swap: PeerMemory, cfg: EngineConfig, *, model_name: str = "toy") -> None:
+    def __init__(self, model: Decoder, swap: PeerMemory, cfg: EngineConfig, *, model_name: str = "toy") -> None:
         self.model_name = model_name
         self.metrics = Metrics(model_name)
         self.engine = Engine(model, swap, cfg, on_swap=self.metrics.on_swap)
         self.swap = swap
         self._wake = asyncio.Event()
+        self._open = asyncio.Event()  # rounds run while set (see `hold`)
+        self._open.set()
+        self._submitted = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
+        self._round: asyncio.Future[int] | None = None  # the round running in a worker thread
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -163,11 +167,26 @@ class ToyServer:
             if not self.engine.has_work:
                 self._wake.clear()
                 await self._wake.wait()
+            await self._open.wait()
             self.metrics.waiting.set(self.engine.waiting)
-            produced = await asyncio.to_thread(self.engine.run_round)
+            self._round = asyncio.ensure_future(asyncio.to_thread(self.engine.run_round))
+            produced = await asyncio.shield(self._round)
             self.metrics.generation_tokens.inc(produced)
             self.metrics.running.set(len(self.engine.active))
             self.metrics.swapped.set(self.engine.swapped_count)
+
+    def hold(self) -> None:
+        """Stop starting rounds (requests queue up) until `release`: a benchmark submits every
+        request first, so each run admits them in the same round and order."""
+        self._open.clear()
+
+    def release(self) -> None:
+        self._open.set()
+
+    async def queued(self, n: int) -> None:
+        """Return once `n` requests wait for admission (while held: every request sent so far)."""
+        async with self._submitted:
+            await self._submitted.wait_for(lambda: self.engine.waiting >= n)
 
     # ---- HTTP --------------------------------------------------------------------------
     def app(self) -> web.Application:
@@ -196,8 +215,11 @@ class ToyServer:
                 await self._task
             except asyncio.CancelledError:
                 pass
+        if self._round is not None:  # a thread cannot be cancelled: let its round finish
+            await asyncio.gather(self._round, return_exceptions=True)
         if self._runner is not None:
             await self._runner.cleanup()
+        self.engine.close()
 
     async def _models(self, _: web.Request) -> web.Response:
         return web.json_response(
@@ -247,6 +269,8 @@ class ToyServer:
             return self._error(400, str(exc))
         self.metrics.prompt_tokens.inc(len(tokens))
         self._wake.set()
+        async with self._submitted:
+            self._submitted.notify_all()
         rid = f"cmpl-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         if not stream:

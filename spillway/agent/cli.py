@@ -148,7 +148,8 @@ def _cmd_agent(args: argparse.Namespace) -> int:
         state_dir=args.state_dir, metrics_port=args.metrics_port, granularity=args.granularity,
         headroom=Headroom(args.headroom_min, args.headroom_fraction), default_ttl_ms=round(args.default_ttl * 1000),
         revoke_deadline_ms=round(args.revoke_deadline * 1000), refresh_s=args.refresh, durable=args.fsync,
-        publish=args.publish, advertise_endpoint=args.advertise_endpoint)
+        publish=args.publish, advertise_endpoint=args.advertise_endpoint, drain_bytes_per_s=args.drain_rate,
+        settle_timeout_ms=round(args.settle_timeout * 1000))
     if args.node_name:
         cfg.node_name = args.node_name
     if args.listen and cfg.tls is None:
@@ -311,6 +312,12 @@ def add_commands(sub: Any) -> None:
     a.add_argument("--headroom-fraction", type=float, default=0.05, help="...or this share of total if larger")
     a.add_argument("--default-ttl", type=_duration, default=60.0, help="lease TTL when none is asked (default 60s)")
     a.add_argument("--revoke-deadline", type=_duration, default=5.0, help="grace period of a reclaim (default 5s)")
+    a.add_argument("--drain-rate", type=_quantity0, default=5 << 30,
+                   help="bytes per second a borrower is assumed to move a revoked lease to host memory at: a lease's "
+                        "revoke deadline is at least its size over this rate (default 5Gi; 0: --revoke-deadline only)")
+    a.add_argument("--settle-timeout", type=_duration, default=15.0,
+                   help="how long an ended lease's bytes wait for NVML to show its borrower process let go of them "
+                        "before the borrower is reported and its memory counted as the GPU's own (default 15s)")
     a.add_argument("--refresh", type=_duration, default=1.0, help="inventory refresh period (default 1s)")
     a.add_argument("--fsync", action="store_true", help="fsync every change (survives power loss; slower)")
     a.add_argument("--publish", action="store_true", help="publish this node's MemoryPool object")

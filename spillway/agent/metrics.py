@@ -42,6 +42,9 @@ class AgentMetrics:
                                    ["node", "outcome"], registry=self.registry)
         self.expiries = Counter("spillway_lease_expiries", "leases whose TTL ran out", ["node"],
                                 registry=self.registry)
+        self.overdue = Counter("spillway_borrower_overdue",
+                               "ended leases whose borrower process still held the lender's memory past the "
+                               "settle timeout (the log names the process)", ["node", "gpu"], registry=self.registry)
         self.notify = Histogram("spillway_reclaim_notify_seconds",
                                 "time from a reclaim decision to the REVOKING event reaching the holder's Watch stream",
                                 ["node"], buckets=NOTIFY_BUCKETS, registry=self.registry)
@@ -94,6 +97,9 @@ class _PoolCollector(Collector):
             "lendable": GaugeMetricFamily("spillway_gpu_memory_lendable_bytes", "free to lend now", labels=labels),
             "leased": GaugeMetricFamily("spillway_gpu_memory_leased_bytes", "lent out in live leases",
                                         labels=labels),
+            "settling": GaugeMetricFamily("spillway_gpu_memory_settling_bytes",
+                                          "of ended leases, not lendable until NVML shows the borrower let go "
+                                          "(part of headroom)", labels=labels),
         }
         for v in pool.views():
             lv = [m.node, v.uuid, str(v.index), m.simulated]

@@ -16,6 +16,18 @@ beyond that `local` is capped at `total - leased` until the revocations complete
 
 Leases are granted only from lendable memory, so no byte is ever granted twice. Every
 change is recorded as an event (`drain()`), which the service persists and then publishes.
+
+Settling: a lease that ends while a borrower process is attached to it does not give its bytes
+back at once. The borrower's process may still hold them (a torch cache that was not emptied),
+and NVML is the judge: until an inventory refresh shows that process's memory on the lender
+down by the lease (or the process gone), the bytes stay out of `lendable` (they show in the
+reported headroom, and as `settling`) and the process still counts as a borrower. A borrower
+that has not let go within `settle_timeout_ms` is reported (`overdue()`: the service logs it
+with its PID and counts it) and from then on its memory counts as the GPU's own use, which is
+what it is. Either way no byte that a borrower still holds is lent again.
+
+Revoke deadlines grow with the lease: `max(deadline, bytes / drain rate)`, so a borrower that
+must copy a large lease to host memory is given the time that copy takes.
 """
 
 from __future__ import annotations
@@ -38,6 +50,12 @@ DEFAULT_REVOKE_MS = 5_000
 MAX_TTL_MS = 30 * 24 * 3600 * 1000
 DEFAULT_RETENTION_MS = 10 * 60_000
 DEFAULT_MAX_ENDED = 10_000
+DEFAULT_SETTLE_TIMEOUT_MS = 15_000
+# What a borrower process may keep on the lender after its lease ends: its CUDA context.
+CONTEXT_ALLOWANCE = 1 * GiB
+# A borrower moves a revoked lease to pinned host memory at least this fast (bytes/s): pinned
+# copies run at ~55 GB/s on an H200; a tenth of that leaves room to pin buffers on the spot.
+DEFAULT_DRAIN_BYTES_PER_S = 5 * GiB
 
 
 class Kind(IntEnum):
@@ -134,6 +152,17 @@ class GpuView:
     lendable: int
     headroom: int
     revoking: int
+    settling: int = 0  # bytes of ended leases that a borrower process may still hold (in headroom)
+
+
+@dataclass
+class Settling:
+    """An ended lease whose borrower process has not yet been seen to free its bytes."""
+
+    lease: Lease
+    pid: int
+    held_at_end: int  # the process's memory on the lender at the last refresh before the end
+    since_ms: int
 
 
 @dataclass(frozen=True)
@@ -143,6 +172,14 @@ class Event:
     gpu_uuid: str = ""
     time_ms: int = 0
     reclaim_ms: int = 0  # set on REVOKING events: when the reclaim was decided
+
+
+def _process_bytes(inventory: InventoryFacts, gpu_uuid: str, pid: int) -> int:
+    """What NVML last reported for one process on one GPU (0 when it is not listed)."""
+    for g in inventory.gpus:
+        if g.uuid == gpu_uuid:
+            return sum(p.used_bytes for p in g.processes if p.pid == pid)
+    return 0
 
 
 def hash_token(token: str) -> str:
@@ -172,6 +209,8 @@ class Pool:
         retention_ms: int = DEFAULT_RETENTION_MS,
         max_ended: int = DEFAULT_MAX_ENDED,
         new_id: Callable[[], str] | None = None,
+        settle_timeout_ms: int = DEFAULT_SETTLE_TIMEOUT_MS,
+        drain_bytes_per_s: int = DEFAULT_DRAIN_BYTES_PER_S,
     ) -> None:
         if granularity <= 0:
             raise ValueError("granularity must be positive")
@@ -183,6 +222,11 @@ class Pool:
         self.default_ttl_ms = default_ttl_ms
         self.default_revoke_ms = default_revoke_ms
         self.retention_ms = retention_ms
+        self.settle_timeout_ms = settle_timeout_ms
+        self.drain_bytes_per_s = drain_bytes_per_s
+        self.settling: dict[str, Settling] = {}  # lease id -> what its borrower may still hold
+        self._settling: dict[str, int] = {}  # GPU -> bytes settling
+        self._overdue: list[Settling] = []
         self._new_id = new_id or (lambda: "l-" + secrets.token_hex(8))
         self.inventory = inventory
         self.gpus: dict[str, GpuAccount] = {}
@@ -204,13 +248,15 @@ class Pool:
     # --- inventory ------------------------------------------------------------------
 
     def update_inventory(self, inventory: InventoryFacts, borrower_pids: dict[str, set[int]] | None = None) -> None:
-        """New facts from the backend. Emits CAPACITY for GPUs whose accounting moved and
-        starts a reclaim where local use grew into leased memory."""
+        """New facts from the backend. Settles ended leases, emits CAPACITY for GPUs whose
+        accounting moved and starts a reclaim where local use grew into leased memory.
+        `borrower_pids` (default: the pool's own, `borrower_pids()`) are excluded from local use."""
         from spillway.agent.inventory import local_used_bytes
 
         self.inventory = inventory
         self.links = {frozenset((lk.gpu_a, lk.gpu_b)): lk for lk in inventory.links}
-        pids = borrower_pids or {}
+        self._settle(inventory)
+        pids = self.borrower_pids() if borrower_pids is None else borrower_pids
         for g in inventory.gpus:
             local = local_used_bytes(g.used_bytes, g.processes, pids.get(g.uuid, set()))
             acct = self.gpus.get(g.uuid)
@@ -223,6 +269,44 @@ class Pool:
             if self.view(g.uuid) != before:
                 self._emit_capacity(g.uuid)
                 self._reclaim_growth(g.uuid)
+
+    def _settle(self, inventory: InventoryFacts) -> None:
+        """Give back the bytes of ended leases whose borrower process let go of them (or is
+        gone), and report the ones that did not within the timeout."""
+        if not self.settling:
+            return
+        now = self.clock_ms()
+        for rec in list(self.settling.values()):
+            used = _process_bytes(inventory, rec.lease.gpu_uuid, rec.pid)
+            if used > max(0, rec.held_at_end - rec.lease.bytes) + CONTEXT_ALLOWANCE:
+                if now - rec.since_ms < self.settle_timeout_ms:
+                    continue
+                rec.lease.reason += (f"; its borrower (pid {rec.pid}) still held {format_bytes(used)} on the lender "
+                                     f"{(now - rec.since_ms) / 1000:.1f}s after the end: counted as the GPU's own use")
+                self._overdue.append(rec)
+                self._emit_lease(rec.lease)
+            self._unsettle(rec)
+
+    def _unsettle(self, rec: Settling) -> None:
+        del self.settling[rec.lease.id]
+        self._settling[rec.lease.gpu_uuid] -= rec.lease.bytes
+        if rec.lease.gpu_uuid in self.gpus:
+            self._emit_capacity(rec.lease.gpu_uuid)
+
+    def overdue(self) -> list[Settling]:
+        """Borrowers reported for holding an ended lease's memory past the timeout (drained)."""
+        out, self._overdue = self._overdue, []
+        return out
+
+    def borrower_pids(self) -> dict[str, set[int]]:
+        """GPU -> PIDs whose memory there is lent memory: attached to a live lease, or settling."""
+        out: dict[str, set[int]] = {}
+        for x in self.live.values():
+            if x.pid:
+                out.setdefault(x.gpu_uuid, set()).add(x.pid)
+        for rec in self.settling.values():
+            out.setdefault(rec.lease.gpu_uuid, set()).add(rec.pid)
+        return out
 
     def set_reserved(self, gpu_uuid: str, reserved: int) -> None:
         acct = self._gpu(gpu_uuid)
@@ -249,19 +333,20 @@ class Pool:
         total = acct.facts.total_bytes
         leased = self._leased.get(gpu_uuid, 0)
         revoking = self._revoking.get(gpu_uuid, 0)
+        settling = self._settling.get(gpu_uuid, 0)
         raw_local = max(acct.reserved, acct.local_used)
         local = min(raw_local, max(0, total - leased))
-        lendable = max(0, total - acct.headroom_nominal - raw_local - leased)
+        lendable = max(0, total - acct.headroom_nominal - raw_local - leased - settling)
         lendable -= lendable % self.granularity
         headroom = total - leased - local - lendable
         return GpuView(gpu_uuid, acct.facts.index, total, acct.local_used, acct.reserved, local, leased, lendable,
-                       headroom, revoking)
+                       headroom, revoking, settling)
 
     def lendable(self, gpu_uuid: str) -> int:
         """`view(gpu_uuid).lendable`, without building the view (the Acquire hot path)."""
         acct = self.gpus[gpu_uuid]
         free = (acct.facts.total_bytes - acct.headroom_nominal - max(acct.reserved, acct.local_used)
-                - self._leased.get(gpu_uuid, 0))
+                - self._leased.get(gpu_uuid, 0) - self._settling.get(gpu_uuid, 0))
         return max(0, free - free % self.granularity)
 
     def views(self) -> list[GpuView]:
@@ -435,6 +520,13 @@ class Pool:
                             f"positive grace period, got {deadline_ms} ms")
         return self._revoke(gpu_uuid, size, reason or "reclaim requested", deadline_ms or self.default_revoke_ms)
 
+    def revoke_deadline_for(self, nbytes: int, deadline_ms: int) -> int:
+        """The grace a lease of `nbytes` gets: at least `deadline_ms`, and at least the time its
+        borrower needs to copy it to host memory at the drain rate."""
+        if self.drain_bytes_per_s <= 0:
+            return deadline_ms
+        return max(deadline_ms, -(-nbytes * 1000 // self.drain_bytes_per_s))
+
     def _reclaim_growth(self, gpu_uuid: str) -> list[Lease]:
         acct = self.gpus[gpu_uuid]
         v = self.view(gpu_uuid)
@@ -454,7 +546,7 @@ class Pool:
                 break
             x.state = State.REVOKING
             self._revoking[gpu_uuid] = self._revoking.get(gpu_uuid, 0) + x.bytes
-            x.revoke_deadline_ms = now + deadline_ms
+            x.revoke_deadline_ms = now + self.revoke_deadline_for(x.bytes, deadline_ms)
             x.reason = reason
             wanted -= x.bytes
             victims.append(x)
@@ -492,6 +584,8 @@ class Pool:
         return due
 
     def _forget(self, lease: Lease) -> None:
+        if lease.id in self.settling:
+            self._unsettle(self.settling[lease.id])
         del self.leases[lease.id]
         self._ended.pop(lease.id, None)
         if self._by_key.get(lease.idempotency_key) == lease.id:
@@ -560,6 +654,10 @@ class Pool:
             self._leased[lease.gpu_uuid] -= lease.bytes
             if lease.state == State.REVOKING:
                 self._revoking[lease.gpu_uuid] -= lease.bytes
+            held = _process_bytes(self.inventory, lease.gpu_uuid, lease.pid) if lease.pid else 0
+            if held:  # the borrower's process holds memory on the lender: wait for NVML to see it go
+                self.settling[lease.id] = Settling(lease, lease.pid, held, self.clock_ms())
+                self._settling[lease.gpu_uuid] = self._settling.get(lease.gpu_uuid, 0) + lease.bytes
         self._ended[lease.id] = None
         lease.state = state
         lease.reason = reason

@@ -22,7 +22,15 @@ from spillway import __version__
 from spillway.agent.attach import AttachServer, attach_socket_path
 from spillway.agent.inventory import InventoryBackend, NvmlBackend, SimulatedBackend
 from spillway.agent.metrics import AgentMetrics
-from spillway.agent.pool import DEFAULT_GRANULARITY, DEFAULT_REVOKE_MS, DEFAULT_TTL_MS, Headroom, Pool
+from spillway.agent.pool import (
+    DEFAULT_DRAIN_BYTES_PER_S,
+    DEFAULT_GRANULARITY,
+    DEFAULT_REVOKE_MS,
+    DEFAULT_SETTLE_TIMEOUT_MS,
+    DEFAULT_TTL_MS,
+    Headroom,
+    Pool,
+)
 from spillway.agent.service import AgentCore, AgentServicer, lease_pb, now_ms
 from spillway.agent.store import Store, load_or_create_key
 from spillway.api.v1 import agent_pb2_grpc as pb_grpc
@@ -53,6 +61,8 @@ class AgentConfig:
     headroom: Headroom = field(default_factory=Headroom)
     default_ttl_ms: int = DEFAULT_TTL_MS
     revoke_deadline_ms: int = DEFAULT_REVOKE_MS
+    drain_bytes_per_s: int = DEFAULT_DRAIN_BYTES_PER_S
+    settle_timeout_ms: int = DEFAULT_SETTLE_TIMEOUT_MS
     refresh_s: float = 1.0
     durable: bool = False
     publish: bool = False
@@ -122,7 +132,8 @@ class Agent:
         self.store = Store(cfg.state_dir / "leases.db" if cfg.state_dir else None, durable=cfg.durable)
         key = load_or_create_key(cfg.state_dir)
         self.pool = Pool(facts, clock_ms=now_ms, key=key, granularity=cfg.granularity, headroom=cfg.headroom,
-                         default_ttl_ms=cfg.default_ttl_ms, default_revoke_ms=cfg.revoke_deadline_ms)
+                         default_ttl_ms=cfg.default_ttl_ms, default_revoke_ms=cfg.revoke_deadline_ms,
+                         drain_bytes_per_s=cfg.drain_bytes_per_s, settle_timeout_ms=cfg.settle_timeout_ms)
         leases, reserved = self.store.load()
         self.pool.restore_reserved(reserved)
         self.pool.restore(leases)

@@ -132,16 +132,19 @@ class AgentCore:
         self.apply_inventory(facts)
 
     def apply_inventory(self, facts: InventoryFacts) -> None:
-        self.pool.update_inventory(facts, self.borrower_pids())
+        self.pool.update_inventory(facts)
+        for rec in self.pool.overdue():
+            log.warning(
+                "borrower still holds an ended lease's memory on the lender; counting it as the GPU's own use",
+                extra={"lease": rec.lease.id, "pid": rec.pid, "holder": rec.lease.holder, "pod": rec.lease.pod,
+                       "gpu": rec.lease.gpu_uuid, "bytes": rec.lease.bytes},
+            )
+            self.metrics.overdue.labels(self.metrics.node, rec.lease.gpu_uuid).inc()
         self.metrics.heartbeat = time.time()
         self.commit(decided=time.perf_counter())
 
     def borrower_pids(self) -> dict[str, set[int]]:
-        out: dict[str, set[int]] = {}
-        for x in self.pool.live.values():
-            if x.pid:
-                out.setdefault(x.gpu_uuid, set()).add(x.pid)
-        return out
+        return self.pool.borrower_pids()
 
     # --- commit + publish -------------------------------------------------------------
 
@@ -384,7 +387,7 @@ class AgentServicer(pb_grpc.AgentServicer):
         decided = time.perf_counter()
         if used is not None:
             self.core.backend.set_simulated_used(request.gpu_uuid, used)
-            self.pool.update_inventory(self.core.backend.read(), self.core.borrower_pids())
+            self.pool.update_inventory(self.core.backend.read())
         if reserved is not None:
             self.pool.set_reserved(request.gpu_uuid, reserved)
         self.core.commit(decided=decided, reserved_changed=reserved is not None)

@@ -64,7 +64,10 @@ class Index:
 
 def as_index(x: IndexLike, what: str, limit: int) -> Index:
     """Normalise an index vector and check it against `[0, limit)` (host indices only)."""
-    if isinstance(x, torch.Tensor):
+    if type(x) is torch.Tensor and x.dtype == torch.int64 and x.device.type == "cpu" and x.dim() == 1:
+        a = x.numpy() if x.is_contiguous() else x.contiguous().numpy()  # the hot path: no copy
+        t = x
+    elif isinstance(x, torch.Tensor):
         if x.dim() != 1:
             raise ValueError(f"{what} must be a 1-D integer tensor, got shape {tuple(x.shape)}")
         if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
@@ -84,7 +87,7 @@ def as_index(x: IndexLike, what: str, limit: int) -> Index:
     if n == 0:
         return Index(t, a, 0)
     first, last = int(a[0]), int(a[-1])
-    run = first if last - first == n - 1 and (n == 1 or bool((np.diff(a) == 1).all())) else None
+    run = first if last - first == n - 1 and (n == 1 or bool((a[1:] - a[:-1] == 1).all())) else None
     lo, hi = (first, last) if run is not None else (int(a.min()), int(a.max()))
     if lo < 0 or hi >= limit:
         bad = lo if lo < 0 else hi

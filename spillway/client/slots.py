@@ -177,14 +177,17 @@ class SlotStore:
             parts = [(segs[0], r, s)] if len(segs) == 1 else self._split(r, s)
             devices = owner.cuda_devices([pool.device, *(seg.arena.tensor.device for seg, _, _ in parts)])
             keep: list[torch.Tensor] = [pool]
-            if not devices:
+            if devices:
+                owner.begin(devices)
+            else:
                 owner.host_barrier()  # the CPU itself copies: GPU copies into host slots land first
-            owner.begin(devices)
             with owner.stream_ctx(devices):
                 for seg, ri, si in parts:
                     w, dt = widest(row_bytes, row_stride, addr, offset, seg.stride)
                     side = as_words(b, dt)
-                    col = seg.words(dt)[:, offset // w : (offset + row_bytes) // w]
+                    col = seg.words(dt)
+                    if offset or row_bytes != seg.stride:
+                        col = col[:, offset // w : (offset + row_bytes) // w]
                     if to_slots:
                         copy_rows(col, si, side, ri, keep)
                     else:

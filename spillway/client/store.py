@@ -20,6 +20,8 @@ import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from itertools import repeat
+from typing import cast
 
 import torch
 
@@ -74,6 +76,7 @@ class RowBatch:
 
 
 Entry = Block | tuple[RowBatch, int]
+_NONE = object()  # a sentinel that no key equals
 
 
 class Transfer:
@@ -258,7 +261,9 @@ class BlockStore:
         if self._streams:
             self.synchronize()
 
-    def stream_ctx(self, devices: list[torch.device]) -> contextlib.ExitStack:
+    def stream_ctx(self, devices: list[torch.device]) -> contextlib.AbstractContextManager[object]:
+        if not devices:
+            return contextlib.nullcontext()
         stack = contextlib.ExitStack()
         for d in devices:
             stack.enter_context(torch.cuda.stream(self._stream(d)))
@@ -343,7 +348,8 @@ class BlockStore:
         size. Same guarantees as `put`."""
         if len(keys) != len(rows):
             raise ValueError(f"put_rows got {len(keys)} keys but {len(rows)} rows")
-        if len(set(keys)) != len(keys):
+        keyset = set(keys)
+        if len(keyset) != len(keys):
             raise ValueError("put_rows got the same key twice in one batch")
         if not keys:
             return Transfer([], [], [])
@@ -372,11 +378,10 @@ class BlockStore:
             transfer = self.finish(devices, [], keep)
             batch = RowBatch(tier, ext, row_bytes, row_bytes, pool.dtype, tuple(pool.shape[1:]), pool.device, n)
             index = self._index
-            for i, k in enumerate(keys):
-                old = index.get(k)
-                index[k] = (batch, i)
-                if old is not None:
-                    _release(old)
+            replaced = [index[k] for k in keyset & index.keys()]  # usually none
+            index.update(zip(keys, zip(repeat(batch), range(n)), strict=True))
+            for old in replaced:
+                _release(old)
             return transfer
 
     def get_rows(self, keys: Sequence[object], pool: torch.Tensor, rows: Sequence[int]) -> Transfer:
@@ -389,16 +394,15 @@ class BlockStore:
         row_bytes = pool[0].numel() * pool.element_size()
         n = len(keys)
         with self._lock:
-            entries = []
-            for k in keys:
-                e = self._index.get(k)
-                if e is None:
-                    raise UnknownBlock(f"no block with key {k!r}: it was never put or was evicted")
-                entries.append(e)
+            found = list(map(self._index.get, keys))  # one C-level pass, not a Python loop
+            if None in found:
+                k = keys[found.index(None)]
+                raise UnknownBlock(f"no block with key {k!r}: it was never put or was evicted")
+            entries = cast("list[Entry]", found)
             e0 = entries[0]
             if isinstance(e0, tuple) and pool.is_contiguous():
                 batch, i0 = e0
-                if batch.nbytes == row_bytes and entries == [(batch, i0 + j) for j in range(n)]:
+                if batch.nbytes == row_bytes and entries == list(zip(repeat(batch), range(i0, i0 + n))):
                     return self._get_run(batch, i0, n, pool, rows)
             blocks = [_as_block(k, e) for k, e in zip(keys, entries, strict=True)]
             for b in blocks:
@@ -511,17 +515,17 @@ class BlockStore:
     # ---- evict and migrate -------------------------------------------------------------
     def evict(self, keys: Iterable[object], *, missing_ok: bool = False) -> int:
         """Drop blocks and free their memory. Returns how many were dropped."""
-        n = 0
+        keys = list(keys)
         with self._lock:
-            for k in keys:
-                e = self._index.pop(k, None)
-                if e is None:
-                    if missing_ok:
-                        continue
-                    raise UnknownBlock(f"no block with key {k!r}")
+            index = self._index
+            if not missing_ok:  # all or nothing: an unknown key evicts nothing
+                missing = next((k for k in keys if k not in index), _NONE)
+                if missing is not _NONE:
+                    raise UnknownBlock(f"no block with key {missing!r} (nothing was evicted)")
+            popped = [e for e in map(index.pop, keys, repeat(None)) if e is not None]
+            for e in popped:
                 _release(e)
-                n += 1
-        return n
+        return len(popped)
 
     def synchronize(self) -> None:
         for st in self._streams.values():
