@@ -109,6 +109,7 @@ class SpillwayOffloadingManager(OffloadingManager):
             if e is None or not e.ready:
                 raise KeyError(f"prepare_load of offload key {key.hex()} that is not stored (lookup said MISS)")
             e.loads += 1
+            self._entries.move_to_end(key)  # used again
             slots.append(e.slot)
         return SlotLoadStoreSpec(slots)
 
