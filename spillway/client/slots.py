@@ -241,10 +241,21 @@ def _device_subset(r: Index, mask: np.ndarray) -> Index:
     return Index(r.t.index_select(0, sel), None, None)
 
 
+def slot_stride(slot_bytes: int) -> int:
+    """Bytes between consecutive slots: the slot size rounded up to a word."""
+    return align_up(slot_bytes, SLOT_ALIGN)
+
+
+def slots_in(free_bytes: int, slot_bytes: int) -> int:
+    """How many slots of `slot_bytes` fit in a free range of `free_bytes` (what `slots()` carves
+    out of a fresh lease arena of that size)."""
+    return (free_bytes // ALIGNMENT * ALIGNMENT) // slot_stride(slot_bytes)
+
+
 def carve(tier: Tier, arenas: list[Arena], slot_bytes: int, num_slots: int | None) -> list[Segment]:
     """Reserve slot segments in `arenas` (fixed tiers: as many as fit when `num_slots` is None)
     or in a growable tier. Returns [] when they do not fit (nothing reserved)."""
-    stride = align_up(slot_bytes, SLOT_ALIGN)
+    stride = slot_stride(slot_bytes)
     segs: list[Segment] = []
     base = 0
     if tier.fixed_bytes is None:  # host memory: one extent of the asked size
@@ -254,7 +265,7 @@ def carve(tier: Tier, arenas: list[Arena], slot_bytes: int, num_slots: int | Non
         return [] if got is None else [Segment(0, num_slots, tier, got[0], stride)]
     want = num_slots
     for arena in arenas:
-        room = (arena.allocator.largest_free // ALIGNMENT * ALIGNMENT) // stride
+        room = slots_in(arena.allocator.largest_free, slot_bytes)
         n = room if want is None else min(room, want - base)
         if n <= 0:
             continue

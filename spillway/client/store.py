@@ -245,15 +245,20 @@ class BlockStore:
     def finish(self, devices: list[torch.device], tensors: list[torch.Tensor], keep: list[torch.Tensor]) -> Transfer:
         if not devices:
             return Transfer([], tensors, [])
+        host_keep = []
         for t in keep:
-            if t.is_cuda:
+            if t.is_cuda:  # the caching allocator keeps it until our stream is past the copy
                 t.record_stream(self._stream(t.device))
+            else:
+                host_keep.append(t)
         events = []
         for d in devices:
             e = torch.cuda.Event()
             e.record(self._stream(d))
             events.append(e)
-        return Transfer(events, tensors, keep, devices)
+        # A transfer holds no reference to device memory (a caller may keep it to wait on later
+        # without pinning a layer's buffers); host staging stays referenced until synchronize().
+        return Transfer(events, tensors, host_keep, devices)
 
     def host_barrier(self) -> None:
         """Before the CPU itself reads or writes host arena memory: let asynchronous copies

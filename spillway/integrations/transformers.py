@@ -159,9 +159,8 @@ class SpillwayLayer(DynamicLayer):
         chunks = torch.arange(first, last + 1)
         rows = (torch.arange(self._rows)[:, None] * self._ncap + chunks[None, :]).reshape(-1)
         assert self._buf is not None
-        t = self._slots.store(self._as_rows(self._buf), rows, self._table[:, first : last + 1].reshape(-1))
-        # keep its events only: the Transfer itself holds the buffer until it is synchronized
-        self._stored = Transfer(t.events, [], [], t.devices)
+        # (a Transfer holds no reference to device memory: keeping it does not keep the buffer)
+        self._stored = self._slots.store(self._as_rows(self._buf), rows, self._table[:, first : last + 1].reshape(-1))
 
     def release(self) -> None:
         """Give this layer's slots back and forget its tokens."""

@@ -28,10 +28,9 @@ from vllm.v1.kv_offload.base import CanonicalKVCaches, OffloadingSpec
 from vllm.v1.kv_offload.config import OffloadingConfig
 
 from spillway.client import HostMemory, LeaseUnavailable, PeerMemory
-from spillway.client.arena import align_up
 from spillway.client.lease import LeaseWatcher
 from spillway.client.peer import ENV_AGENT_SOCKET, ENV_LEASE_ID, ENV_LEASE_TOKEN
-from spillway.client.slots import SLOT_ALIGN
+from spillway.client.slots import slot_stride, slots_in
 from spillway.integrations.vllm.manager import ON_REVOKE, ON_REVOKE_RECOMPUTE, SpillwayOffloadingManager
 from spillway.integrations.vllm.version import accepts_failed_transfers, check_vllm_version
 from spillway.integrations.vllm.worker import SpillwayOffloadingWorker
@@ -66,8 +65,7 @@ class LeaseEnv:
 def slots_that_fit(arena_bytes: list[int], slot_bytes: int) -> int:
     """How many slots a slot store carves out of fresh arenas of these sizes (the worker asks for
     exactly this many, so the scheduler's slot ids are the worker's)."""
-    stride = align_up(slot_bytes, SLOT_ALIGN)
-    return sum(b // 256 * 256 // stride for b in arena_bytes)
+    return sum(slots_in(b, slot_bytes) for b in arena_bytes)
 
 
 def arena_sizes(lease_bytes: list[int], max_bytes: int | None) -> list[int]:
@@ -129,7 +127,7 @@ class SpillwayOffloadingSpec(OffloadingSpec):
             return 0
         if self.lease_env is None:
             assert self.host_bytes is not None
-            return self.host_bytes // align_up(self.slot_bytes, SLOT_ALIGN)
+            return self.host_bytes // slot_stride(self.slot_bytes)
         w = watcher or self._watch()
         try:
             sizes = [int(w.leases[i].bytes) if i in w.leases else 0 for i in w.lease_ids]
