@@ -24,10 +24,19 @@ from typing import Any
 import kopf
 
 from spillway.api.v1 import agent_pb2
+from spillway.contract import (
+    GROUP,
+    GROUP_VERSION,
+    HOLDER_PREFIX,
+    LABEL_TENANT,
+    MANAGED_BY,
+    POOL_PLURAL,
+    TENANT_KIND,
+    TENANT_PLURAL,
+    VERSION,
+)
+from spillway.operator.agents import AgentError
 from spillway.operator.engine import Engine
-from spillway.operator.model import API_GROUP, API_VERSION, POOL_PLURAL, TENANT_PLURAL
-from spillway.operator.pods import LABEL_TENANT
-from spillway.operator.reservations import ReservationError
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +46,8 @@ PREFIX = "operator.spillway.dev"
 def post_event(body: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
     """A Kubernetes Event on the object (kopf posts them in the background)."""
     obj = dict(body)
-    obj.setdefault("apiVersion", f"{API_GROUP}/{API_VERSION}")
-    obj.setdefault("kind", "InferenceTenant")
+    obj.setdefault("apiVersion", GROUP_VERSION)
+    obj.setdefault("kind", TENANT_KIND)
     try:
         kopf.event(obj, type=type_, reason=reason, message=message[:1000])  # type: ignore[arg-type]
     except Exception:  # events are best effort; never fail a reconcile for one
@@ -70,7 +79,7 @@ def register(
     async def poke_later(ns: str, name: str) -> None:
         await asyncio.sleep(0.2)
         pokes.pop(f"{ns}/{name}", None)
-        body = await engine.kube.get_custom(API_GROUP, API_VERSION, TENANT_PLURAL, name, ns)
+        body = await engine.kube.get_custom(GROUP, VERSION, TENANT_PLURAL, name, ns)
         if body is not None:
             try:
                 await engine.reconcile(body, renew=False)
@@ -92,7 +101,7 @@ def register(
         )
         settings.persistence.finalizer = f"{PREFIX}/finalizer"
         settings.posting.level = logging.WARNING  # our own events tell the story; kopf's only on trouble
-        settings.posting.reporting_component = "spillway-operator"
+        settings.posting.reporting_component = MANAGED_BY
         settings.watching.server_timeout = 300
         settings.batching.worker_limit = 64
         settings.peering.lifetime = peering_lifetime_s  # a standby takes over this long after the active one dies
@@ -117,21 +126,21 @@ def register(
 
     # -- MemoryPools and their agents --
 
-    @kopf.on.event(API_GROUP, API_VERSION, POOL_PLURAL, registry=registry)
+    @kopf.on.event(GROUP, VERSION, POOL_PLURAL, registry=registry)
     async def pool_event(type: str, body: kopf.Body, name: str, **_: Any) -> None:
         if type == "DELETED":
             engine.pool_deleted(name)
         else:
             engine.pool_changed(body)
 
-    @kopf.timer(API_GROUP, API_VERSION, POOL_PLURAL, interval=resync_s, registry=registry)
+    @kopf.timer(GROUP, VERSION, POOL_PLURAL, interval=resync_s, registry=registry)
     async def pool_resync(name: str, **_: Any) -> None:
         """Local reservations on the node follow the replicas placed there (first run at once, so a
         restarted operator recomputes them; only the active operator of a peering runs timers)."""
         if engine.synced:
             await engine.sync_local(name)
 
-    @kopf.daemon(API_GROUP, API_VERSION, POOL_PLURAL, registry=registry, cancellation_timeout=5.0)
+    @kopf.daemon(GROUP, VERSION, POOL_PLURAL, registry=registry, cancellation_timeout=5.0)
     async def watch_agent(name: str, stopped: kopf.DaemonStopped, **_: Any) -> None:
         """Follow the node agent's event stream; lease changes go to the engine."""
         while not stopped:
@@ -141,20 +150,20 @@ def register(
                 continue
             endpoint = view.endpoint
             try:
-                async for event in engine.reservations.watch(endpoint):
+                async for event in engine.agents.watch(endpoint):
                     if stopped:
                         return
-                    if event.kind == agent_pb2.WatchEvent.LEASE and event.lease.holder.startswith("tenant:"):
+                    if event.kind == agent_pb2.WatchEvent.LEASE and event.lease.holder.startswith(HOLDER_PREFIX):
                         task = asyncio.create_task(engine.on_lease_event(event.lease))
                         task.add_done_callback(_log_failure)
                     current = engine.pools.get(name)
                     if current is None or current.endpoint != endpoint:
                         break  # the agent moved: follow it
-            except (ReservationError, OSError, Exception) as exc:  # the stream ends when the agent restarts
+            except (AgentError, OSError, Exception) as exc:  # the stream ends when the agent restarts
                 if stopped:
                     return
                 log.info("agent watch ended; reconnecting", extra={"node": name, "error": str(exc)[:200]})
-                await engine.reservations.agents.drop(endpoint)
+                await engine.agents.pool.drop(endpoint)
             await asyncio.sleep(agent_retry_s)
 
     # -- tenant pods --
@@ -175,17 +184,17 @@ def register(
 
     # -- tenants --
 
-    @kopf.on.resume(API_GROUP, API_VERSION, TENANT_PLURAL, registry=registry)
-    @kopf.on.create(API_GROUP, API_VERSION, TENANT_PLURAL, registry=registry)
-    @kopf.on.update(API_GROUP, API_VERSION, TENANT_PLURAL, field="spec", registry=registry)
+    @kopf.on.resume(GROUP, VERSION, TENANT_PLURAL, registry=registry)
+    @kopf.on.create(GROUP, VERSION, TENANT_PLURAL, registry=registry)
+    @kopf.on.update(GROUP, VERSION, TENANT_PLURAL, field="spec", registry=registry)
     async def tenant_changed(body: kopf.Body, **_: Any) -> None:
         await engine.reconcile(dict(body))
 
-    @kopf.timer(API_GROUP, API_VERSION, TENANT_PLURAL, interval=resync_s, registry=registry)
+    @kopf.timer(GROUP, VERSION, TENANT_PLURAL, interval=resync_s, registry=registry)
     async def resync(body: kopf.Body, **_: Any) -> None:
         await engine.reconcile(dict(body), renew=True, slo=True)
 
-    @kopf.on.delete(API_GROUP, API_VERSION, TENANT_PLURAL, registry=registry)
+    @kopf.on.delete(GROUP, VERSION, TENANT_PLURAL, registry=registry)
     async def tenant_deleted(body: kopf.Body, **_: Any) -> None:
         await engine.finalize(dict(body))
 

@@ -14,11 +14,6 @@ from typing import Any, Literal
 
 from spillway.units import DurationError, QuantityError, parse_duration, parse_quantity
 
-API_GROUP = "spillway.dev"
-API_VERSION = "v1alpha1"
-TENANT_PLURAL = "inferencetenants"
-POOL_PLURAL = "memorypools"
-
 DEFAULT_PERCENTILE = 99.0
 DEFAULT_ATTAINMENT = 0.99
 DEFAULT_WINDOW_S = 300.0
@@ -151,6 +146,29 @@ def node_verdict(health: NodeHealth | None, now: float, grace_s: float) -> tuple
     if health.unschedulable:
         return "", "is cordoned (unschedulable)"
     return "", ""
+
+
+Verdict = tuple[str, str]  # (lost, unplaceable): a reason in words each, or ""
+PLACEABLE: Verdict = ("", "")
+
+
+def pool_verdicts(
+    pools: Mapping[str, NodeView], nodes: Mapping[str, NodeHealth] | None, now: float, stale_s: float
+) -> dict[str, Verdict]:
+    """The verdict of every pool that is not fully usable: a pool whose heartbeat is older than
+    `stale_s` (0: never stale) is lost; else its Node decides (`node_verdict`); without Node
+    facts (`nodes` None: the operator may not list Nodes) a fresh pool is placeable."""
+    out: dict[str, Verdict] = {}
+    for name, view in pools.items():
+        if stale_s > 0 and view.heartbeat and now - view.heartbeat > stale_s:
+            verdict = (f"has no live MemoryPool (its agent has not published for more than {stale_s:g}s)", "")
+        elif nodes is not None:
+            verdict = node_verdict(nodes.get(name), now, stale_s)
+        else:
+            verdict = PLACEABLE
+        if verdict != PLACEABLE:
+            out[name] = verdict
+    return out
 
 
 def _parse_time(value: Any) -> float:
