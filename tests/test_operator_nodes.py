@@ -59,7 +59,7 @@ def test_node_watch_follows_cordon_and_delete(cluster: Cluster) -> None:
         engine = engine_for(str(cluster.kubeconfig), events)
         engine.pool_changed(memorypool(name))
         assert await engine.cluster.list_nodes()
-        task = asyncio.create_task(engine.watch_nodes(retry_s=0.5))
+        task = asyncio.create_task(engine.cluster.watch_nodes(retry_s=0.5))
         try:
             # A pool whose Node does not exist yet is lost (its agent publishes for a deleted node).
             assert "no Node object" in engine.lost_reasons()[name]

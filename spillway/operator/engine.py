@@ -42,7 +42,7 @@ from spillway.operator.kube import KubeClient, KubeError
 from spillway.operator.leases import ReplicaLeases
 from spillway.operator.local import LocalReservations
 from spillway.operator.metrics import OperatorMetrics
-from spillway.operator.model import Assignment, NodeView, ReplicaKey, TenantSpec
+from spillway.operator.model import Assignment, NodeView, ReplicaKey, TenantSpec, key_of, object_key
 from spillway.operator.placer import Placer
 from spillway.operator.pods import ObservedPod, observe_pod, pod_name, selector
 from spillway.units import format_bytes
@@ -121,12 +121,6 @@ class Engine:
             self.assignments[key] = rc.assignment_of(key.namespace, key.name, p)
         return self.local.note(key, p, deleted)
 
-    async def sync_local(self, node: str) -> None:
-        await self.local.sync(node)
-
-    async def watch_nodes(self, retry_s: float = 2.0) -> None:
-        await self.cluster.watch_nodes(retry_s)
-
     # -- the pools as a reconcile sees them (an Event on each MemoryPool whose verdict changed) --
 
     def live_and_lost(self) -> tuple[dict[str, NodeView], dict[str, str]]:
@@ -153,7 +147,7 @@ class Engine:
     async def reconcile(self, body: Mapping[str, Any], *, renew: bool = True, slo: bool = False) -> str:
         """Bring one tenant to its spec; returns its phase."""
         meta = body.get("metadata") or {}
-        key = f"{meta.get('namespace')}/{meta.get('name')}"
+        key = key_of(body)
         t0 = time.monotonic()
         try:
             async with self._lock(key):
@@ -262,7 +256,7 @@ class Engine:
         """The tenant is being deleted: delete its pods, release every lease it holds anywhere."""
         meta = body.get("metadata") or {}
         ns, name, uid = str(meta.get("namespace")), str(meta.get("name")), str(meta.get("uid") or "")
-        key = f"{ns}/{name}"
+        key = object_key(ns, name)
         async with self._lock(key):
             released = 0
             for p in (observe_pod(x) for x in await self.kube.list_pods(ns, selector(name))):
@@ -338,7 +332,7 @@ class Engine:
         body = await self.kube.get_custom(GROUP, VERSION, TENANT_PLURAL, name, ns)
         if body is None or (body.get("metadata") or {}).get("deletionTimestamp"):
             return
-        async with self._lock(f"{ns}/{name}"):
+        async with self._lock(object_key(ns, name)):
             raw = await self.kube.get_pod(ns, pod_name(name, replica))
             pod = observe_pod(raw) if raw else None
             if pod is None or lease.id not in {x.id for x in pod.all_leases()}:

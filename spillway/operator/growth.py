@@ -18,6 +18,7 @@ from spillway.operator.cluster import ClusterView
 from spillway.operator.context import TenantContext
 from spillway.operator.leases import ReplicaLeases
 from spillway.operator.metrics import OperatorMetrics
+from spillway.operator.model import object_key
 from spillway.operator.pods import LeaseRef, ObservedPod, holder_name
 from spillway.units import format_bytes
 
@@ -135,7 +136,7 @@ class SloGrowth:
             got = await self.agents.acquire(
                 self.cluster.endpoint(pod.node), holder=holder_name(spec.namespace, spec.name, pod.replica),
                 tenant_uid=spec.uid, replica=pod.replica, gpu_uuid=lender, size=step, priority=spec.priority,
-                kind=agent_pb2.ELASTIC, pod=f"{spec.namespace}/{pod.name}",
+                kind=agent_pb2.ELASTIC, pod=object_key(spec.namespace, pod.name),
                 key_prefix=f"elastic{len(pod.elastic) + 1}:",
             )
         except AgentError as exc:

@@ -37,6 +37,7 @@ from spillway.contract import (
 )
 from spillway.operator.agents import AgentError
 from spillway.operator.engine import Engine
+from spillway.operator.model import key_of, object_key
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +53,7 @@ def post_event(body: Mapping[str, Any], type_: str, reason: str, message: str) -
         kopf.event(obj, type=type_, reason=reason, message=message[:1000])  # type: ignore[arg-type]
     except Exception:  # events are best effort; never fail a reconcile for one
         log.debug("event not posted", exc_info=True)
-    log.info(message, extra={"reason": reason, "tenant": f"{(body.get('metadata') or {}).get('namespace')}/"
-                                                          f"{(body.get('metadata') or {}).get('name')}"})
+    log.info(message, extra={"reason": reason, "tenant": key_of(body)})
 
 
 def register(
@@ -72,19 +72,19 @@ def register(
         await asyncio.sleep(0.2)
         syncs.pop(node, None)
         try:
-            await engine.sync_local(node)
+            await engine.local.sync(node)
         except Exception:
             log.warning("local reservation sync failed", exc_info=True, extra={"node": node})
 
     async def poke_later(ns: str, name: str) -> None:
         await asyncio.sleep(0.2)
-        pokes.pop(f"{ns}/{name}", None)
+        pokes.pop(object_key(ns, name), None)
         body = await engine.kube.get_custom(GROUP, VERSION, TENANT_PLURAL, name, ns)
         if body is not None:
             try:
                 await engine.reconcile(body, renew=False)
             except Exception:
-                log.exception("reconcile after a pod event failed", extra={"tenant": f"{ns}/{name}"})
+                log.exception("reconcile after a pod event failed", extra={"tenant": object_key(ns, name)})
 
     @kopf.on.login(registry=registry)
     def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
@@ -115,7 +115,7 @@ def register(
                 log.warning("startup sync failed; retrying", extra={"error": str(exc)[:300], "attempt": attempt})
                 await asyncio.sleep(1.0)
         log.info("operator synced", extra={"pools": len(engine.pools), "orphans_released": released})
-        background.append(asyncio.get_running_loop().create_task(engine.watch_nodes()))
+        background.append(asyncio.get_running_loop().create_task(engine.cluster.watch_nodes()))
 
     @kopf.on.cleanup(registry=registry)
     async def cleanup(**_: Any) -> None:
@@ -138,7 +138,7 @@ def register(
         """Local reservations on the node follow the replicas placed there (first run at once, so a
         restarted operator recomputes them; only the active operator of a peering runs timers)."""
         if engine.synced:
-            await engine.sync_local(name)
+            await engine.local.sync(name)
 
     @kopf.daemon(GROUP, VERSION, POOL_PLURAL, registry=registry, cancellation_timeout=5.0)
     async def watch_agent(name: str, stopped: kopf.DaemonStopped, **_: Any) -> None:
@@ -178,7 +178,7 @@ def register(
         if type is None:  # the initial listing
             return
         tenant = labels.get(LABEL_TENANT, "")
-        key = f"{namespace}/{tenant}"
+        key = object_key(namespace or "", tenant)
         if tenant and key not in pokes and engine.synced:
             pokes[key] = asyncio.get_running_loop().create_task(poke_later(namespace or "", tenant))
 

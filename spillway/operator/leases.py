@@ -17,7 +17,7 @@ from spillway.operator.agents import AgentError, Agents, state_name
 from spillway.operator.cluster import ClusterView
 from spillway.operator.context import TenantContext
 from spillway.operator.kube import KubeClient
-from spillway.operator.model import Assignment, ReplicaKey
+from spillway.operator.model import Assignment, ReplicaKey, object_key
 from spillway.operator.pods import LeaseRef, ObservedPod, elastic_patch, holder_name, reservation_patch
 from spillway.units import format_bytes
 
@@ -117,7 +117,7 @@ class ReplicaLeases:
                     got = await self.agents.acquire(
                         endpoint, holder=holder_name(ns, spec.name, pod.replica), tenant_uid=spec.uid,
                         replica=pod.replica, gpu_uuid=lender, size=need, priority=spec.priority,
-                        pod=f"{ns}/{pod.name}",
+                        pod=object_key(ns, pod.name),
                     )
                     new.append(got)
                     self.cluster.debit(pod.node, lender, got.bytes)

@@ -148,6 +148,18 @@ def node_verdict(health: NodeHealth | None, now: float, grace_s: float) -> tuple
     return "", ""
 
 
+def object_key(namespace: str, name: str) -> str:
+    """`<namespace>/<name>`: how the operator keys a namespaced object (a tenant, a pod) in its
+    maps, logs and lease records."""
+    return f"{namespace}/{name}"
+
+
+def key_of(body: Mapping[str, Any]) -> str:
+    """`object_key` of an object as the API server returns it."""
+    meta = body.get("metadata") or {}
+    return object_key(str(meta.get("namespace")), str(meta.get("name")))
+
+
 Verdict = tuple[str, str]  # (lost, unplaceable): a reason in words each, or ""
 PLACEABLE: Verdict = ("", "")
 
@@ -217,7 +229,7 @@ class TenantSpec:
 
     @property
     def key(self) -> str:
-        return f"{self.namespace}/{self.name}"
+        return object_key(self.namespace, self.name)
 
     @property
     def borrower(self) -> bool:
@@ -328,7 +340,7 @@ class ReplicaKey:
 
     @property
     def tenant_key(self) -> str:
-        return f"{self.namespace}/{self.name}"
+        return object_key(self.namespace, self.name)
 
     def __str__(self) -> str:
         return f"{self.namespace}/{self.name}#{self.replica}"

@@ -24,7 +24,7 @@ from spillway.operator.kube import KubeClient, KubeError
 from spillway.operator.leases import ReplicaLeases
 from spillway.operator.local import LocalReservations
 from spillway.operator.metrics import OperatorMetrics
-from spillway.operator.model import Assignment, NodeView, ReplicaKey
+from spillway.operator.model import Assignment, NodeView, ReplicaKey, object_key
 from spillway.operator.placement import plan as plan_placement
 from spillway.operator.pods import LeaseRef, ObservedPod, PodPlan, build_pod, holder_name, observe_pod, pod_name
 from spillway.units import format_bytes
@@ -48,7 +48,7 @@ class Placer:
         """The tenant is gone: drop its assignments and what was said about it."""
         for k in [k for k in self.assignments if k.namespace == namespace and k.name == name]:
             del self.assignments[k]
-        self._last_pending.pop(f"{namespace}/{name}", None)
+        self._last_pending.pop(object_key(namespace, name), None)
 
     async def place(
         self, ctx: TenantContext, replicas: Sequence[int], pending: dict[int, str],
@@ -91,12 +91,13 @@ class Placer:
         """The assignment's RESERVATION leases, one per lender; all or none (AgentError)."""
         spec, r = ctx.spec, a.key.replica
         leases: list[LeaseRef] = []
+        pod = object_key(spec.namespace, pod_name(spec.name, r))
         try:
             endpoint = self.cluster.endpoint(a.node)
             for gpu, nbytes in a.lenders:
                 leases.append(await self.agents.acquire(
                     endpoint, holder=holder_name(spec.namespace, spec.name, r), tenant_uid=spec.uid, replica=r,
-                    gpu_uuid=gpu, size=nbytes, priority=spec.priority, pod=f"{spec.namespace}/{pod_name(spec.name, r)}",
+                    gpu_uuid=gpu, size=nbytes, priority=spec.priority, pod=pod,
                 ))
         except AgentError:
             await self.leases.release_all(a.node, leases)
