@@ -30,9 +30,9 @@ from spillway.contract import (
 from spillway.operator import reconcile as rc
 from spillway.operator import slo
 from spillway.operator.agents import AgentError
+from spillway.operator.apiserver import KubeError
 from spillway.operator.context import TenantContext
 from spillway.operator.engine import Engine, EngineConfig
-from spillway.operator.kube import KubeError
 from spillway.operator.metrics import OperatorMetrics
 from spillway.operator.model import TenantSpec
 from spillway.operator.pods import LeaseRef, ObservedPod, observe_pod
@@ -110,7 +110,7 @@ class FakeKube:
     async def list_nodes(self) -> tuple[list[dict[str, Any]], str]:
         raise KubeError(403, "nodes is forbidden")
 
-    async def watch(self, path: str, resource_version: str, timeout_s: int = 300) -> AsyncIterator[dict[str, Any]]:
+    async def watch_nodes(self, resource_version: str, timeout_s: int = 300) -> AsyncIterator[dict[str, Any]]:
         if False:  # pragma: no cover - an empty stream
             yield {}
 

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from spillway.operator.agents import AgentPool, Agents
+from spillway.operator.apiserver import ApiServer
 from spillway.operator.engine import Engine, EngineConfig
-from spillway.operator.kube import KubeClient
 from spillway.operator.metrics import OperatorMetrics
 from spillway.testing.cluster import Cluster
 
@@ -35,11 +35,11 @@ def memorypool(name: str) -> dict[str, Any]:
     }
 
 
-def engine_for(kubeconfig: str, events: list[tuple[str, str, str]]) -> Engine:
+async def engine_for(kubeconfig: str, events: list[tuple[str, str, str]]) -> Engine:
     def event(body: Any, type_: str, reason: str, message: str) -> None:
         events.append((body["metadata"]["name"], reason, message))
 
-    return Engine(kube=KubeClient.from_kubeconfig(kubeconfig), agents=Agents(AgentPool()),
+    return Engine(kube=await ApiServer.connect(kubeconfig), agents=Agents(AgentPool()),
                   metrics=OperatorMetrics(), config=EngineConfig(pool_stale_s=60.0), event=event)
 
 
@@ -56,7 +56,7 @@ def test_node_watch_follows_cordon_and_delete(cluster: Cluster) -> None:
     events: list[tuple[str, str, str]] = []
 
     async def go() -> None:
-        engine = engine_for(str(cluster.kubeconfig), events)
+        engine = await engine_for(str(cluster.kubeconfig), events)
         engine.pool_changed(memorypool(name))
         assert await engine.cluster.list_nodes()
         task = asyncio.create_task(engine.cluster.watch_nodes(retry_s=0.5))
@@ -99,7 +99,7 @@ def test_without_permission_to_list_nodes_it_warns_and_goes_by_heartbeats(
     events: list[tuple[str, str, str]] = []
 
     async def go() -> None:
-        engine = engine_for(str(kubeconfig), events)
+        engine = await engine_for(str(kubeconfig), events)
         engine.pool_changed(memorypool(name))
         try:
             with caplog.at_level(logging.WARNING, logger="spillway.operator.cluster"):

@@ -106,8 +106,8 @@ async def _main(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
 
     from spillway.operator import handlers
     from spillway.operator.agents import AgentPool, Agents, Tls
+    from spillway.operator.apiserver import ApiServer
     from spillway.operator.engine import Engine, EngineConfig
-    from spillway.operator.kube import KubeClient
     from spillway.operator.metrics import OperatorMetrics
     from spillway.operator.slo import DEFAULT_SELECTOR
 
@@ -119,7 +119,7 @@ async def _main(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
     tls = Tls(args.tls_cert, args.tls_key, args.tls_ca, args.agent_server_name) if args.tls_cert else None
     metrics = OperatorMetrics()
     engine = Engine(
-        kube=KubeClient.from_env(args.kubeconfig),
+        kube=await ApiServer.connect(args.kubeconfig),
         agents=Agents(AgentPool(tls), ttl_s=cfg["ttl"]),
         metrics=metrics,
         config=EngineConfig(

@@ -15,8 +15,8 @@ from typing import Any
 
 from spillway.contract import GROUP_VERSION, POOL_KIND
 from spillway.operator.agents import AgentError
+from spillway.operator.apiserver import ApiServer, KubeError
 from spillway.operator.context import EventFn, no_events
-from spillway.operator.kube import KubeClient, KubeError
 from spillway.operator.model import PLACEABLE, NodeHealth, NodeView, Verdict, pool_verdicts
 
 log = logging.getLogger(__name__)
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ClusterView:
-    kube: KubeClient
+    kube: ApiServer
     stale_s: float = 60.0  # a MemoryPool whose heartbeat is older counts as a lost node (0: never)
     event: EventFn = no_events
     pools: dict[str, NodeView] = field(default_factory=dict)
@@ -145,7 +145,7 @@ class ClusterView:
                     if not await self.list_nodes():
                         await asyncio.sleep(60.0)
                         continue
-                async for ev in self.kube.watch("/api/v1/nodes", self._nodes_rv):
+                async for ev in self.kube.watch_nodes(self._nodes_rv):
                     obj = ev.get("object") or {}
                     kind = ev.get("type")
                     if kind == "ERROR":

@@ -35,10 +35,10 @@ from spillway.contract import (
 from spillway.operator import reconcile as rc
 from spillway.operator import slo as slomod
 from spillway.operator.agents import Agents, state_name
+from spillway.operator.apiserver import ApiServer, KubeError
 from spillway.operator.cluster import ClusterView
 from spillway.operator.context import EventFn, TenantContext, no_events
 from spillway.operator.growth import SloGrowth
-from spillway.operator.kube import KubeClient, KubeError
 from spillway.operator.leases import ReplicaLeases
 from spillway.operator.local import LocalReservations
 from spillway.operator.metrics import OperatorMetrics
@@ -62,7 +62,7 @@ class EngineConfig:
 
 @dataclass
 class Engine:
-    kube: KubeClient
+    kube: ApiServer
     agents: Agents
     metrics: OperatorMetrics
     config: EngineConfig = field(default_factory=EngineConfig)

@@ -10,6 +10,7 @@
   MemoryPool resyncs them (recomputed from the pods, so a crash leaves nothing stale).
 - Nodes: the engine lists and watches them itself (a node deleted, NotReady or cordoned is not
   placeable; without permission to list Nodes it warns and goes on without).
+- Login: kopf uses the credentials of the engine's own client (`apiserver.ApiServer.login`).
 - Startup: kopf's progress and diff-base storage go to annotations under our prefix (so `status`
   is ours alone), then the startup sweep releases orphaned leases before any reconcile.
 """
@@ -86,12 +87,21 @@ def register(
             except Exception:
                 log.exception("reconcile after a pod event failed", extra={"tenant": object_key(ns, name)})
 
+    logins = 0
+
     @kopf.on.login(registry=registry)
-    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-        """In a pod: its service account; elsewhere: $KUBECONFIG (what --kubeconfig sets)."""
-        info: kopf.ConnectionInfo | None = kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(
-            **kwargs)
-        return info
+    async def login(**_: Any) -> kopf.ConnectionInfo:
+        """kopf logs in as the engine's own client does (its kubeconfig, exec plugin, OIDC or
+        service account); kopf asks again when the API server refuses it: then with new
+        credentials."""
+        nonlocal logins
+        creds = await engine.kube.login(fresh=logins > 0)
+        logins += 1
+        return kopf.ConnectionInfo(
+            server=creds.server, ca_path=creds.ca_path, insecure=creds.insecure,
+            scheme="Bearer" if creds.token else None, token=creds.token,
+            certificate_path=creds.certificate_path, private_key_path=creds.private_key_path,
+        )
 
     @kopf.on.startup(registry=registry)
     async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:

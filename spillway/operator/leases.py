@@ -14,9 +14,9 @@ from spillway.api.v1 import agent_pb2
 from spillway.contract import format_time
 from spillway.operator import reconcile as rc
 from spillway.operator.agents import AgentError, Agents, state_name
+from spillway.operator.apiserver import ApiServer
 from spillway.operator.cluster import ClusterView
 from spillway.operator.context import TenantContext
-from spillway.operator.kube import KubeClient
 from spillway.operator.model import Assignment, ReplicaKey, object_key
 from spillway.operator.pods import LeaseRef, ObservedPod, elastic_patch, holder_name, reservation_patch
 from spillway.units import format_bytes
@@ -30,7 +30,7 @@ def describe(leases: Sequence[LeaseRef]) -> str:
 
 @dataclass
 class ReplicaLeases:
-    kube: KubeClient
+    kube: ApiServer
     agents: Agents
     cluster: ClusterView
     assignments: dict[ReplicaKey, Assignment]  # shared with the placer: a replica re-placed is forgotten here

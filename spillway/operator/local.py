@@ -21,8 +21,8 @@ from typing import Any
 
 from spillway.contract import ANN_POOL_LOCAL, GROUP, POOL_PLURAL, VERSION
 from spillway.operator.agents import AgentError, Agents
+from spillway.operator.apiserver import ApiServer, KubeError
 from spillway.operator.cluster import ClusterView
-from spillway.operator.kube import KubeClient, KubeError
 from spillway.operator.model import ReplicaKey, TenantSpec
 from spillway.operator.pods import ObservedPod, local_bytes, local_patch
 from spillway.units import format_bytes
@@ -48,7 +48,7 @@ def format_local_record(record: Mapping[str, int]) -> str | None:
 
 @dataclass
 class LocalReservations:
-    kube: KubeClient
+    kube: ApiServer
     agents: Agents
     cluster: ClusterView
 

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from spillway.contract import FALLBACK_HOST_MEMORY
 from spillway.operator import reconcile as rc
 from spillway.operator.agents import AgentError, Agents
+from spillway.operator.apiserver import ApiServer, KubeError
 from spillway.operator.cluster import ClusterView
 from spillway.operator.context import TenantContext
-from spillway.operator.kube import KubeClient, KubeError
 from spillway.operator.leases import ReplicaLeases
 from spillway.operator.local import LocalReservations
 from spillway.operator.metrics import OperatorMetrics
@@ -32,7 +32,7 @@ from spillway.units import format_bytes
 
 @dataclass
 class Placer:
-    kube: KubeClient
+    kube: ApiServer
     agents: Agents
     cluster: ClusterView
     leases: ReplicaLeases
