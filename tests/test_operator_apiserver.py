@@ -49,7 +49,7 @@ print(json.dumps({"apiVersion": "client.authentication.k8s.io/v1", "kind": "Exec
 
 
 @dataclass
-class Login:
+class Account:
     """A service account with rights, and tokens for it that can be killed one by one."""
 
     cluster: Cluster
@@ -104,14 +104,14 @@ class Login:
 
 
 @pytest.fixture
-def login(cluster: Cluster, k8s_namespace: str, tmp_path: Path) -> Iterator[Login]:
+def account(cluster: Cluster, k8s_namespace: str, tmp_path: Path) -> Iterator[Account]:
     account = "operator"
     binding = f"spw-op-{uuid.uuid4().hex[:6]}"
     cluster.kubectl("create", "serviceaccount", account, "-n", k8s_namespace)
     cluster.kubectl("create", "clusterrolebinding", binding, "--clusterrole=cluster-admin",
                     f"--serviceaccount={k8s_namespace}:{account}")
     try:
-        yield Login(cluster, k8s_namespace, account, tmp_path)
+        yield Account(cluster, k8s_namespace, account, tmp_path)
     finally:
         cluster.kubectl("delete", "clusterrolebinding", binding, "--ignore-not-found", check=False)
 
@@ -129,16 +129,16 @@ def _pod(namespace: str, name: str) -> dict[str, Any]:
             "spec": {"containers": [{"name": "c", "image": "probe"}], "nodeName": "nowhere"}}
 
 
-def test_an_exec_plugin_logs_in_runs_once_and_again_when_its_token_is_refused(login: Login) -> None:
-    ns = login.namespace
-    token_file, runs = login.dir / "token", login.dir / "runs"
-    first = login.token("t1")
+def test_an_exec_plugin_logs_in_runs_once_and_again_when_its_token_is_refused(account: Account) -> None:
+    ns = account.namespace
+    token_file, runs = account.dir / "token", account.dir / "runs"
+    first = account.token("t1")
     token_file.write_text(first)
-    kubeconfig = login.exec_kubeconfig(token_file, runs)
+    kubeconfig = account.exec_kubeconfig(token_file, runs)
 
     async def go() -> None:
         # Without the plugin the same calls are refused: this is what the test tells apart.
-        anonymous = await ApiServer.connect(str(login.kubeconfig({}, "anonymous.kubeconfig")))
+        anonymous = await ApiServer.connect(str(account.kubeconfig({}, "anonymous.kubeconfig")))
         try:
             with pytest.raises(KubeError) as refused:
                 await anonymous.list_pods(ns, "app=probe")
@@ -158,37 +158,37 @@ def test_an_exec_plugin_logs_in_runs_once_and_again_when_its_token_is_refused(lo
             assert rv
             assert runs.read_text().count("run") == 1  # the credential is kept, not fetched per call
 
-            second = login.token("t2")
+            second = account.token("t2")
             _write(token_file, second)
-            await asyncio.to_thread(login.kill, "t1", first)
+            await asyncio.to_thread(account.kill, "t1", first)
             assert await api.delete_pod(ns, "probe", grace_s=0)  # 401 with the old token: the plugin runs again
             assert runs.read_text().count("run") == 2 and api.credentials.refreshes == 1
             assert await api.get_pod(ns, "probe") is None
             creds = await api.login()
-            assert creds.token == second and creds.server == login.cluster.server
+            assert creds.token == second and creds.server == account.cluster.server
         finally:
             await api.close()
 
     asyncio.run(go())
 
 
-def test_a_rotated_service_account_token_is_picked_up(login: Login) -> None:
-    ns = login.namespace
-    sa_dir = login.dir / "serviceaccount"
+def test_a_rotated_service_account_token_is_picked_up(account: Account) -> None:
+    ns = account.namespace
+    sa_dir = account.dir / "serviceaccount"
     sa_dir.mkdir()
-    (sa_dir / "ca.crt").write_bytes((login.cluster.pki_dir / "ca.crt").read_bytes())
-    first = login.token("r1")
+    (sa_dir / "ca.crt").write_bytes((account.cluster.pki_dir / "ca.crt").read_bytes())
+    first = account.token("r1")
     (sa_dir / "token").write_text(first)
-    host, port = login.cluster.server.removeprefix("https://").rsplit(":", 1)
+    host, port = account.cluster.server.removeprefix("https://").rsplit(":", 1)
     env = {"KUBERNETES_SERVICE_HOST": host, "KUBERNETES_SERVICE_PORT": port}
 
     async def go() -> None:
-        api = await ApiServer.connect(str(login.dir / "no-kubeconfig"), service_account_dir=sa_dir, environ=env)
+        api = await ApiServer.connect(str(account.dir / "no-kubeconfig"), service_account_dir=sa_dir, environ=env)
         try:
             assert await api.list_pods(ns, "app=probe") == []
-            second = login.token("r2")
+            second = account.token("r2")
             _write(sa_dir / "token", second)
-            await asyncio.to_thread(login.kill, "r1", first)
+            await asyncio.to_thread(account.kill, "r1", first)
             assert await api.list_pods(ns, "app=probe") == []  # with the new token, at once
             assert api.credentials.refreshes == 1
             assert (await api.login()).token == second
@@ -198,19 +198,19 @@ def test_a_rotated_service_account_token_is_picked_up(login: Login) -> None:
     asyncio.run(go())
 
 
-def test_the_operator_runs_with_an_exec_plugin_kubeconfig(login: Login) -> None:
+def test_the_operator_runs_with_an_exec_plugin_kubeconfig(account: Account) -> None:
     """kopf's watches and the operator's own calls both log in through the plugin: the tenant gets
     kopf's finalizer and a status written by the operator, and its deletion completes."""
-    ns = login.namespace
-    token_file, runs = login.dir / "token", login.dir / "runs"
-    token_file.write_text(login.token("op"))
-    kubeconfig = login.exec_kubeconfig(token_file, runs)
-    sb = Sandbox(login.cluster, login.dir / "sandbox")
+    ns = account.namespace
+    token_file, runs = account.dir / "token", account.dir / "runs"
+    token_file.write_text(account.token("op"))
+    kubeconfig = account.exec_kubeconfig(token_file, runs)
+    sb = Sandbox(account.cluster, account.dir / "sandbox")
     sb.start()  # the CRDs
     port = free_port()
     path = os.pathsep.join(x for x in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if x)
     env = {**os.environ, "KUBECONFIG": str(kubeconfig), "PYTHONPATH": path}
-    log = login.dir / "operator.log"
+    log = account.dir / "operator.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "spillway", "operator", "--kubeconfig", str(kubeconfig), "--namespace", ns,
@@ -221,19 +221,19 @@ def test_the_operator_runs_with_an_exec_plugin_kubeconfig(login: Login) -> None:
         tenant = {"apiVersion": "spillway.dev/v1alpha1", "kind": "InferenceTenant",
                   "metadata": {"name": "exec-llm", "namespace": ns},
                   "spec": {"replicas": 1, "model": {"image": "toy", "memory": "40Gi"}}}
-        login.cluster.apply(json.dumps(tenant))
+        account.cluster.apply(json.dumps(tenant))
 
         def status() -> dict[str, Any] | None:
             if proc.poll() is not None:
                 raise RuntimeError(f"operator exited: {log.read_text()[-3000:]}")
-            obj = login.cluster.get_json("inferencetenant", "exec-llm", "-n", ns)
+            obj = account.cluster.get_json("inferencetenant", "exec-llm", "-n", ns)
             return obj if (obj.get("status") or {}).get("phase") and obj["metadata"].get("finalizers") else None
 
         obj = wait_until(status, timeout=90, what="the operator to write the tenant's status")
         assert obj is not None and obj["status"]["phase"] == "Pending"  # no GPU node: nowhere to place it
         assert "system:anonymous" not in log.read_text() and "403" not in log.read_text()
         assert runs.read_text().count("run") >= 1
-        login.cluster.kubectl("delete", "inferencetenant", "exec-llm", "-n", ns, "--timeout=60s")
+        account.cluster.kubectl("delete", "inferencetenant", "exec-llm", "-n", ns, "--timeout=60s")
     finally:
         Sandbox._stop_proc(proc)
         sb.stop()
