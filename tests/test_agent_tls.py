@@ -26,7 +26,7 @@ import pytest
 
 from spillway.agent.client import AgentClient
 from spillway.api.v1 import agent_pb2
-from spillway.operator.reservations import AgentPool, ReservationError, Reservations, Tls
+from spillway.operator.agents import AgentError, AgentPool, Agents, Tls
 from spillway.pki import TlsFiles, write_mtls_dir
 from spillway.testing.agentproc import AgentProcess, free_port
 
@@ -116,23 +116,23 @@ def test_server_name_without_tls_is_refused_up_front() -> None:
 
 
 def test_operator_agent_pool_passes_the_server_name(tls_agent: TlsAgent) -> None:
-    """The operator's reservations (AgentPool + Reservations) reach the agent by IP with the name."""
+    """The operator's agent client (AgentPool + Agents) reaches the agent by IP with the name."""
     t = tls_agent.client_tls
 
     gpu = asyncio.run(_inventory(tls_agent.v4, t, NAME)).gpus[0].uuid
 
     async def go(server_name: str) -> str:
-        reservations = Reservations(AgentPool(Tls(str(t.cert), str(t.key), str(t.ca), server_name)), timeout_s=20)
+        agents = Agents(AgentPool(Tls(str(t.cert), str(t.key), str(t.ca), server_name)), timeout_s=20)
         try:
-            ref = await reservations.reserve(tls_agent.v4, holder="tenant:tls/t", tenant_uid="uid-tls", replica=0,
-                                             gpu_uuid=gpu, size=1 << 30)
-            await reservations.release(tls_agent.v4, ref)
+            ref = await agents.acquire(tls_agent.v4, holder="tenant:tls/t", tenant_uid="uid-tls", replica=0,
+                                       gpu_uuid=gpu, size=1 << 30)
+            await agents.release(tls_agent.v4, ref)
             return ref.id
         finally:
-            await reservations.agents.close()
+            await agents.pool.close()
 
     assert asyncio.run(go(NAME)).startswith("l-")
-    with pytest.raises(ReservationError) as info:
+    with pytest.raises(AgentError) as info:
         asyncio.run(go(""))
     assert info.value.code == "UNAVAILABLE" and MISMATCH in str(info.value)
 

@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
+from spillway.operator.agents import AgentPool, Agents
+from spillway.operator.apiserver import ApiServer
 from spillway.operator.engine import Engine, EngineConfig
-from spillway.operator.kube import KubeClient
 from spillway.operator.metrics import OperatorMetrics
-from spillway.operator.reservations import AgentPool, Reservations
 from spillway.testing.cluster import Cluster
 
 pytestmark = [pytest.mark.cluster]
@@ -35,11 +35,11 @@ def memorypool(name: str) -> dict[str, Any]:
     }
 
 
-def engine_for(kubeconfig: str, events: list[tuple[str, str, str]]) -> Engine:
+async def engine_for(kubeconfig: str, events: list[tuple[str, str, str]]) -> Engine:
     def event(body: Any, type_: str, reason: str, message: str) -> None:
         events.append((body["metadata"]["name"], reason, message))
 
-    return Engine(kube=KubeClient.from_kubeconfig(kubeconfig), reservations=Reservations(AgentPool()),
+    return Engine(kube=await ApiServer.connect(kubeconfig), agents=Agents(AgentPool()),
                   metrics=OperatorMetrics(), config=EngineConfig(pool_stale_s=60.0), event=event)
 
 
@@ -56,10 +56,10 @@ def test_node_watch_follows_cordon_and_delete(cluster: Cluster) -> None:
     events: list[tuple[str, str, str]] = []
 
     async def go() -> None:
-        engine = engine_for(str(cluster.kubeconfig), events)
+        engine = await engine_for(str(cluster.kubeconfig), events)
         engine.pool_changed(memorypool(name))
-        assert await engine.list_nodes()
-        task = asyncio.create_task(engine.watch_nodes(retry_s=0.5))
+        assert await engine.cluster.list_nodes()
+        task = asyncio.create_task(engine.cluster.watch_nodes(retry_s=0.5))
         try:
             # A pool whose Node does not exist yet is lost (its agent publishes for a deleted node).
             assert "no Node object" in engine.lost_reasons()[name]
@@ -70,12 +70,12 @@ def test_node_watch_follows_cordon_and_delete(cluster: Cluster) -> None:
             await asyncio.to_thread(cluster.kubectl, "cordon", name)
             await until(lambda: name not in engine.placeable_pools(), "the cordoned node to take no replica")
             assert name in engine.live_pools()  # its running replicas stay
-            assert engine.pool_verdicts()[name] == ("", "is cordoned (unschedulable)")
+            assert engine.cluster.verdicts()[name] == ("", "is cordoned (unschedulable)")
             await asyncio.to_thread(cluster.kubectl, "uncordon", name)
             await until(lambda: name in engine.placeable_pools(), "the uncordoned node to be placeable again")
             await asyncio.to_thread(cluster.remove_node, name)
             await until(lambda: name not in engine.live_pools(), "the deleted node to be lost")
-            assert engine.node_gone(name)
+            assert engine.cluster.node_gone(name)
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
@@ -99,12 +99,12 @@ def test_without_permission_to_list_nodes_it_warns_and_goes_by_heartbeats(
     events: list[tuple[str, str, str]] = []
 
     async def go() -> None:
-        engine = engine_for(str(kubeconfig), events)
+        engine = await engine_for(str(kubeconfig), events)
         engine.pool_changed(memorypool(name))
         try:
-            with caplog.at_level(logging.WARNING, logger="spillway.operator.engine"):
-                assert not await engine.list_nodes()
-            assert engine.nodes is None and not engine.node_gone(name)
+            with caplog.at_level(logging.WARNING, logger="spillway.operator.cluster"):
+                assert not await engine.cluster.list_nodes()
+            assert engine.cluster.nodes is None and not engine.cluster.node_gone(name)
             assert name in engine.placeable_pools()  # no Node facts: a fresh heartbeat is enough
         finally:
             await engine.close()

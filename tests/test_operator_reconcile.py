@@ -58,7 +58,7 @@ def test_pod_is_deterministic_pinned_owned_and_annotated() -> None:
     assert ann["spillway.dev/reservation-node"] == "gpu-0"
     assert ann["spillway.dev/lender-gpus"] == "g1,g2"
     assert pod["spec"]["containers"][0]["env"] == [{"name": "A", "value": "1"}]
-    observed = rc.observe_pod(pod)
+    observed = P.observe_pod(pod)
     assert observed is not None
     assert observed.replica == 1 and observed.node == "gpu-0" and observed.gpu_uuid == "g0"
     assert [(x.id, x.token, x.gpu_uuid, x.bytes) for x in observed.leases] == [
@@ -70,7 +70,7 @@ def test_fallback_pod_asks_for_no_peer_memory() -> None:
     pod = P.build_pod(plan)
     assert "spillway.dev/peer-hbm" not in pod["spec"]["containers"][0]["resources"]["limits"]
     assert pod["metadata"]["annotations"]["spillway.dev/fallback"] == "HostMemory"
-    observed = rc.observe_pod(pod)
+    observed = P.observe_pod(pod)
     assert observed is not None and observed.fallback and observed.leases == ()
 
 
@@ -83,12 +83,12 @@ def test_holder_and_idempotency_key_round_trip() -> None:
     assert P.idempotency_key("u", 1, "g", 2) == "u/1/g/2"
 
 
-def observed(replica: int, node: str = "gpu-0", **kw: Any) -> rc.ObservedPod:
+def observed(replica: int, node: str = "gpu-0", **kw: Any) -> P.ObservedPod:
     base: dict[str, Any] = {"replica": replica, "name": f"chat-{replica}", "uid": f"p{replica}", "node": node,
                             "gpu_uuid": f"{node}-g0", "leases": (), "phase": "Running", "ready": True,
                             "tenant_uid": "uid-1"}
     base.update(kw)
-    return rc.ObservedPod(**base)
+    return P.ObservedPod(**base)
 
 
 def test_decide_keeps_places_and_removes() -> None:
@@ -143,9 +143,9 @@ def test_status_phases_and_conditions() -> None:
 
 def test_elastic_annotation_round_trip() -> None:
     leases = [P.LeaseRef("e1", "t", "g3", GIB, "ELASTIC", "k")]
-    ann = {rc.ANN_ELASTIC: rc.elastic_annotation(leases)}
-    assert rc.parse_elastic(ann) == tuple(leases)
-    assert rc.parse_elastic({rc.ANN_ELASTIC: "not json"}) == ()
+    ann = {P.ANN_ELASTIC: P.elastic_annotation(leases)}
+    assert P.parse_elastic(ann) == tuple(leases)
+    assert P.parse_elastic({P.ANN_ELASTIC: "not json"}) == ()
 
 
 def test_pod_records_what_its_own_gpu_keeps() -> None:
@@ -153,11 +153,11 @@ def test_pod_records_what_its_own_gpu_keeps() -> None:
                      local_bytes=40 * GIB)
     pod = P.build_pod(plan)
     assert pod["metadata"]["annotations"][P.ANN_LOCAL] == str(40 * GIB)
-    obs = rc.observe_pod(pod)
+    obs = P.observe_pod(pod)
     assert obs is not None and obs.local_bytes == 40 * GIB
     # A pod made before the annotation existed, or a garbled value, reads as 0 (the reconcile rewrites it).
     pod["metadata"]["annotations"][P.ANN_LOCAL] = "40Gi"
-    obs2 = rc.observe_pod(pod)
+    obs2 = P.observe_pod(pod)
     assert obs2 is not None and obs2.local_bytes == 0
     assert P.local_bytes(40 * GIB, True, 80 * GIB) == 40 * GIB
     assert P.local_bytes(40 * GIB, False, 80 * GIB) == 80 * GIB  # lending: false keeps the whole GPU

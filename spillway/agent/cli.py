@@ -16,6 +16,7 @@ from google.protobuf.json_format import MessageToDict  # type: ignore[import-unt
 
 from spillway.agent.client import AgentClient, largest_grantable
 from spillway.api.v1 import agent_pb2 as pb
+from spillway.contract import DEFAULT_AGENT_SOCKET, ENV_AGENT_SOCKET
 from spillway.pki import TlsFiles
 from spillway.units import (
     DurationError,
@@ -27,7 +28,7 @@ from spillway.units import (
 )
 
 T = TypeVar("T")
-DEFAULT_SOCKET = os.environ.get("SPILLWAY_AGENT_SOCKET", "/run/spillway/agent.sock")
+DEFAULT_SOCKET = os.environ.get(ENV_AGENT_SOCKET, DEFAULT_AGENT_SOCKET)
 
 
 class UsageError(Exception):
@@ -301,7 +302,7 @@ def add_commands(sub: Any) -> None:
     a.add_argument("--topology", type=Path, default=Path(__file__).resolve().parents[2] / "examples" / "topologies"
                    / "dgx-h100.yaml", help="topology YAML of the simulated backend")
     a.add_argument("--node-name", default="", help="node name (default $NODE_NAME or the host name)")
-    a.add_argument("--socket", type=Path, default=Path("/run/spillway/agent.sock"), help="unix socket to serve on")
+    a.add_argument("--socket", type=Path, default=Path(DEFAULT_AGENT_SOCKET), help="unix socket to serve on")
     a.add_argument("--listen", default="", help="also serve HOST:PORT over TCP with mutual TLS")
     _tls_args(a)
     a.add_argument("--state-dir", type=Path, default=Path("/var/lib/spillway/agent"),

@@ -20,9 +20,10 @@ from typing import Any, cast
 import grpc
 
 from spillway.api.v1 import agent_pb2, agent_pb2_grpc
+from spillway.contract import TRAILER_LARGEST_GRANTABLE
 from spillway.pki import TlsFiles
 
-LARGEST_METADATA = "spillway-largest-grantable-bytes"
+LARGEST_METADATA = TRAILER_LARGEST_GRANTABLE
 
 
 def channel_target(target: str) -> tuple[str, bool]:

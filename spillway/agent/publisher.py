@@ -12,25 +12,25 @@ service account.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import logging
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from spillway.api.v1 import agent_pb2
+from spillway.contract import GROUP, GROUP_VERSION, POOL_KIND, POOL_PLURAL, VERSION, format_time
 from spillway.units import format_bytes
 
 log = logging.getLogger(__name__)
 
-GROUP, VERSION, PLURAL = "spillway.dev", "v1alpha1", "memorypools"
+PLURAL = POOL_PLURAL
 HEARTBEAT_S = 10.0
 LIVE_STATES = (agent_pb2.RESERVED, agent_pb2.ACTIVE, agent_pb2.REVOKING)
 DEFAULT_UNIT = 1 << 30
 
 
 def _rfc3339(ms: float) -> str:
-    return dt.datetime.fromtimestamp(ms / 1000.0, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return format_time(ms / 1000.0)
 
 
 def build_status(
@@ -183,8 +183,8 @@ class MemoryPoolWriter:
             if exc.status != 404:
                 raise
             body = {
-                "apiVersion": f"{GROUP}/{VERSION}",
-                "kind": "MemoryPool",
+                "apiVersion": GROUP_VERSION,
+                "kind": POOL_KIND,
                 "metadata": {"name": self.node_name, "labels": {"app.kubernetes.io/part-of": "spillway"}},
                 "spec": {},
             }

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import importlib
 import logging
 import os
 import signal
@@ -31,15 +30,17 @@ from spillway.agent.pool import (
     Headroom,
     Pool,
 )
+from spillway.agent.publisher import run_publisher
 from spillway.agent.service import AgentCore, AgentServicer, lease_pb, now_ms
 from spillway.agent.store import Store, load_or_create_key
 from spillway.api.v1 import agent_pb2_grpc as pb_grpc
+from spillway.contract import DEFAULT_AGENT_SOCKET
 from spillway.metrics import HttpEndpoint
 from spillway.pki import TlsFiles, read_tls, tls_signature
 
 log = logging.getLogger("spillway.agent")
 
-DEFAULT_SOCKET = "/run/spillway/agent.sock"
+DEFAULT_SOCKET = DEFAULT_AGENT_SOCKET
 MAX_UNIX_PATH = 107  # sockaddr_un.sun_path is 108 bytes with the terminating NUL
 DEFAULT_STATE_DIR = "/var/lib/spillway/agent"
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -183,7 +184,6 @@ class Agent:
             self.http = HttpEndpoint(self.metrics.registry, self.ready)
             await self.http.start(cfg.metrics_port, cfg.metrics_host)
         if cfg.publish:
-            run_publisher = importlib.import_module("spillway.agent.publisher").run_publisher
             target = f"unix:{cfg.socket}"
             self._publisher = asyncio.create_task(
                 run_publisher(target, cfg.node_name, cfg.advertise_endpoint or cfg.listen), name="publisher")

@@ -27,11 +27,12 @@ from spillway.agent.pool import Event, Kind, Lease, Pool, PoolError, State
 from spillway.agent.store import Store
 from spillway.api.v1 import agent_pb2 as pb
 from spillway.api.v1 import agent_pb2_grpc as pb_grpc
+from spillway.contract import TRAILER_LARGEST_GRANTABLE
 from spillway.units import QuantityError, format_bytes, parse_quantity
 
 log = logging.getLogger("spillway.agent")
 
-LARGEST_METADATA = "spillway-largest-grantable-bytes"
+LARGEST_METADATA = TRAILER_LARGEST_GRANTABLE
 WATCH_QUEUE = 10_000
 
 T = TypeVar("T")

@@ -19,15 +19,11 @@ from spillway.client.devices import cuda_available, find_cuda_device, visible_gp
 from spillway.client.lease import LeaseKeeper, RevocationRecord
 from spillway.client.slots import SlotStore
 from spillway.client.store import BlockStore, Transfer
+from spillway.contract import ENV_AGENT_SOCKET, ENV_LEASE_ID, ENV_LEASE_TOKEN, ENV_LENDER_GPUS  # set by the plugin
 from spillway.units import format_bytes, parse_quantity
 
 log = logging.getLogger("spillway.client")
 T = TypeVar("T")
-
-ENV_LEASE_ID = "SPILLWAY_LEASE_ID"
-ENV_LEASE_TOKEN = "SPILLWAY_LEASE_TOKEN"
-ENV_AGENT_SOCKET = "SPILLWAY_AGENT_SOCKET"
-ENV_LENDER_GPUS = "SPILLWAY_LENDER_GPUS"
 
 # What the peer tier is, as shown in logs, repr and stats.
 KIND_CUDA = "cuda"  # the lender GPU's HBM

@@ -10,25 +10,30 @@ Parts, in the shape of NVIDIA's k8s-device-plugin:
 - `plugin`: wires them together; `cli`: the `spillway deviceplugin` command.
 """
 
-RESOURCE_NAME = "spillway.dev/peer-hbm"
+from spillway.contract import (
+    ANN_ALLOCATION,
+    ANN_LENDERS,
+    ANN_NODE,
+    ANN_RESERVATION,
+    ANN_TOKEN,
+    ENV_AGENT_SOCKET,
+    ENV_LEASE_ID,
+    ENV_LEASE_TOKEN,
+    ENV_LENDER_GPUS,
+)
+from spillway.contract import PEER_HBM_RESOURCE as RESOURCE_NAME
+
 SOCKET_NAME = "spillway-peer-hbm.sock"
 KUBELET_SOCKET = "kubelet.sock"
-API_VERSION = "v1beta1"
+KUBELET_API_VERSION = "v1beta1"  # the kubelet device plugin API (not a Spillway CRD version)
 HEALTHY = "Healthy"
 UNHEALTHY = "Unhealthy"
 
-# Pod annotations written by the operator (spillway/operator/pods.py): comma-separated lists,
-# one entry per lease, in the same order.
-ANN_RESERVATION = "spillway.dev/reservation"
-ANN_TOKEN = "spillway.dev/reservation-token"
-ANN_NODE = "spillway.dev/reservation-node"
-ANN_LENDERS = "spillway.dev/lender-gpus"
-# Written by the device plugin: JSON {container: {"leases": [...], "result": ..., "message": ...}};
-# a container listed here is taken, so no second Allocate picks it.
-ANN_ALLOCATION = "spillway.dev/allocation"
-
-# Environment of the borrower containers (read by spillway.client).
-ENV_LEASE_ID = "SPILLWAY_LEASE_ID"
-ENV_LEASE_TOKEN = "SPILLWAY_LEASE_TOKEN"
-ENV_AGENT_SOCKET = "SPILLWAY_AGENT_SOCKET"
-ENV_LENDER_GPUS = "SPILLWAY_LENDER_GPUS"
+# The pod annotations (ANN_*) and the borrower environment (ENV_*) are the processes' shared
+# contract: spillway.contract. A container listed in ANN_ALLOCATION is taken, so no second
+# Allocate picks it.
+__all__ = [
+    "ANN_ALLOCATION", "ANN_LENDERS", "ANN_NODE", "ANN_RESERVATION", "ANN_TOKEN", "ENV_AGENT_SOCKET", "ENV_LEASE_ID",
+    "ENV_LEASE_TOKEN", "ENV_LENDER_GPUS", "HEALTHY", "KUBELET_API_VERSION", "KUBELET_SOCKET", "RESOURCE_NAME",
+    "SOCKET_NAME", "UNHEALTHY",
+]

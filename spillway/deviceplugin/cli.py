@@ -9,9 +9,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from spillway.contract import DEFAULT_AGENT_SOCKET
 from spillway.units import QuantityError, parse_quantity
 
-DEFAULT_AGENT_SOCKET = "/run/spillway/agent.sock"  # the agent's default --socket
 DEFAULT_KUBELET_DIR = "/var/lib/kubelet/device-plugins"
 DEFAULT_POD_RESOURCES = "/var/lib/kubelet/pod-resources/kubelet.sock"
 DEFAULT_STATE_DIR = "/var/lib/spillway/deviceplugin"

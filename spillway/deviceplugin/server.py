@@ -21,7 +21,7 @@ from pathlib import Path
 import grpc
 
 from spillway.api.deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
-from spillway.deviceplugin import API_VERSION, KUBELET_SOCKET, RESOURCE_NAME, SOCKET_NAME
+from spillway.deviceplugin import KUBELET_API_VERSION, KUBELET_SOCKET, RESOURCE_NAME, SOCKET_NAME
 from spillway.deviceplugin.allocator import AllocationError, Allocator
 from spillway.deviceplugin.metrics import Metrics
 from spillway.deviceplugin.resources import ResourceManager
@@ -130,7 +130,7 @@ class PluginServer:
             await server.stop(grace=0.5)
 
     async def _register(self) -> None:
-        request = api_pb2.RegisterRequest(version=API_VERSION, endpoint=self.socket_path.name,
+        request = api_pb2.RegisterRequest(version=KUBELET_API_VERSION, endpoint=self.socket_path.name,
                                           resource_name=self.resource, options=OPTIONS)
         async with grpc.aio.insecure_channel(f"unix://{self.kubelet_socket}") as channel:
             stub = api_pb2_grpc.RegistrationStub(channel)

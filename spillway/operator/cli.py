@@ -105,10 +105,10 @@ async def _main(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
     import kopf
 
     from spillway.operator import handlers
+    from spillway.operator.agents import AgentPool, Agents, Tls
+    from spillway.operator.apiserver import ApiServer
     from spillway.operator.engine import Engine, EngineConfig
-    from spillway.operator.kube import KubeClient
     from spillway.operator.metrics import OperatorMetrics
-    from spillway.operator.reservations import AgentPool, Reservations, Tls
     from spillway.operator.slo import DEFAULT_SELECTOR
 
     for handler in logging.getLogger().handlers:
@@ -119,8 +119,8 @@ async def _main(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
     tls = Tls(args.tls_cert, args.tls_key, args.tls_ca, args.agent_server_name) if args.tls_cert else None
     metrics = OperatorMetrics()
     engine = Engine(
-        kube=KubeClient.from_env(args.kubeconfig),
-        reservations=Reservations(AgentPool(tls), ttl_s=cfg["ttl"]),
+        kube=await ApiServer.connect(args.kubeconfig),
+        agents=Agents(AgentPool(tls), ttl_s=cfg["ttl"]),
         metrics=metrics,
         config=EngineConfig(
             namespaces=tuple(args.namespace), lease_ttl_s=cfg["ttl"], prometheus_url=args.prometheus_url,

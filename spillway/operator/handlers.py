@@ -10,6 +10,7 @@
   MemoryPool resyncs them (recomputed from the pods, so a crash leaves nothing stale).
 - Nodes: the engine lists and watches them itself (a node deleted, NotReady or cordoned is not
   placeable; without permission to list Nodes it warns and goes on without).
+- Login: kopf uses the credentials of the engine's own client (`apiserver.ApiServer.login`).
 - Startup: kopf's progress and diff-base storage go to annotations under our prefix (so `status`
   is ours alone), then the startup sweep releases orphaned leases before any reconcile.
 """
@@ -24,10 +25,20 @@ from typing import Any
 import kopf
 
 from spillway.api.v1 import agent_pb2
+from spillway.contract import (
+    GROUP,
+    GROUP_VERSION,
+    HOLDER_PREFIX,
+    LABEL_TENANT,
+    MANAGED_BY,
+    POOL_PLURAL,
+    TENANT_KIND,
+    TENANT_PLURAL,
+    VERSION,
+)
+from spillway.operator.agents import AgentError
 from spillway.operator.engine import Engine
-from spillway.operator.model import API_GROUP, API_VERSION, POOL_PLURAL, TENANT_PLURAL
-from spillway.operator.pods import LABEL_TENANT
-from spillway.operator.reservations import ReservationError
+from spillway.operator.model import key_of, object_key
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +48,13 @@ PREFIX = "operator.spillway.dev"
 def post_event(body: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
     """A Kubernetes Event on the object (kopf posts them in the background)."""
     obj = dict(body)
-    obj.setdefault("apiVersion", f"{API_GROUP}/{API_VERSION}")
-    obj.setdefault("kind", "InferenceTenant")
+    obj.setdefault("apiVersion", GROUP_VERSION)
+    obj.setdefault("kind", TENANT_KIND)
     try:
         kopf.event(obj, type=type_, reason=reason, message=message[:1000])  # type: ignore[arg-type]
     except Exception:  # events are best effort; never fail a reconcile for one
         log.debug("event not posted", exc_info=True)
-    log.info(message, extra={"reason": reason, "tenant": f"{(body.get('metadata') or {}).get('namespace')}/"
-                                                          f"{(body.get('metadata') or {}).get('name')}"})
+    log.info(message, extra={"reason": reason, "tenant": key_of(body)})
 
 
 def register(
@@ -63,26 +73,35 @@ def register(
         await asyncio.sleep(0.2)
         syncs.pop(node, None)
         try:
-            await engine.sync_local(node)
+            await engine.local.sync(node)
         except Exception:
             log.warning("local reservation sync failed", exc_info=True, extra={"node": node})
 
     async def poke_later(ns: str, name: str) -> None:
         await asyncio.sleep(0.2)
-        pokes.pop(f"{ns}/{name}", None)
-        body = await engine.kube.get_custom(API_GROUP, API_VERSION, TENANT_PLURAL, name, ns)
+        pokes.pop(object_key(ns, name), None)
+        body = await engine.kube.get_custom(GROUP, VERSION, TENANT_PLURAL, name, ns)
         if body is not None:
             try:
                 await engine.reconcile(body, renew=False)
             except Exception:
-                log.exception("reconcile after a pod event failed", extra={"tenant": f"{ns}/{name}"})
+                log.exception("reconcile after a pod event failed", extra={"tenant": object_key(ns, name)})
+
+    logins = 0
 
     @kopf.on.login(registry=registry)
-    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-        """In a pod: its service account; elsewhere: $KUBECONFIG (what --kubeconfig sets)."""
-        info: kopf.ConnectionInfo | None = kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(
-            **kwargs)
-        return info
+    async def login(**_: Any) -> kopf.ConnectionInfo:
+        """kopf logs in as the engine's own client does (its kubeconfig, exec plugin, OIDC or
+        service account); kopf asks again when the API server refuses it: then with new
+        credentials."""
+        nonlocal logins
+        creds = await engine.kube.login(fresh=logins > 0)
+        logins += 1
+        return kopf.ConnectionInfo(
+            server=creds.server, ca_path=creds.ca_path, insecure=creds.insecure,
+            scheme="Bearer" if creds.token else None, token=creds.token,
+            certificate_path=creds.certificate_path, private_key_path=creds.private_key_path,
+        )
 
     @kopf.on.startup(registry=registry)
     async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
@@ -92,7 +111,7 @@ def register(
         )
         settings.persistence.finalizer = f"{PREFIX}/finalizer"
         settings.posting.level = logging.WARNING  # our own events tell the story; kopf's only on trouble
-        settings.posting.reporting_component = "spillway-operator"
+        settings.posting.reporting_component = MANAGED_BY
         settings.watching.server_timeout = 300
         settings.batching.worker_limit = 64
         settings.peering.lifetime = peering_lifetime_s  # a standby takes over this long after the active one dies
@@ -106,7 +125,7 @@ def register(
                 log.warning("startup sync failed; retrying", extra={"error": str(exc)[:300], "attempt": attempt})
                 await asyncio.sleep(1.0)
         log.info("operator synced", extra={"pools": len(engine.pools), "orphans_released": released})
-        background.append(asyncio.get_running_loop().create_task(engine.watch_nodes()))
+        background.append(asyncio.get_running_loop().create_task(engine.cluster.watch_nodes()))
 
     @kopf.on.cleanup(registry=registry)
     async def cleanup(**_: Any) -> None:
@@ -117,21 +136,21 @@ def register(
 
     # -- MemoryPools and their agents --
 
-    @kopf.on.event(API_GROUP, API_VERSION, POOL_PLURAL, registry=registry)
+    @kopf.on.event(GROUP, VERSION, POOL_PLURAL, registry=registry)
     async def pool_event(type: str, body: kopf.Body, name: str, **_: Any) -> None:
         if type == "DELETED":
             engine.pool_deleted(name)
         else:
             engine.pool_changed(body)
 
-    @kopf.timer(API_GROUP, API_VERSION, POOL_PLURAL, interval=resync_s, registry=registry)
+    @kopf.timer(GROUP, VERSION, POOL_PLURAL, interval=resync_s, registry=registry)
     async def pool_resync(name: str, **_: Any) -> None:
         """Local reservations on the node follow the replicas placed there (first run at once, so a
         restarted operator recomputes them; only the active operator of a peering runs timers)."""
         if engine.synced:
-            await engine.sync_local(name)
+            await engine.local.sync(name)
 
-    @kopf.daemon(API_GROUP, API_VERSION, POOL_PLURAL, registry=registry, cancellation_timeout=5.0)
+    @kopf.daemon(GROUP, VERSION, POOL_PLURAL, registry=registry, cancellation_timeout=5.0)
     async def watch_agent(name: str, stopped: kopf.DaemonStopped, **_: Any) -> None:
         """Follow the node agent's event stream; lease changes go to the engine."""
         while not stopped:
@@ -141,20 +160,20 @@ def register(
                 continue
             endpoint = view.endpoint
             try:
-                async for event in engine.reservations.watch(endpoint):
+                async for event in engine.agents.watch(endpoint):
                     if stopped:
                         return
-                    if event.kind == agent_pb2.WatchEvent.LEASE and event.lease.holder.startswith("tenant:"):
+                    if event.kind == agent_pb2.WatchEvent.LEASE and event.lease.holder.startswith(HOLDER_PREFIX):
                         task = asyncio.create_task(engine.on_lease_event(event.lease))
                         task.add_done_callback(_log_failure)
                     current = engine.pools.get(name)
                     if current is None or current.endpoint != endpoint:
                         break  # the agent moved: follow it
-            except (ReservationError, OSError, Exception) as exc:  # the stream ends when the agent restarts
+            except (AgentError, OSError, Exception) as exc:  # the stream ends when the agent restarts
                 if stopped:
                     return
                 log.info("agent watch ended; reconnecting", extra={"node": name, "error": str(exc)[:200]})
-                await engine.reservations.agents.drop(endpoint)
+                await engine.agents.pool.drop(endpoint)
             await asyncio.sleep(agent_retry_s)
 
     # -- tenant pods --
@@ -169,23 +188,23 @@ def register(
         if type is None:  # the initial listing
             return
         tenant = labels.get(LABEL_TENANT, "")
-        key = f"{namespace}/{tenant}"
+        key = object_key(namespace or "", tenant)
         if tenant and key not in pokes and engine.synced:
             pokes[key] = asyncio.get_running_loop().create_task(poke_later(namespace or "", tenant))
 
     # -- tenants --
 
-    @kopf.on.resume(API_GROUP, API_VERSION, TENANT_PLURAL, registry=registry)
-    @kopf.on.create(API_GROUP, API_VERSION, TENANT_PLURAL, registry=registry)
-    @kopf.on.update(API_GROUP, API_VERSION, TENANT_PLURAL, field="spec", registry=registry)
+    @kopf.on.resume(GROUP, VERSION, TENANT_PLURAL, registry=registry)
+    @kopf.on.create(GROUP, VERSION, TENANT_PLURAL, registry=registry)
+    @kopf.on.update(GROUP, VERSION, TENANT_PLURAL, field="spec", registry=registry)
     async def tenant_changed(body: kopf.Body, **_: Any) -> None:
         await engine.reconcile(dict(body))
 
-    @kopf.timer(API_GROUP, API_VERSION, TENANT_PLURAL, interval=resync_s, registry=registry)
+    @kopf.timer(GROUP, VERSION, TENANT_PLURAL, interval=resync_s, registry=registry)
     async def resync(body: kopf.Body, **_: Any) -> None:
         await engine.reconcile(dict(body), renew=True, slo=True)
 
-    @kopf.on.delete(API_GROUP, API_VERSION, TENANT_PLURAL, registry=registry)
+    @kopf.on.delete(GROUP, VERSION, TENANT_PLURAL, registry=registry)
     async def tenant_deleted(body: kopf.Body, **_: Any) -> None:
         await engine.finalize(dict(body))
 

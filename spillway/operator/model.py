@@ -14,11 +14,6 @@ from typing import Any, Literal
 
 from spillway.units import DurationError, QuantityError, parse_duration, parse_quantity
 
-API_GROUP = "spillway.dev"
-API_VERSION = "v1alpha1"
-TENANT_PLURAL = "inferencetenants"
-POOL_PLURAL = "memorypools"
-
 DEFAULT_PERCENTILE = 99.0
 DEFAULT_ATTAINMENT = 0.99
 DEFAULT_WINDOW_S = 300.0
@@ -153,6 +148,41 @@ def node_verdict(health: NodeHealth | None, now: float, grace_s: float) -> tuple
     return "", ""
 
 
+def object_key(namespace: str, name: str) -> str:
+    """`<namespace>/<name>`: how the operator keys a namespaced object (a tenant, a pod) in its
+    maps, logs and lease records."""
+    return f"{namespace}/{name}"
+
+
+def key_of(body: Mapping[str, Any]) -> str:
+    """`object_key` of an object as the API server returns it."""
+    meta = body.get("metadata") or {}
+    return object_key(str(meta.get("namespace")), str(meta.get("name")))
+
+
+Verdict = tuple[str, str]  # (lost, unplaceable): a reason in words each, or ""
+PLACEABLE: Verdict = ("", "")
+
+
+def pool_verdicts(
+    pools: Mapping[str, NodeView], nodes: Mapping[str, NodeHealth] | None, now: float, stale_s: float
+) -> dict[str, Verdict]:
+    """The verdict of every pool that is not fully usable: a pool whose heartbeat is older than
+    `stale_s` (0: never stale) is lost; else its Node decides (`node_verdict`); without Node
+    facts (`nodes` None: the operator may not list Nodes) a fresh pool is placeable."""
+    out: dict[str, Verdict] = {}
+    for name, view in pools.items():
+        if stale_s > 0 and view.heartbeat and now - view.heartbeat > stale_s:
+            verdict = (f"has no live MemoryPool (its agent has not published for more than {stale_s:g}s)", "")
+        elif nodes is not None:
+            verdict = node_verdict(nodes.get(name), now, stale_s)
+        else:
+            verdict = PLACEABLE
+        if verdict != PLACEABLE:
+            out[name] = verdict
+    return out
+
+
 def _parse_time(value: Any) -> float:
     """RFC 3339 (as Kubernetes writes times) or a number of seconds -> Unix seconds; 0 if absent."""
     if value is None or value == "":
@@ -199,7 +229,7 @@ class TenantSpec:
 
     @property
     def key(self) -> str:
-        return f"{self.namespace}/{self.name}"
+        return object_key(self.namespace, self.name)
 
     @property
     def borrower(self) -> bool:
@@ -310,7 +340,7 @@ class ReplicaKey:
 
     @property
     def tenant_key(self) -> str:
-        return f"{self.namespace}/{self.name}"
+        return object_key(self.namespace, self.name)
 
     def __str__(self) -> str:
         return f"{self.namespace}/{self.name}#{self.replica}"

@@ -1,50 +1,55 @@
-"""The Pod of one tenant replica, as a pure function of the decision (no I/O).
+"""A tenant replica's Pod, both ways, as pure functions (no I/O): `build_pod` writes it from the
+decision, `observe_pod` reads a replica back from it, and the `*_patch` functions change its
+annotations. Every pod label and annotation the operator reads or writes goes through here; their
+names and encodings are the processes' contract (`spillway.contract`).
 
 The name is deterministic (`<tenant>-<replica>`), so a retried or restarted reconcile can never
 create a second pod for a replica: the API server refuses the duplicate name. The pod is pinned
 to its node with required node affinity on `kubernetes.io/hostname` (not `nodeName`), so
 kube-scheduler still binds it and counts `nvidia.com/gpu` and `spillway.dev/peer-hbm`.
 
-Annotation contract with the device plugin (comma-separated where a replica has several
-lender GPUs, one lease per lender, in the same order):
-- `spillway.dev/reservation`: lease ids
-- `spillway.dev/reservation-token`: the leases' tokens
-- `spillway.dev/reservation-node`: the node the leases are on
-- `spillway.dev/lender-gpus`: the lender GPU UUIDs
+The device plugin reads the reservation annotations (one entry per lease, every list in the
+same order) to find the pod an Allocate is for; see `spillway.contract`.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-GROUP = "spillway.dev"
-VERSION = "v1alpha1"
-API_VERSION = f"{GROUP}/{VERSION}"
-KIND = "InferenceTenant"
+from spillway.contract import (
+    ANN_ELASTIC,
+    ANN_FALLBACK,
+    ANN_GPU,
+    ANN_LENDERS,
+    ANN_LOCAL,
+    ANN_NODE,
+    ANN_PEER_BYTES,
+    ANN_RESERVATION,
+    ANN_TENANT_UID,
+    ANN_TOKEN,
+    FALLBACK_HOST_MEMORY,
+    GPU_RESOURCE,
+    GROUP_VERSION,
+    LABEL_MANAGED_BY,
+    LABEL_REPLICA,
+    LABEL_TENANT,
+    MANAGED_BY,
+    PEER_HBM_RESOURCE,
+    PEER_HBM_UNIT,
+    TENANT_KIND,
+    holder_name,
+    join_list,
+    parse_holder,
+    split_list,
+)
 
-PEER_HBM_RESOURCE = "spillway.dev/peer-hbm"
-GPU_RESOURCE = "nvidia.com/gpu"
-PEER_HBM_UNIT = 1 << 30  # one `spillway.dev/peer-hbm` unit = 1 GiB (the device plugin's default --unit)
-
-LABEL_TENANT = "spillway.dev/tenant"
-LABEL_REPLICA = "spillway.dev/replica"
-LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
-MANAGED_BY = "spillway-operator"
-
-ANN_RESERVATION = "spillway.dev/reservation"
-ANN_TOKEN = "spillway.dev/reservation-token"
-ANN_NODE = "spillway.dev/reservation-node"
-ANN_LENDERS = "spillway.dev/lender-gpus"
-ANN_GPU = "spillway.dev/gpu"  # the GPU the planner meant for the replica's own model (informational)
-ANN_PEER_BYTES = "spillway.dev/lender-bytes"  # bytes of each lease, comma-separated
-ANN_FALLBACK = "spillway.dev/fallback"  # "HostMemory" when the replica runs without peer memory
-ANN_TENANT_UID = "spillway.dev/tenant-uid"
-# Bytes the replica's own GPU keeps for it: the operator sets the agent's local reservation
-# (`SetGpuLocal reserved`) of that GPU to the sum over the pods there, so the pool never lends them.
-ANN_LOCAL = "spillway.dev/local-reserved"
+__all__ = [  # the contract names tests and callers reach through this module
+    "ANN_ELASTIC", "ANN_LOCAL", "holder_name", "parse_holder",
+]
 
 
 @dataclass(frozen=True)
@@ -90,21 +95,6 @@ def peer_units(nbytes: int) -> int:
     return math.ceil(nbytes / PEER_HBM_UNIT) if nbytes > 0 else 0
 
 
-def holder_name(namespace: str, tenant: str, replica: int) -> str:
-    """The lease holder string for a replica: the startup sweep parses it back."""
-    return f"tenant:{namespace}/{tenant}/{replica}"
-
-
-def parse_holder(holder: str) -> tuple[str, str, int] | None:
-    """(namespace, tenant, replica) of a holder written by `holder_name`, else None."""
-    if not holder.startswith("tenant:"):
-        return None
-    parts = holder.removeprefix("tenant:").split("/")
-    if len(parts) != 3 or not parts[0] or not parts[1] or not parts[2].isdigit():
-        return None
-    return parts[0], parts[1], int(parts[2])
-
-
 def idempotency_key(tenant_uid: str, replica: int, gpu_uuid: str, attempt: int = 1) -> str:
     """`<tenant uid>/<replica>/<lender gpu uuid>`; a later attempt (after the first lease on that
     GPU ended) adds `/<attempt>` so the agent makes a new lease instead of returning the old one."""
@@ -114,8 +104,8 @@ def idempotency_key(tenant_uid: str, replica: int, gpu_uuid: str, attempt: int =
 
 def owner_reference(tenant: TenantRef) -> dict[str, Any]:
     return {
-        "apiVersion": API_VERSION,
-        "kind": KIND,
+        "apiVersion": GROUP_VERSION,
+        "kind": TENANT_KIND,
         "name": tenant.name,
         "uid": tenant.uid,
         "controller": True,
@@ -135,19 +125,19 @@ def _env(env: Any) -> list[dict[str, Any]]:
 def reservation_annotations(node: str, leases: Sequence[LeaseRef]) -> dict[str, str]:
     """The device-plugin contract annotations for a set of leases (empty values when none)."""
     return {
-        ANN_RESERVATION: ",".join(lease.id for lease in leases),
-        ANN_TOKEN: ",".join(lease.token for lease in leases),
+        ANN_RESERVATION: join_list(lease.id for lease in leases),
+        ANN_TOKEN: join_list(lease.token for lease in leases),
         ANN_NODE: node,
-        ANN_LENDERS: ",".join(lease.gpu_uuid for lease in leases),
-        ANN_PEER_BYTES: ",".join(str(lease.bytes) for lease in leases),
+        ANN_LENDERS: join_list(lease.gpu_uuid for lease in leases),
+        ANN_PEER_BYTES: join_list(lease.bytes for lease in leases),
     }
 
 
 def parse_reservation_annotations(annotations: Mapping[str, str]) -> list[LeaseRef]:
     """The leases a pod's annotations name (tokens included), in order."""
-    ids = [x for x in (annotations.get(ANN_RESERVATION) or "").split(",") if x]
-    tokens = (annotations.get(ANN_TOKEN) or "").split(",")
-    gpus = (annotations.get(ANN_LENDERS) or "").split(",")
+    ids = [x for x in split_list(annotations.get(ANN_RESERVATION)) if x]
+    tokens = split_list(annotations.get(ANN_TOKEN))
+    gpus = split_list(annotations.get(ANN_LENDERS))
     out = []
     for i, lease_id in enumerate(ids):
         out.append(
@@ -259,3 +249,100 @@ def pod_node(pod: Mapping[str, Any]) -> str:
         return str(terms[0]["matchExpressions"][0]["values"][0])
     except (KeyError, IndexError, TypeError):
         return str(spec.get("nodeName") or "")
+
+
+@dataclass(frozen=True)
+class ObservedPod:
+    """One tenant pod as the API server shows it."""
+
+    replica: int
+    name: str
+    uid: str
+    node: str
+    gpu_uuid: str
+    leases: tuple[LeaseRef, ...]
+    elastic: tuple[LeaseRef, ...] = ()
+    phase: str = "Pending"
+    ready: bool = False
+    terminating: bool = False
+    fallback: bool = False
+    tenant_uid: str = ""
+    local_bytes: int = 0  # what its own GPU keeps for it (ANN_LOCAL); 0 on pods made before that annotation
+
+    @property
+    def peer_bytes(self) -> int:
+        return sum(x.bytes for x in self.leases) + sum(x.bytes for x in self.elastic)
+
+    def all_leases(self) -> tuple[LeaseRef, ...]:
+        return self.leases + self.elastic
+
+
+def _lease_bytes(annotations: Mapping[str, str], leases: list[LeaseRef]) -> list[LeaseRef]:
+    sizes = [s for s in (annotations.get(ANN_PEER_BYTES) or "").split(",") if s]
+    if len(sizes) == len(leases) and all(s.isdigit() for s in sizes):
+        return [LeaseRef(x.id, x.token, x.gpu_uuid, int(s)) for x, s in zip(leases, sizes, strict=True)]
+    return leases
+
+
+def parse_elastic(annotations: Mapping[str, str]) -> tuple[LeaseRef, ...]:
+    try:
+        raw = json.loads(annotations.get(ANN_ELASTIC) or "[]")
+        return tuple(
+            LeaseRef(str(x["id"]), str(x["token"]), str(x["gpu"]), int(x["bytes"]), "ELASTIC", str(x.get("key", "")))
+            for x in raw
+        )
+    except (ValueError, KeyError, TypeError):
+        return ()
+
+
+def elastic_annotation(leases: Sequence[LeaseRef]) -> str:
+    return json.dumps(
+        [{"id": x.id, "token": x.token, "gpu": x.gpu_uuid, "bytes": x.bytes, "key": x.idempotency_key} for x in leases],
+        separators=(",", ":"),
+    )
+
+
+def observe_pod(pod: Mapping[str, Any]) -> ObservedPod | None:
+    replica = pod_replica(pod)
+    if replica is None:
+        return None
+    meta = pod.get("metadata") or {}
+    ann = meta.get("annotations") or {}
+    status = pod.get("status") or {}
+    ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+    return ObservedPod(
+        replica=replica,
+        name=str(meta.get("name") or ""),
+        uid=str(meta.get("uid") or ""),
+        node=pod_node(pod),
+        gpu_uuid=str(ann.get(ANN_GPU) or ""),
+        leases=tuple(_lease_bytes(ann, parse_reservation_annotations(ann))),
+        elastic=parse_elastic(ann),
+        phase=str(status.get("phase") or "Pending"),
+        ready=ready,
+        terminating=bool(meta.get("deletionTimestamp")),
+        fallback=bool(ann.get(ANN_FALLBACK)),
+        tenant_uid=str(ann.get(ANN_TENANT_UID) or ""),
+        local_bytes=int(ann[ANN_LOCAL]) if str(ann.get(ANN_LOCAL) or "").isdigit() else 0,
+    )
+
+
+def reservation_patch(node: str, leases: Sequence[LeaseRef], *, fallback: bool) -> dict[str, Any]:
+    """A merge patch for a pod's annotations after its reservations changed."""
+    ann: dict[str, Any] = reservation_annotations(node, leases)
+    ann[ANN_FALLBACK] = FALLBACK_HOST_MEMORY if fallback else None
+    return {"metadata": {"annotations": ann}}
+
+
+def elastic_patch(leases: Sequence[LeaseRef]) -> dict[str, Any]:
+    """A merge patch for a pod's ELASTIC leases."""
+    return {"metadata": {"annotations": {ANN_ELASTIC: elastic_annotation(leases)}}}
+
+
+def local_patch(nbytes: int) -> dict[str, Any]:
+    """A merge patch for what a pod's own GPU keeps for it (ANN_LOCAL)."""
+    return {"metadata": {"annotations": {ANN_LOCAL: str(nbytes)}}}
+
+
+def selector(tenant: str) -> str:
+    return f"{LABEL_TENANT}={tenant}"

@@ -1,35 +1,25 @@
-"""The reconcile's decisions, as pure functions of what was observed (no I/O).
+"""The reconcile's decisions, as pure functions of what was observed (no I/O). What a pod says
+about its replica is read in `pods.observe_pod`; the SLO's decisions are in `slo`.
 
-- `observe_pod`: what a tenant pod says about its replica (node, GPU, leases from annotations).
 - `decide`: which replicas keep their pod, which pods go (scale-down, node lost, pod failed) and
   which replicas need placing.
-- `choose_lender`: a replacement lender GPU on the replica's node when a lease is lost.
+- `on_reserve_error`: what a replica does when its RESERVATION leases cannot be acquired.
+- `choose_lender`, `after_lost`: a replacement lender GPU on the replica's node when a lease is
+  lost, and what happens to the replica when there is none.
+- `is_orphan`: whether a lease found at an agent belongs to no replica (the startup sweep).
 - `build_status`: phase, placements, conditions, replicas/readyReplicas for `status`.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 from spillway.operator.model import Assignment, NodeView, ReplicaKey, TenantSpec
-from spillway.operator.pods import (
-    ANN_FALLBACK,
-    ANN_GPU,
-    ANN_LOCAL,
-    ANN_PEER_BYTES,
-    ANN_TENANT_UID,
-    LABEL_TENANT,
-    LeaseRef,
-    parse_reservation_annotations,
-    pod_node,
-    pod_replica,
-)
+from spillway.operator.pods import ObservedPod, selector
 from spillway.units import format_bytes
-
-ANN_ELASTIC = "spillway.dev/elastic-leases"  # JSON list of ELASTIC leases grown by SLO feedback
 
 PHASE_PENDING = "Pending"
 PHASE_PLACING = "Placing"
@@ -37,91 +27,6 @@ PHASE_RUNNING = "Running"
 PHASE_DEGRADED = "Degraded"
 PHASE_FAILED = "Failed"
 PHASES = (PHASE_PENDING, PHASE_PLACING, PHASE_RUNNING, PHASE_DEGRADED, PHASE_FAILED)
-
-
-@dataclass(frozen=True)
-class ObservedPod:
-    """One tenant pod as the API server shows it."""
-
-    replica: int
-    name: str
-    uid: str
-    node: str
-    gpu_uuid: str
-    leases: tuple[LeaseRef, ...]
-    elastic: tuple[LeaseRef, ...] = ()
-    phase: str = "Pending"
-    ready: bool = False
-    terminating: bool = False
-    fallback: bool = False
-    tenant_uid: str = ""
-    local_bytes: int = 0  # what its own GPU keeps for it (ANN_LOCAL); 0 on pods made before that annotation
-
-    @property
-    def peer_bytes(self) -> int:
-        return sum(x.bytes for x in self.leases) + sum(x.bytes for x in self.elastic)
-
-    def all_leases(self) -> tuple[LeaseRef, ...]:
-        return self.leases + self.elastic
-
-
-def _lease_bytes(annotations: Mapping[str, str], leases: list[LeaseRef]) -> list[LeaseRef]:
-    sizes = [s for s in (annotations.get(ANN_PEER_BYTES) or "").split(",") if s]
-    if len(sizes) == len(leases) and all(s.isdigit() for s in sizes):
-        return [LeaseRef(x.id, x.token, x.gpu_uuid, int(s)) for x, s in zip(leases, sizes, strict=True)]
-    return leases
-
-
-def parse_elastic(annotations: Mapping[str, str]) -> tuple[LeaseRef, ...]:
-    try:
-        raw = json.loads(annotations.get(ANN_ELASTIC) or "[]")
-        return tuple(
-            LeaseRef(str(x["id"]), str(x["token"]), str(x["gpu"]), int(x["bytes"]), "ELASTIC", str(x.get("key", "")))
-            for x in raw
-        )
-    except (ValueError, KeyError, TypeError):
-        return ()
-
-
-def elastic_annotation(leases: Sequence[LeaseRef]) -> str:
-    return json.dumps(
-        [{"id": x.id, "token": x.token, "gpu": x.gpu_uuid, "bytes": x.bytes, "key": x.idempotency_key} for x in leases],
-        separators=(",", ":"),
-    )
-
-
-def observe_pod(pod: Mapping[str, Any]) -> ObservedPod | None:
-    replica = pod_replica(pod)
-    if replica is None:
-        return None
-    meta = pod.get("metadata") or {}
-    ann = meta.get("annotations") or {}
-    status = pod.get("status") or {}
-    ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
-    return ObservedPod(
-        replica=replica,
-        name=str(meta.get("name") or ""),
-        uid=str(meta.get("uid") or ""),
-        node=pod_node(pod),
-        gpu_uuid=str(ann.get(ANN_GPU) or ""),
-        leases=tuple(_lease_bytes(ann, parse_reservation_annotations(ann))),
-        elastic=parse_elastic(ann),
-        phase=str(status.get("phase") or "Pending"),
-        ready=ready,
-        terminating=bool(meta.get("deletionTimestamp")),
-        fallback=bool(ann.get(ANN_FALLBACK)),
-        tenant_uid=str(ann.get(ANN_TENANT_UID) or ""),
-        local_bytes=int(ann[ANN_LOCAL]) if str(ann.get(ANN_LOCAL) or "").isdigit() else 0,
-    )
-
-
-def reservation_patch(node: str, leases: Sequence[LeaseRef], *, fallback: bool) -> dict[str, Any]:
-    """A merge patch for a pod's annotations after its reservations changed."""
-    from spillway.operator.pods import reservation_annotations
-
-    ann: dict[str, Any] = reservation_annotations(node, leases)
-    ann[ANN_FALLBACK] = "HostMemory" if fallback else None
-    return {"metadata": {"annotations": ann}}
 
 
 @dataclass(frozen=True)
@@ -175,6 +80,82 @@ def assignment_of(namespace: str, tenant: str, pod: ObservedPod) -> Assignment:
     )
 
 
+class OnReserveError(Enum):
+    """What a replica does when the RESERVATION leases of its placement cannot be acquired."""
+
+    RETRY = "retry"  # the agent did not answer or refused the call itself: stay Pending, try next resync
+    PENDING = "pending"  # no room, and the tenant has no fallback: stay Pending
+    HOST_MEMORY = "host-memory"  # no room: run without peer memory, spilling to host memory
+
+
+NO_ROOM_CODES = frozenset({"RESOURCE_EXHAUSTED", "FAILED_PRECONDITION"})
+
+
+def on_reserve_error(code: str, fallback: str) -> OnReserveError:
+    """The policy for a failed Acquire (`code`: the gRPC status code name) of a tenant whose
+    `spec.peerMemory.fallback` is `fallback`."""
+    if code not in NO_ROOM_CODES:
+        return OnReserveError.RETRY
+    return OnReserveError.PENDING if fallback == "None" else OnReserveError.HOST_MEMORY
+
+
+class AfterLost(Enum):
+    """What becomes of a replica that lost leases (revoked, expired)."""
+
+    MOVED = "moved"  # the lost RESERVATION bytes are reserved again on another lender of its node
+    GIVEN_BACK = "given-back"  # only ELASTIC leases were lost: nothing to replace
+    HOST_MEMORY = "host-memory"  # no lender has room: it runs on, spilling to host memory
+    REPLACE = "replace"  # no lender has room and fallback is None: its pod goes, the replica is re-placed
+
+
+def after_lost(need: int, replaced: bool, fallback: str) -> AfterLost:
+    """`need`: the RESERVATION bytes lost; `replaced`: whether a replacement lease was acquired."""
+    if need <= 0 or replaced:
+        return AfterLost.MOVED if replaced else AfterLost.GIVEN_BACK
+    return AfterLost.REPLACE if fallback == "None" else AfterLost.HOST_MEMORY
+
+
+@dataclass(frozen=True)
+class TenantFacts:
+    """What the startup sweep knows of a tenant that exists."""
+
+    uid: str
+    replicas: int | None  # spec.replicas when it is an int
+
+
+def is_orphan(
+    holder: tuple[str, str, int] | None,
+    idempotency_key: str,
+    lease_id: str,
+    age_ms: float | None,
+    *,
+    young_ms: float,
+    namespaces: Sequence[str],
+    tenants: Mapping[tuple[str, str], TenantFacts],
+    named_by_pods: Mapping[tuple[str, str, int], set[str]],
+) -> bool:
+    """Whether a live lease at an agent belongs to no replica: its tenant is gone (or was
+    recreated: another uid), its replica is beyond spec.replicas, or no pod of the replica names
+    it. A lease younger than `young_ms` (`age_ms`; None when unknown) is never an orphan: it may
+    be another operator's reservation whose pod is being created right now; one not held by a
+    tenant replica (`holder` None) or outside the watched `namespaces` is not ours to judge."""
+    if holder is None:
+        return False
+    if age_ms is not None and age_ms < young_ms:
+        return False
+    ns, name, replica = holder
+    if namespaces and ns not in namespaces:
+        return False
+    t = tenants.get((ns, name))
+    if t is None:
+        return True
+    if t.uid and idempotency_key and not idempotency_key.startswith(t.uid + "/"):
+        return True
+    if t.replicas is not None and replica >= t.replicas:
+        return True
+    return lease_id not in named_by_pods.get((ns, name, replica), set())
+
+
 def choose_lender(node: NodeView, own_gpu: str, need: int, exclude: Sequence[str] = ()) -> str | None:
     """The GPU on `node` to lend `need` bytes to the replica on `own_gpu`: NVLink peers first, the
     one with the most lendable memory; None when no GPU has room."""
@@ -186,10 +167,6 @@ def choose_lender(node: NodeView, own_gpu: str, need: int, exclude: Sequence[str
         return None
     candidates.sort(key=lambda g: (not node.nvlinked(own_gpu, g.uuid) if own_gpu else False, -g.lendable, g.index))
     return candidates[0].uuid
-
-
-def selector(tenant: str) -> str:
-    return f"{LABEL_TENANT}={tenant}"
 
 
 @dataclass

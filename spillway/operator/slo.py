@@ -1,7 +1,8 @@
 """SLO feedback: observed latency percentiles and attainment from Prometheus histograms.
 
 The math is pure (`quantile_from_buckets`, `attainment_from_buckets`, `evaluate`,
-`peer_memory_step`); `PrometheusClient` and `observe` do the HTTP.
+`peer_memory_step`, `targets_of`, `report`, `unknown`); `PrometheusClient` and `observe` do the
+HTTP; `operator/growth.py` applies the verdicts.
 
 Attainment is the share of requests faster than the target. A histogram only knows counts per
 bucket, so it is read at the bucket whose upper bound is at or just above the target
@@ -161,6 +162,61 @@ def peer_memory_step(
     if verdict.met and verdict.slack and pool_wanted and elastic_bytes > 0:
         return -min(step_bytes, elastic_bytes)
     return 0
+
+
+Condition = tuple[str, str, str]  # the SLOMet condition: (status, reason, message)
+
+
+@dataclass(frozen=True)
+class SloReport:
+    """One SLO evaluation as the tenant's `status.slo` and SLOMet condition show it."""
+
+    status: dict[str, Any]
+    condition: Condition
+    missed: bool = False
+
+
+def targets_of(spec: model.TenantSpec) -> list[SloTarget]:
+    """The latency targets a tenant sets (none, ttft, tbt or both)."""
+    out = []
+    if spec.ttft_s is not None:
+        out.append(SloTarget("ttft", spec.ttft_metric, spec.ttft_s))
+    if spec.tbt_s is not None:
+        out.append(SloTarget("tbt", spec.tbt_metric, spec.tbt_s))
+    return out
+
+
+def unknown(reason: str, condition_message: str, status_message: str, now: str) -> SloReport:
+    """No evaluation was possible (no targets, no Prometheus, Prometheus failed)."""
+    return SloReport({"state": "Unknown", "message": status_message, "lastEvaluation": now},
+                     ("Unknown", reason, condition_message))
+
+
+def report(observations: Sequence[SloObservation], verdict: SloVerdict, now: str) -> SloReport:
+    """`status.slo` and the SLOMet condition for an evaluation."""
+    status: dict[str, Any] = {"lastEvaluation": now, "message": verdict.message}
+    attainments = []
+    for o in observations:
+        if o.observed_s is not None:
+            status[o.name] = format_seconds(o.observed_s)
+            status[f"{o.name}Seconds"] = round(o.observed_s, 6)
+        if o.attainment is not None:
+            status[f"{o.name}Attainment"] = round(o.attainment, 6)
+            attainments.append(o.attainment)
+    status["requests"] = round(max((o.requests for o in observations), default=0.0), 3)
+    if attainments:
+        status["attainment"] = round(min(attainments), 6)
+    bucket_notes = [f"{o.name} attainment read at the le={o.bucket_le:g} bucket" for o in observations
+                    if o.bucket_le is not None]
+    if bucket_notes:
+        status["message"] = verdict.message + " (" + "; ".join(bucket_notes) + ")"
+    if verdict.met is None:
+        status["state"] = "Unknown"
+        return SloReport(status, ("Unknown", verdict.reason, verdict.message))
+    status["met"] = verdict.met
+    status["state"] = "Met" if verdict.met else "Missed"
+    return SloReport(status, ("True" if verdict.met else "False", verdict.reason, verdict.message),
+                     missed=not verdict.met)
 
 
 # --- I/O -----------------------------------------------------------------------------------

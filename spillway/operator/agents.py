@@ -1,4 +1,6 @@
-"""Reservations at the node agents: one AgentClient per agent endpoint (TCP, mutual TLS).
+"""The operator's client of the node agents: one `AgentClient` per agent endpoint (TCP, mutual
+TLS, `AgentPool`), and the lease calls the operator makes there (`Agents`), for every lease kind
+(RESERVATION and ELASTIC), and the local reservation of a GPU (SetGpuLocal).
 
 Every Acquire carries an idempotency key (`<tenant uid>/<replica>/<lender gpu uuid>`), so a retry
 after a crash gets the same lease and token back instead of a second one. When the lease that a
@@ -16,15 +18,15 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 
+from spillway.agent.client import AgentClient, largest_grantable
 from spillway.api.v1 import agent_pb2
+from spillway.contract import HOLDER_PREFIX
 from spillway.operator.pods import LeaseRef, idempotency_key
-
-if TYPE_CHECKING:
-    from spillway.agent.client import AgentClient
+from spillway.pki import TlsFiles, tls_signature
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +34,7 @@ LIVE_STATES = frozenset({agent_pb2.RESERVED, agent_pb2.ACTIVE, agent_pb2.REVOKIN
 MAX_ATTEMPTS = 32
 
 
-class ReservationError(RuntimeError):
+class AgentError(RuntimeError):
     """An agent refused or could not be reached; `code` is the gRPC status code name."""
 
     def __init__(self, message: str, code: str = "UNAVAILABLE", largest_grantable: int | None = None) -> None:
@@ -60,16 +62,13 @@ def state_name(state: int) -> str:
     return str(agent_pb2.LeaseState.Name(state))
 
 
-def _error(exc: grpc.aio.AioRpcError, what: str, endpoint: str) -> ReservationError:
+def _error(exc: grpc.aio.AioRpcError, what: str, endpoint: str) -> AgentError:
     code = exc.code().name if exc.code() is not None else "UNKNOWN"
-    largest = None
-    for key, value in exc.trailing_metadata() or ():
-        if key == "spillway-largest-grantable-bytes":
-            try:
-                largest = int(value)
-            except (TypeError, ValueError):
-                largest = None
-    return ReservationError(f"{what} at agent {endpoint}: {code}: {exc.details()}", code, largest)
+    try:
+        largest = largest_grantable(exc)
+    except (TypeError, ValueError):
+        largest = None
+    return AgentError(f"{what} at agent {endpoint}: {code}: {exc.details()}", code, largest)
 
 
 class AgentPool:
@@ -81,8 +80,6 @@ class AgentPool:
     CLOSE_GRACE_S = 30.0
 
     def __init__(self, tls: Tls | None = None) -> None:
-        from spillway.pki import TlsFiles
-
         self.tls = tls
         self._files = TlsFiles(tls.cert, tls.key, tls.ca) if tls else None
         self._clients: dict[str, AgentClient] = {}
@@ -92,8 +89,6 @@ class AgentPool:
         self.renewals = 0  # how many times new TLS files were picked up
 
     def _read_signature(self) -> tuple[tuple[int, int, int], ...]:
-        from spillway.pki import tls_signature
-
         return tls_signature(self._files) if self._files else ()
 
     def _recheck_tls(self) -> None:
@@ -118,8 +113,6 @@ class AgentPool:
         self._recheck_tls()
         c = self._clients.get(endpoint)
         if c is None:
-            from spillway.agent.client import AgentClient
-
             server_name = self.tls.server_name if self.tls else ""
             c = AgentClient(endpoint, tls=self._files, server_name=server_name or None)
             self._clients[endpoint] = c
@@ -141,11 +134,12 @@ class AgentPool:
                 log.debug("closing an agent client failed", exc_info=True)
 
 
-class Reservations:
-    """Acquire, renew and release leases for tenant replicas."""
+class Agents:
+    """Acquire, renew and release tenant replicas' leases (RESERVATION and ELASTIC) at the node
+    agents; set a GPU's local reservation; follow an agent's events."""
 
-    def __init__(self, agents: AgentPool, *, ttl_s: float = 120.0, timeout_s: float = 10.0) -> None:
-        self.agents = agents
+    def __init__(self, pool: AgentPool, *, ttl_s: float = 120.0, timeout_s: float = 10.0) -> None:
+        self.pool = pool
         self.ttl_s = ttl_s
         self.timeout_s = timeout_s
 
@@ -155,9 +149,9 @@ class Reservations:
         except grpc.aio.AioRpcError as exc:
             raise _error(exc, what, endpoint) from exc
         except (TimeoutError, OSError) as exc:
-            raise ReservationError(f"{what} at agent {endpoint}: {exc or 'timed out'}") from exc
+            raise AgentError(f"{what} at agent {endpoint}: {exc or 'timed out'}") from exc
 
-    async def reserve(
+    async def acquire(
         self,
         endpoint: str,
         *,
@@ -173,7 +167,7 @@ class Reservations:
     ) -> LeaseRef:
         """A live lease of `size` bytes on `gpu_uuid` for the replica: the one its idempotency key
         already names, else a new one."""
-        client = self.agents.client(endpoint)
+        client = self.pool.client(endpoint)
         for attempt in range(1, MAX_ATTEMPTS + 1):
             key = idempotency_key(tenant_uid, replica, key_prefix + gpu_uuid, attempt)
             resp = await self._call(
@@ -192,15 +186,15 @@ class Reservations:
             if lease.state == agent_pb2.REVOKING:
                 # The lender wants it back: let it go and try the next key.
                 await self.release(endpoint, LeaseRef(lease.id, resp.token, lease.gpu_uuid, int(lease.bytes)))
-        raise ReservationError(f"acquire for {holder} on {gpu_uuid}: {MAX_ATTEMPTS} ended leases under its key")
+        raise AgentError(f"acquire for {holder} on {gpu_uuid}: {MAX_ATTEMPTS} ended leases under its key")
 
     async def renew(self, endpoint: str, lease: LeaseRef) -> tuple[agent_pb2.Lease | None, str]:
         """(the renewed lease, ""), or (None, why) when it has ended or is being revoked: the
         replica lost it."""
-        client = self.agents.client(endpoint)
+        client = self.pool.client(endpoint)
         try:
             renewed = await self._call(endpoint, f"renew {lease.id}", client.renew(lease.id, lease.token, self.ttl_s))
-        except ReservationError as exc:
+        except AgentError as exc:
             if exc.code in ("NOT_FOUND", "FAILED_PRECONDITION"):
                 return None, str(exc)
             raise
@@ -210,10 +204,10 @@ class Reservations:
 
     async def release(self, endpoint: str, lease: LeaseRef) -> None:
         """Give a lease back; an unknown or already ended lease is not an error."""
-        client = self.agents.client(endpoint)
+        client = self.pool.client(endpoint)
         try:
             await self._call(endpoint, f"release {lease.id}", client.release(lease.id, lease.token))
-        except ReservationError as exc:
+        except AgentError as exc:
             if exc.code not in ("NOT_FOUND",):
                 raise
 
@@ -222,7 +216,7 @@ class Reservations:
         idempotency key to get the token back. False when that is not possible (no key)."""
         if not lease.idempotency_key:
             return False
-        client = self.agents.client(endpoint)
+        client = self.pool.client(endpoint)
         resp = await self._call(
             endpoint,
             f"recover the token of {lease.id}",
@@ -237,22 +231,22 @@ class Reservations:
         await self.release(endpoint, LeaseRef(resp.lease.id, resp.token, resp.lease.gpu_uuid, int(resp.lease.bytes)))
         return True
 
-    async def held(self, endpoint: str, holder_prefix: str = "tenant:") -> list[agent_pb2.Lease]:
+    async def held(self, endpoint: str, holder_prefix: str = HOLDER_PREFIX) -> list[agent_pb2.Lease]:
         """Live leases at an agent whose holder starts with `holder_prefix`."""
-        client = self.agents.client(endpoint)
+        client = self.pool.client(endpoint)
         leases = await self._call(endpoint, "list leases", client.leases())
         return [x for x in leases if x.holder.startswith(holder_prefix) and x.state in LIVE_STATES]
 
     async def set_local(self, endpoint: str, gpu_uuid: str, reserved: int) -> agent_pb2.Gpu:
         """Set the memory `gpu_uuid` keeps for its own tenant (the agent never lends it; growing
         it reclaims leases on that GPU when needed)."""
-        client = self.agents.client(endpoint)
+        client = self.pool.client(endpoint)
         gpu: agent_pb2.Gpu = await self._call(endpoint, f"set the local reservation of {gpu_uuid}",
                                               client.set_gpu_local(gpu_uuid, reserved=reserved))
         return gpu
 
     async def watch(self, endpoint: str) -> AsyncIterator[agent_pb2.WatchEvent]:
         """The agent's event stream (first event: SNAPSHOT)."""
-        client = self.agents.client(endpoint)
+        client = self.pool.client(endpoint)
         async for event in client.watch():
             yield event
