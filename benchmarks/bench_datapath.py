@@ -94,16 +94,26 @@ def measure_store(
     def fetch() -> None:
         (store.get_rows(keys, back, rows) if rows_api else store.get(keys, out=outs)).synchronize()
 
-    # correctness first: the bytes must come back
+    timed = _checked_times(offload, fetch, pool, back, dev, min_s, max_iters)
+    store.evict(keys)
+    return timed
+
+
+def _checked_times(
+    offload: Callable[[], None],
+    fetch: Callable[[], None],
+    pool: torch.Tensor,
+    back: torch.Tensor,
+    dev: torch.device,
+    min_s: float,
+    max_iters: int,
+) -> tuple[float, float]:
+    """Correctness first (the bytes must come back), then the median time of each direction."""
     offload()
     fetch()
     if not torch.equal(pool, back):
         raise AssertionError("blocks came back changed")
-
-    t_put = _time(offload, dev, min_s, max_iters)
-    t_get = _time(fetch, dev, min_s, max_iters)
-    store.evict(keys)
-    return t_put, t_get
+    return _time(offload, dev, min_s, max_iters), _time(fetch, dev, min_s, max_iters)
 
 
 def measure_slots(
@@ -123,14 +133,9 @@ def measure_slots(
     def fetch() -> None:
         slots.load(back, rows, ids).synchronize()
 
-    offload()
-    fetch()
-    if not torch.equal(pool, back):
-        raise AssertionError("slots came back changed")
-    t_put = _time(offload, dev, min_s, max_iters)
-    t_get = _time(fetch, dev, min_s, max_iters)
+    timed = _checked_times(offload, fetch, pool, back, dev, min_s, max_iters)
     slots.close()
-    return t_put, t_get
+    return timed
 
 
 def measure_raw(

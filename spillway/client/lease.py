@@ -50,7 +50,58 @@ def _state_name(state: int) -> str:
     return agent_pb2.LeaseState.Name(state)
 
 
-class LeaseKeeper:
+class _LoopThread:
+    """An asyncio loop on a daemon thread, for one agent connection: `_main()` runs there until
+    `_stop_loop()`; its start (or failure) is reported through `_ready`."""
+
+    _loop: asyncio.AbstractEventLoop
+    _stopping: threading.Event
+    _astop: asyncio.Event | None
+    _thread: threading.Thread
+    _ready: concurrent.futures.Future[Any]
+
+    def _start_loop(self, name: str) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._stopping = threading.Event()
+        self._astop = None
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    async def _main(self) -> None:  # pragma: no cover - every subclass has one
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_until_complete(self._main())
+        except Exception as exc:  # pragma: no cover - carried by the start future, or logged
+            if not self._ready.done():
+                self._ready.set_exception(exc)
+            else:
+                log.exception("lease thread stopped", extra={"thread": self._thread.name})
+        finally:
+            self._loop.close()
+
+    async def _wait_stop(self) -> None:
+        """In `_main`: return once `_stop_loop()` was called (also before this was reached)."""
+        self._astop = asyncio.Event()
+        if self._stopping.is_set():
+            self._astop.set()
+        await self._astop.wait()
+
+    def _stop_loop(self) -> None:
+        self._stopping.set()
+        stop = self._astop
+        if stop is not None and not self._loop.is_closed():
+            try:
+                self._loop.call_soon_threadsafe(stop.set)
+            except RuntimeError:  # the loop just closed
+                pass
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout=10)
+
+
+class LeaseKeeper(_LoopThread):
     """Owns the agent connection for one lease.
 
     `renew_ttl_s` (0: the lease's own TTL) is the TTL each renewal asks for: a short one makes
@@ -81,11 +132,8 @@ class LeaseKeeper:
         self._want_attach = attach
         self.renew_ttl_s = renew_ttl_s
         self._attachment: Any = None
-        self._loop = asyncio.new_event_loop()
-        self._stopping = threading.Event()
         self._ready: concurrent.futures.Future[LeaseInfo] = concurrent.futures.Future()
         self._client: Any = None
-        self._astop: asyncio.Event | None = None
         self._revoke_lock = threading.Lock()
         self._revoked = False
         self.lease: agent_pb2.Lease | None = None
@@ -93,8 +141,7 @@ class LeaseKeeper:
         self.renewals = 0
         self.revocation: RevocationRecord | None = None
         self.released = False
-        self._thread = threading.Thread(target=self._run, name=f"spillway-lease-{lease_id[:8]}", daemon=True)
-        self._thread.start()
+        self._start_loop(f"spillway-lease-{lease_id[:8]}")
         try:
             info = self._ready.result(timeout=start_timeout_s)
         except BaseException:
@@ -104,18 +151,6 @@ class LeaseKeeper:
         self.simulated = info.simulated
 
     # ---- the loop thread ---------------------------------------------------------------
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        try:
-            self._loop.run_until_complete(self._main())
-        except Exception as exc:  # pragma: no cover - logged, the start future carries it
-            if not self._ready.done():
-                self._ready.set_exception(exc)
-            else:
-                log.exception("lease keeper stopped", extra={"lease": self.lease_id})
-        finally:
-            self._loop.close()
-
     async def _main(self) -> None:
         from spillway.agent.client import AgentClient  # the agent's client, on the agent's socket
 
@@ -144,10 +179,7 @@ class LeaseKeeper:
                 },
             )
             tasks = [asyncio.create_task(self._renew_loop()), asyncio.create_task(self._watch_loop())]
-            self._astop = asyncio.Event()
-            if self._stopping.is_set():
-                self._astop.set()
-            await self._astop.wait()
+            await self._wait_stop()
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -268,21 +300,13 @@ class LeaseKeeper:
     def close(self, release: bool = True) -> None:
         """Stop renewing; release the lease (unless told not to) and close the connection."""
         self._release_on_close = release
-        self._stopping.set()
-        stop = self._astop
-        if stop is not None and not self._loop.is_closed():
-            try:
-                self._loop.call_soon_threadsafe(stop.set)
-            except RuntimeError:  # the loop just closed
-                pass
-        if self._thread.is_alive() and threading.current_thread() is not self._thread:
-            self._thread.join(timeout=10)
+        self._stop_loop()
         if self._attachment is not None:
             self._attachment.close()
             self._attachment = None
 
 
-class LeaseWatcher:
+class LeaseWatcher(_LoopThread):
     """Watches leases held by another part of this pod, without claiming, renewing or releasing
     them: a scheduler that must know a lease's size and hear of its revocation while a worker
     process owns the lease (vLLM's scheduler beside its GPU worker).
@@ -309,12 +333,8 @@ class LeaseWatcher:
         self.leases: dict[str, agent_pb2.Lease] = {}
         self.revoked = threading.Event()
         self.reason = ""
-        self._stopping = threading.Event()
         self._ready: concurrent.futures.Future[None] = concurrent.futures.Future()
-        self._loop = asyncio.new_event_loop()
-        self._astop: asyncio.Event | None = None
-        self._thread = threading.Thread(target=self._run, name="spillway-lease-watch", daemon=True)
-        self._thread.start()
+        self._start_loop("spillway-lease-watch")
         try:
             self._ready.result(timeout=start_timeout_s)
         except concurrent.futures.TimeoutError as exc:
@@ -327,24 +347,9 @@ class LeaseWatcher:
             self.close()
             raise
 
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        try:
-            self._loop.run_until_complete(self._main())
-        except Exception as exc:  # pragma: no cover - carried by the start future or logged
-            if not self._ready.done():
-                self._ready.set_exception(exc)
-            else:
-                log.exception("lease watcher stopped", extra={"leases": ",".join(self.lease_ids)})
-        finally:
-            self._loop.close()
-
     async def _main(self) -> None:
         from spillway.agent.client import AgentClient
 
-        self._astop = asyncio.Event()
-        if self._stopping.is_set():
-            self._astop.set()
         client = AgentClient(self.agent_socket)
         seen: set[str] = set()
         try:
@@ -352,7 +357,7 @@ class LeaseWatcher:
                 asyncio.create_task(self._watch(client, lid, tok, seen))
                 for lid, tok in zip(self.lease_ids, self._tokens, strict=True)
             ]
-            await self._astop.wait()
+            await self._wait_stop()
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -408,12 +413,4 @@ class LeaseWatcher:
                 log.exception("lease watcher callback failed")
 
     def close(self) -> None:
-        self._stopping.set()
-        stop = self._astop
-        if stop is not None and not self._loop.is_closed():
-            try:
-                self._loop.call_soon_threadsafe(stop.set)
-            except RuntimeError:  # the loop just closed
-                pass
-        if self._thread.is_alive() and threading.current_thread() is not self._thread:
-            self._thread.join(timeout=10)
+        self._stop_loop()
