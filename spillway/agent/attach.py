@@ -99,7 +99,7 @@ def parse_request(line: bytes) -> tuple[str, str]:
     if not line.endswith(b"\n"):
         raise ValueError(f"the line must end with a newline and hold at most {MAX_LINE} bytes")
     if line.count(b"[") + line.count(b"{") > MAX_NESTING:
-        raise ValueError(f"the request is nested too deeply: one flat object with two strings is expected")
+        raise ValueError("the request is nested too deeply: one flat object with two strings is expected")
     try:
         req = json.loads(line)
     except RecursionError as exc:  # pragma: no cover - the nesting check comes first

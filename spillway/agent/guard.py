@@ -21,11 +21,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from google.protobuf.message import Message
+from google.protobuf.message import Message  # type: ignore[import-untyped]
 
 from spillway.agent.pool import PoolError
 
-MAX_MESSAGE_BYTES = 64 * 1024  # gRPC's receive limit for one request on every agent socket
+MAX_MESSAGE_BYTES = 1 << 20  # gRPC receive limit for one request; field limits refuse far less, by name
 QUOTE = 40  # characters of a refused input an error message may show
 
 

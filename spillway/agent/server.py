@@ -22,8 +22,8 @@ import grpc
 
 from spillway import __version__
 from spillway.agent.attach import AttachServer, attach_socket_path
-from spillway.agent.inventory import InventoryBackend, NvmlBackend, SimulatedBackend
 from spillway.agent.guard import MAX_MESSAGE_BYTES, Role
+from spillway.agent.inventory import InventoryBackend, NvmlBackend, SimulatedBackend
 from spillway.agent.metrics import AgentMetrics
 from spillway.agent.pool import DEFAULT_GRANULARITY, DEFAULT_REVOKE_MS, DEFAULT_TTL_MS, Headroom, Pool
 from spillway.agent.service import AgentCore, AgentServicer, add_to_server, lease_pb, now_ms
@@ -213,7 +213,8 @@ class Agent:
         gpus = self.pool.views()
         log.info("agent started", extra={
             "node": cfg.node_name, "backend": self.backend.name, "simulated": self.backend.simulated,
-            "gpus": len(gpus), "socket": str(cfg.socket), "borrower_socket": str(cfg.borrower_path), "tcp": f"{cfg.listen} (port {self.tcp_port})" if cfg.listen
+            "gpus": len(gpus), "socket": str(cfg.socket), "borrower_socket": str(cfg.borrower_path),
+            "tcp": f"{cfg.listen} (port {self.tcp_port})" if cfg.listen
             else "", "state_dir": str(cfg.state_dir or ""), "restored_leases": self.restored,
             "metrics_port": self.http.port if self.http else "", "version": __version__})
 
