@@ -8,11 +8,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import signal
 import socket
 import stat
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import grpc
 import pytest
@@ -32,7 +37,7 @@ async def refused(call: object) -> grpc.aio.AioRpcError:
     raise AssertionError("the call was not refused")
 
 
-async def pool_state(c: AgentClient) -> tuple[list[tuple[str, int, int, int]], list[tuple[str, int, int]]]:
+async def pool_state(c: AgentClient) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
     """What a refused call must leave unchanged: per GPU the accounting, and every lease."""
     inv = await c.inventory()
     gpus = [(g.uuid, g.leased_bytes, g.lendable_bytes, g.local_reserved_bytes) for g in inv.gpus]
@@ -91,8 +96,9 @@ async def test_oversized_acquire_fields_are_invalid_argument_by_name(agent: Agen
                                                                    fragment: str) -> None:
     async with agent.client() as c:
         before = await pool_state(c)
-        req = {"size": "1Gi", "holder": "h", field: value}
-        err = await refused(c.stub.Acquire(pb.AcquireRequest(**req)))
+        req = pb.AcquireRequest(size="1Gi", holder="h")
+        setattr(req, field, value)
+        err = await refused(c.stub.Acquire(req))
         assert err.code() == Code.INVALID_ARGUMENT and fragment in (err.details() or ""), err
         assert len(err.details() or "") < 300
         assert await pool_state(c) == before
@@ -141,7 +147,7 @@ async def test_undecodable_bytes_are_invalid_argument_with_a_warning_and_no_trac
 
 async def _raw(agent: AgentProcess, method: str, raw: bytes) -> bytes:
     async with grpc.aio.insecure_channel(f"unix:{agent.socket}") as ch:
-        return await ch.unary_unary(f"/spillway.v1.Agent/{method}")(raw, timeout=10)  # type: ignore[no-any-return]
+        return await ch.unary_unary(f"/spillway.v1.Agent/{method}")(raw, timeout=10)
 
 
 def _attach_exchange(path: str, payload: bytes) -> dict[str, object]:
@@ -155,7 +161,7 @@ def _attach_exchange(path: str, payload: bytes) -> dict[str, object]:
             if not chunk:
                 break
             buf += chunk
-    return json.loads(buf)  # type: ignore[no-any-return]
+    return json.loads(buf)
 
 
 def test_attach_socket_answers_nested_long_and_odd_lines(agent: AgentProcess) -> None:
@@ -213,20 +219,20 @@ async def test_a_key_reused_for_a_different_request_is_failed_precondition(agent
         inv = await c.inventory()
         gpu, other_gpu = inv.gpus[0].uuid, inv.gpus[1].uuid
         base = dict(size="1Gi", holder="op", gpu_uuid=gpu, ttl_s=60.0, priority=1, pod="ns/p", idempotency_key="K")
-        got = await c.acquire(**base)  # type: ignore[arg-type]
-        same = await c.acquire(**base)  # type: ignore[arg-type]
+        got = await c.acquire(**base)
+        same = await c.acquire(**base)
         assert (same.lease.id, same.token) == (got.lease.id, got.token)
         before = await pool_state(c)
         for change in ({"ttl_s": 61.0}, {"priority": 2}, {"pod": "ns/q"}, {"gpu_uuid": other_gpu}, {"size": "2Gi"},
                        {"holder": "other"}, {"kind": pb.ELASTIC}):
-            err = await refused(c.acquire(**{**base, **change}))  # type: ignore[arg-type]
+            err = await refused(c.acquire(**{**base, **change}))
             assert err.code() == Code.FAILED_PRECONDITION, (change, err)
             assert got.lease.id in (err.details() or "")
         assert await pool_state(c) == before
         # A renew or claim later does not change what the retry must repeat.
         await c.renew(got.lease.id, got.token, ttl_s=120)
         await c.claim(got.lease.id, got.token, holder="someone-else")
-        assert (await c.acquire(**base)).lease.id == got.lease.id  # type: ignore[arg-type]
+        assert (await c.acquire(**base)).lease.id == got.lease.id
 
 
 @pytest.fixture
@@ -308,3 +314,110 @@ def _listening(port: int) -> list[str]:
                     else:
                         out.append("::" if int(ip_hex, 16) == 0 else ip_hex)
     return out
+
+
+# --- 3. Watch and ListLeases are bounded ------------------------------------------------
+
+
+@pytest.fixture
+def fine_agent() -> Iterator[AgentProcess]:
+    """An agent with a 16Mi granularity, so thousands of leases fit on the simulated GPUs."""
+    with AgentProcess(node_name="fine", extra_args=["--granularity", "16Mi"]) as a:
+        yield a
+
+
+async def test_snapshots_and_lists_come_in_pages(fine_agent: AgentProcess) -> None:
+    async with fine_agent.client() as c:
+        made = [(await c.acquire("16Mi", f"h{i % 3}", ttl_s=600)).lease.id for i in range(1200)]
+        # The raw stream: SNAPSHOT pages of at most 250 leases, the inventory in the first.
+        call = c.stub.Watch(pb.WatchRequest())
+        pages = [await call.read()]
+        while pages[-1].snapshot_more:
+            pages.append(await call.read())
+        call.cancel()
+        assert all(p.kind == pb.WatchEvent.SNAPSHOT for p in pages) and len(pages) == 5
+        assert [len(p.leases) for p in pages] == [250, 250, 250, 250, 200]
+        assert pages[0].inventory.gpus and not pages[1].HasField("inventory")
+        assert [x.id for p in pages for x in p.leases] == made
+        # The client joins them into one SNAPSHOT.
+        first = await c.watch().__anext__()
+        assert [x.id for x in first.leases] == made and not first.snapshot_more
+        # ListLeases: pages in creation order, followed by the client.
+        page = await c.stub.ListLeases(pb.ListLeasesRequest(page_size=100))
+        assert [x.id for x in page.leases] == made[:100] and page.next_page_token
+        page2 = await c.stub.ListLeases(pb.ListLeasesRequest(page_size=5000, page_token=page.next_page_token))
+        assert [x.id for x in page2.leases] == made[100:1100] and page2.next_page_token
+        assert [x.id for x in await c.leases()] == made
+        assert [x.id for x in await c.leases(holder="h1")] == made[1::3]
+        err = await refused(c.stub.ListLeases(pb.ListLeasesRequest(page_token="abc")))
+        assert err.code() == Code.INVALID_ARGUMENT and "page_token" in (err.details() or "")
+
+
+SLOW_WATCHER = """
+import asyncio, json, sys
+import grpc
+from spillway.api.v1 import agent_pb2 as pb, agent_pb2_grpc as pbg
+
+async def main(path):
+    async with grpc.aio.insecure_channel("unix:" + path) as ch:
+        call = pbg.AgentStub(ch).Watch(pb.WatchRequest())
+        await call.read()
+        print("ready", flush=True)
+        await asyncio.to_thread(sys.stdin.readline)  # stopped (SIGSTOP) meanwhile: reads nothing
+        n = 0
+        try:
+            while (await call.read()) is not grpc.aio.EOF:
+                n += 1
+        except grpc.aio.AioRpcError as exc:
+            print(json.dumps({"code": exc.code().name, "details": exc.details(), "events": n}), flush=True)
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+async def test_a_watcher_that_falls_behind_is_cut_off_with_a_clear_status(agent: AgentProcess) -> None:
+    from benchmarks.bench_watchers import REPO, _metric
+
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    slow = await asyncio.create_subprocess_exec(sys.executable, "-c", SLOW_WATCHER, str(agent.socket),
+                                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+    assert slow.stdout is not None and slow.stdin is not None
+    try:
+        assert (await asyncio.wait_for(slow.stdout.readline(), 60)).strip() == b"ready"
+        slow.send_signal(signal.SIGSTOP)  # a client that stops reading
+        async with agent.client() as c:
+            for _ in range(50):
+                for _ in range(100):
+                    got = await c.acquire("64Mi", "churn")
+                    await c.release(got.lease.id, got.token)
+                if _metric(agent, "spillway_watch_cutoffs_total"):
+                    break
+            assert _metric(agent, "spillway_watch_cutoffs_total") == 1
+            # Everyone else is served as before.
+            assert (await c.watch().__anext__()).kind == pb.WatchEvent.SNAPSHOT
+        slow.send_signal(signal.SIGCONT)
+        slow.stdin.write(b"go\n")
+        await slow.stdin.drain()
+        result = json.loads(await asyncio.wait_for(slow.stdout.readline(), 60))
+        assert result["code"] == "RESOURCE_EXHAUSTED", result
+        assert "fell 1024 events behind" in result["details"] and "watch again" in result["details"]
+    finally:
+        slow.kill()
+        await slow.wait()
+    assert 'msg="watcher cut off"' in agent.logs()
+
+
+async def test_hostile_watchers_keep_memory_and_latency_bounded(fine_agent: AgentProcess) -> None:
+    """Scaled down for 2 shared cores (the full 1,000 watchers x 10,000 leases are in
+    benchmarks/bench_watchers.py and docs/BENCHMARKS.md): 200 Watch streams over 2,000 live
+    leases from a client that never reads and then stops. A bystander lease with a 4 s TTL,
+    renewed every 0.5 s, never misses (the benchmark fails the run if one renew does)."""
+    from benchmarks.bench_watchers import MiB, pct, run
+
+    rep = await run(fine_agent, watchers=200, leases=2000, churn_ops=600)
+    print("\n".join(rep.lines()))
+    assert rep.cutoffs == 200
+    assert rep.rss_peak < 512 * MiB and rep.rss_peak - rep.rss_before < 150 * MiB, rep.lines()
+    assert rep.rss_after < rep.rss_before + 40 * MiB, rep.lines()
+    assert pct(rep.stuck_ms, 0.5) < 10 and pct(rep.stuck_ms, 0.99) < 100, rep.lines()
+    assert rep.renew_max_ms < 2000, rep.lines()

@@ -9,8 +9,9 @@ PERMISSION_DENIED), never INTERNAL; INTERNAL is left for bugs (logged with a tra
 
 Watch is bounded: a watcher's queue holds at most WATCH_QUEUE events; one that falls further
 behind is cut off at once (RESOURCE_EXHAUSTED) and its queue dropped; snapshots go out in
-pages of SNAPSHOT_PAGE leases, built page by page, so opening a Watch never holds the loop
-for long and a watcher that does not read holds at most one page.
+pages of SNAPSHOT_PAGE leases, built page by page from each lease's cached encoding by at
+most SNAPSHOT_WRITERS streams at once, so opening many Watch streams never holds the loop for
+long and a watcher that does not read holds at most one page.
 """
 
 from __future__ import annotations
@@ -50,7 +51,9 @@ log = logging.getLogger("spillway.agent")
 LARGEST_METADATA = "spillway-largest-grantable-bytes"
 WATCH_QUEUE = 1024  # events a watcher may fall behind before it is cut off
 MAX_WATCHERS = 4096  # open Watch streams, all callers together
-SNAPSHOT_PAGE = 500  # leases per SNAPSHOT message
+SNAPSHOT_PAGE = 250  # leases per SNAPSHOT message
+SNAPSHOT_WRITERS = 2  # snapshot pages written at once, all watchers together (the rest wait their turn)
+SNAPSHOT_WRITE_S = 10.0  # a watcher that does not take a snapshot page within this is cut off
 LIST_PAGE = 500  # ListLeases' default page size
 LIST_PAGE_MAX = 1000
 
@@ -96,6 +99,11 @@ class AgentCore:
         self.sequence = 0
         self.watchers: list[_Watcher] = []  # of every event
         self.lease_watchers: dict[str, list[_Watcher]] = {}  # lease id -> watchers of that lease only
+        # Each live lease encoded once as a SNAPSHOT's `leases` entry, for every snapshot page
+        # until it changes (opening many Watch streams over many leases re-encoded them all).
+        self._entries: dict[str, bytes] = {}
+        self.snapshot_writers = asyncio.Semaphore(SNAPSHOT_WRITERS)
+        self._inventory: pb.Inventory | None = None  # the whole inventory, until the next change
         self.inventory_error = ""
         self._wake = asyncio.Event()
         self._next_due = float("inf")  # ms: when the timer wakes next on its own
@@ -159,6 +167,7 @@ class AgentCore:
         self.apply_inventory(facts)
 
     def apply_inventory(self, facts: InventoryFacts) -> None:
+        self._inventory = None
         self.pool.update_inventory(facts, self.borrower_pids())
         self.metrics.heartbeat = time.time()
         self.commit(decided=time.perf_counter())
@@ -178,6 +187,7 @@ class AgentCore:
         events = self.pool.drain()
         reclaims = self.pool.drain_reclaims()
         if events or reserved_changed:
+            self._inventory = None
             reserved = {u: a.reserved for u, a in self.pool.gpus.items()} if reserved_changed else None
             self.store.apply(events, reserved)
         for trigger, _ in reclaims:
@@ -208,6 +218,8 @@ class AgentCore:
                 if ev.gpu_uuid not in capacity:
                     capacity.append(ev.gpu_uuid)
                 continue
+            if ev.lease is not None:
+                self._entries.pop(ev.lease.id, None)
             if ev.kind != "lease" or ev.lease is None:
                 continue
             x = ev.lease
@@ -272,7 +284,7 @@ class AgentCore:
             if not group:
                 del self.lease_watchers[w.lease_id]
 
-    def cut_off(self, w: _Watcher, why: str) -> None:
+    def cut_off(self, w: _Watcher, why: str, short: str = "fell behind") -> None:
         """Disconnect a watcher now: drop its queue, stop sending to it, and interrupt its
         stream (even one blocked writing to a client that does not read)."""
         if w.cut:
@@ -281,11 +293,38 @@ class AgentCore:
         w.queue.clear()
         self.remove_watcher(w)
         self.metrics.watch_cutoffs.labels(self.metrics.node).inc()
-        log.warning("watcher cut off", extra={"lease": w.lease_id or "(all)", "reason": "fell behind"})
+        log.warning("watcher cut off", extra={"lease": w.lease_id or "(all)", "reason": short})
         if w.task is not None:
             w.task.cancel()
 
     # --- views ------------------------------------------------------------------------
+
+    def snapshot_page(self, ids: list[str], *, first: bool, more: bool, keys: bool) -> bytes:
+        """One SNAPSHOT message, encoded: the leases named by `ids` that still exist (their
+        current state), the inventory on the first page. Admin pages reuse each lease's cached
+        encoding (a repeated field is the concatenation of its entries' encodings)."""
+        self.sequence += 1
+        head = pb.WatchEvent(kind=pb.WatchEvent.SNAPSHOT, sequence=self.sequence, time_ms=now_ms(),
+                             snapshot_more=more)
+        if first:
+            if self._inventory is None:
+                self._inventory = self.inventory_pb()  # O(leases) (borrower PIDs): once per change
+            head.inventory.CopyFrom(self._inventory)
+        parts = [head.SerializeToString()]
+        leases = self.pool.leases
+        for i in ids:
+            x = leases.get(i)
+            if x is None:
+                continue
+            if not keys:
+                parts.append(_entry(lease_pb(x, keys=False).SerializeToString()))
+                continue
+            entry = self._entries.get(i)
+            if entry is None:
+                entry = self._entries[i] = _entry(lease_pb(x).SerializeToString())
+            parts.append(entry)
+        return b"".join(parts)
+
 
     def inventory_pb(self, only: set[str] | None = None) -> pb.Inventory:
         facts = self.pool.inventory
@@ -311,6 +350,30 @@ class AgentCore:
         return pb.Inventory(node_name=facts.node_name, backend=facts.backend, simulated=facts.simulated, gpus=gpus,
                             links=links, granularity_bytes=self.pool.granularity, captured_at_ms=now_ms(),
                             agent_version=__version__, driver_version=facts.driver_version)
+
+
+_LEASES_TAG = bytes([(6 << 3) | 2])  # WatchEvent.leases: field 6, length-delimited
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _entry(lease: bytes) -> bytes:
+    return _LEASES_TAG + _varint(len(lease)) + lease
+
+
+def _encode(message: Any) -> bytes:
+    """Response serializer that also passes messages encoded beforehand (snapshot pages)."""
+    return message if isinstance(message, bytes) else message.SerializeToString()
 
 
 # --- the servicer ------------------------------------------------------------------------
@@ -534,7 +597,7 @@ class AgentServicer(pb_grpc.AgentServicer):
             watcher = _Watcher(request.lease_id, asyncio.current_task(), keys=caller.admin)
             self.core.add_watcher(watcher)
             self.core.metrics.observe_call("Watch", "OK", time.perf_counter() - t0)
-            await self._snapshot(context, ids, caller.admin)
+            await self._snapshot(context, watcher, ids)
             while True:
                 watcher.wake.clear()
                 while watcher.queue:
@@ -558,20 +621,21 @@ class AgentServicer(pb_grpc.AgentServicer):
                 watcher.queue.clear()
                 self.core.remove_watcher(watcher)
 
-    async def _snapshot(self, context: grpc.aio.ServicerContext, ids: list[str], keys: bool) -> None:
+    async def _snapshot(self, context: grpc.aio.ServicerContext, watcher: _Watcher, ids: list[str]) -> None:
         """The SNAPSHOT event(s): the inventory and the leases named by `ids`, SNAPSHOT_PAGE at
-        a time (each page is built just before it is written; the loop runs between pages)."""
-        leases = self.pool.leases
+        a time. Each page is encoded just before it is written, by at most SNAPSHOT_WRITERS
+        streams at once (many watchers opening together take turns instead of flooding the
+        loop); a client that does not take a page within SNAPSHOT_WRITE_S is cut off."""
         for start in range(0, max(1, len(ids)), SNAPSHOT_PAGE):
-            page = [lease_pb(x, keys=keys) for x in (leases.get(i) for i in ids[start:start + SNAPSHOT_PAGE])
-                    if x is not None]
-            more = start + SNAPSHOT_PAGE < len(ids)
-            self.core.sequence += 1
-            ev = pb.WatchEvent(kind=pb.WatchEvent.SNAPSHOT, sequence=self.core.sequence, time_ms=now_ms(),
-                               leases=page, snapshot_more=more)
-            if start == 0:
-                ev.inventory.CopyFrom(self.core.inventory_pb())
-            await context.write(ev)
+            async with self.core.snapshot_writers:
+                page = self.core.snapshot_page(ids[start:start + SNAPSHOT_PAGE], first=start == 0,
+                                               more=start + SNAPSHOT_PAGE < len(ids), keys=watcher.keys)
+                try:
+                    await asyncio.wait_for(context.write(page), SNAPSHOT_WRITE_S)
+                except TimeoutError:
+                    self.core.cut_off(watcher, f"this watcher did not read its snapshot within {SNAPSHOT_WRITE_S:g} "
+                                      "s and was cut off; watch again and read the stream", "snapshot not read")
+                    await asyncio.sleep(0)  # cut_off cancelled this task: the handler answers
 
 
 def add_to_server(servicer: AgentServicer, server: grpc.aio.Server) -> None:
@@ -586,7 +650,7 @@ def add_to_server(servicer: AgentServicer, server: grpc.aio.Server) -> None:
         fn = getattr(servicer, method.name)
         if method.server_streaming:
             handlers[method.name] = grpc.unary_stream_rpc_method_handler(fn, request_deserializer=decode,
-                                                                         response_serializer=encode)
+                                                                         response_serializer=_encode)
         else:
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(fn, request_deserializer=decode,
                                                                         response_serializer=encode)
