@@ -101,7 +101,8 @@ def call(s: Stubs, name: str, fn: Callable[..., Any], req: Any) -> tuple[grpc.St
 def requests(size: str, holder: str, kind: int, gpu: str, near: str, ttl: int, prio: int, key: str, lease_id: str,
              token: str, flag: bool) -> list[tuple[str, Any]]:
     return [
-        ("Acquire", pb.AcquireRequest(size=size, holder=holder, kind=kind, gpu_uuid=gpu, near_gpu_uuid=near,
+        ("Acquire", pb.AcquireRequest(size=size, holder=holder, kind=kind,  # type: ignore[arg-type]
+                                      gpu_uuid=gpu, near_gpu_uuid=near,
                                       ttl_ms=ttl, priority=prio, idempotency_key=key, pod=holder)),
         ("Renew", pb.RenewRequest(lease_id=lease_id, token=token, ttl_ms=ttl)),
         ("Release", pb.ReleaseRequest(lease_id=lease_id, token=token)),
@@ -140,7 +141,8 @@ def test_random_requests_on_the_agents_own_gpus(stubs: Stubs) -> None:
     def run(size: str, gpu: str, ttl: int, prio: int, kind: int, bad_token: bool, flag: bool, borrower: bool) -> None:
         stub = stubs.borrower if borrower else stubs.admin
         try:
-            got = stub.Acquire(pb.AcquireRequest(size=size, holder="f", kind=kind, gpu_uuid=gpu,
+            got = stub.Acquire(pb.AcquireRequest(size=size, holder="f", kind=kind,  # type: ignore[arg-type]
+                                                 gpu_uuid=gpu,
                                                  ttl_ms=600_000, priority=prio), timeout=30)
         except grpc.RpcError as exc:
             assert exc.code() in ALLOWED
