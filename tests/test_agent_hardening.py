@@ -421,3 +421,23 @@ async def test_hostile_watchers_keep_memory_and_latency_bounded(fine_agent: Agen
     assert rep.rss_after < rep.rss_before + 40 * MiB, rep.lines()
     assert pct(rep.stuck_ms, 0.5) < 10 and pct(rep.stuck_ms, 0.99) < 100, rep.lines()
     assert rep.renew_max_ms < 2000, rep.lines()
+
+
+def test_the_docs_table_of_who_may_call_what_matches_the_code() -> None:
+    from pathlib import Path
+
+    from spillway.agent.guard import PERMISSIONS, Role
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "agent.md").read_text()
+    section = text.split("## Who may call what", 1)[1].split("\n## ", 1)[0]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in section.splitlines()
+            if line.startswith("| ") and not line.startswith("| RPC") and "---" not in line]
+    for method, perm in PERMISSIONS.items():
+        mine = [r for r in rows if method in r[0].replace(",", " ").split()]
+        assert mine, f"docs/agent.md has no row for {method}"
+        borrower_ok = [("PERMISSION_DENIED" not in r[1]) for r in mine]
+        if Role.BORROWER in perm.roles:
+            assert any(borrower_ok), (method, mine)
+        else:
+            assert not any(borrower_ok), (method, mine)
+        assert all("PERMISSION_DENIED" not in r[2] for r in mine), (method, mine)
