@@ -10,6 +10,7 @@ _DECIMAL = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15,
 _QUANTITY = re.compile(r"^\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?\s*$")
 
 QUANTITY_FORMS = "a Kubernetes quantity such as 4Gi, 512Mi, 80G or 1073741824"
+MAX_QUANTITY_CHARS = 64  # checked before parsing: Decimal and int() are superlinear in the digits
 
 
 class QuantityError(ValueError):
@@ -28,6 +29,9 @@ def parse_quantity(text: str | int, *, allow_zero: bool = False) -> int:
         value = Decimal(text)
         shown = str(text)
     else:
+        if len(text) > MAX_QUANTITY_CHARS:
+            raise QuantityError(f"size is {len(text)} characters long; at most {MAX_QUANTITY_CHARS} are accepted "
+                                f"(it starts {text[:20]!r}): use {QUANTITY_FORMS}")
         shown = text
         match = _QUANTITY.match(text or "")
         if not match:

@@ -34,7 +34,7 @@ import pytest
 from spillway.api.podresources.v1 import api_pb2 as pr_pb2
 from spillway.api.podresources.v1 import api_pb2_grpc as pr_grpc
 from spillway.deviceplugin import RESOURCE_NAME
-from spillway.testing.agentproc import free_port
+from spillway.testing.agentproc import AgentProcess, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 HARNESS_DIR = REPO / "hack" / "dpconformance"
@@ -264,3 +264,22 @@ def dp_workdir() -> Iterator[Path]:
     d = Path(tempfile.mkdtemp(prefix="spw-dp-", dir="/tmp"))
     yield d
     shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def stack(dpconformance_bin: Path, dp_workdir: Path, agent: AgentProcess
+          ) -> Iterator[tuple[AgentProcess, PluginProcess, Kubelet, PodResourcesServer]]:
+    plugin = PluginProcess(dp_workdir, agent.socket, agent.node_name)
+    pods = PodResourcesServer(plugin.pod_resources)
+    kubelet = Kubelet(dpconformance_bin, plugin.kubelet_dir).start()
+    plugin.start()
+    try:
+        kubelet.wait_for(lambda e: e["event"] == "registered", 30, "the plugin to register")
+        yield agent, plugin, kubelet, pods
+    except BaseException:
+        print(plugin.logs()[-6000:])
+        raise
+    finally:
+        plugin.stop()
+        kubelet.stop()
+        pods.stop()

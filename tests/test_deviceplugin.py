@@ -9,11 +9,11 @@ import json
 import os
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from spillway.agent.client import AgentClient
 from spillway.api.v1 import agent_pb2
 from spillway.deviceplugin import HEALTHY, UNHEALTHY
 from spillway.deviceplugin.pods import completed_init_containers, pod_candidates, reservation_container
@@ -143,25 +143,6 @@ def test_completed_init_containers_are_the_ones_that_exited_zero() -> None:
 
 # --- against the kubelet's own code ------------------------------------------------------
 
-@pytest.fixture
-def stack(dpconformance_bin: Path, dp_workdir: Path, agent: AgentProcess
-          ) -> Iterator[tuple[AgentProcess, PluginProcess, Kubelet, PodResourcesServer]]:
-    plugin = PluginProcess(dp_workdir, agent.socket, agent.node_name)
-    pods = PodResourcesServer(plugin.pod_resources)
-    kubelet = Kubelet(dpconformance_bin, plugin.kubelet_dir).start()
-    plugin.start()
-    try:
-        kubelet.wait_for(lambda e: e["event"] == "registered", 30, "the plugin to register")
-        yield agent, plugin, kubelet, pods
-    except BaseException:
-        print(plugin.logs()[-6000:])
-        raise
-    finally:
-        plugin.stop()
-        kubelet.stop()
-        pods.stop()
-
-
 async def _inventory(agent: AgentProcess) -> agent_pb2.Inventory:
     async with agent.client() as c:
         return await c.inventory()
@@ -207,10 +188,11 @@ def test_conformance_register_list_prefer_allocate(
     resp = alloc["response"]
     envs = resp["envs"]
     assert set(envs) == {"SPILLWAY_LEASE_ID", "SPILLWAY_LEASE_TOKEN", "SPILLWAY_AGENT_SOCKET", "SPILLWAY_LENDER_GPUS"}
-    assert envs["SPILLWAY_AGENT_SOCKET"] == str(agent.socket)
+    # The borrower gets the agent's borrower socket (its directory mounted), never the admin socket.
+    assert envs["SPILLWAY_AGENT_SOCKET"] == str(agent.borrower_socket)
     assert envs["SPILLWAY_LENDER_GPUS"] == gpu_b
-    assert resp["mounts"] == [{"container_path": str(agent.socket.parent), "host_path": str(agent.socket.parent),
-                               "read_only": True}]
+    assert resp["mounts"] == [{"container_path": str(agent.borrower_socket.parent),
+                               "host_path": str(agent.borrower_socket.parent), "read_only": True}]
     index = next(g.index for g in inv.gpus if g.uuid == gpu_b)
     assert resp["devices"] == [{"container_path": f"/dev/nvidia{index}", "host_path": f"/dev/nvidia{index}",
                                 "permissions": "rw"}]
@@ -219,9 +201,9 @@ def test_conformance_register_list_prefer_allocate(
     after = {g.uuid: g.lendable_bytes for g in asyncio.run(_inventory(agent)).gpus}
     assert before[gpu_b] - after[gpu_b] == 5 * GiB
 
-    # The token is the lease's: the borrower can renew with it.
+    # The token is the lease's: the borrower can renew with it, on the socket it was given.
     async def renew() -> agent_pb2.Lease:
-        async with agent.client() as c:
+        async with AgentClient(envs["SPILLWAY_AGENT_SOCKET"]) as c:
             return await c.renew(envs["SPILLWAY_LEASE_ID"], envs["SPILLWAY_LEASE_TOKEN"])
     assert asyncio.run(renew()).id == lease.id
 

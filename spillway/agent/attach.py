@@ -24,6 +24,8 @@ from typing import Any
 log = logging.getLogger("spillway.agent.attach")
 
 MAX_LINE = 4096
+MAX_NESTING = 4  # brackets and braces a request line may hold: it is one flat object
+FIELD_LIMITS = {"lease_id": 64, "token": 128}  # as on the gRPC sockets (spillway.agent.guard)
 
 
 def attach_socket_path(agent_socket: str | Path) -> Path:
@@ -90,6 +92,31 @@ def attach(agent_socket_path: str | Path, lease_id: str, token: str, *, timeout:
     return Attachment(pid=int(reply["pid"]), lease_id=lease_id, gpu_uuid=str(lease.get("gpu_uuid", "")), sock=sock)
 
 
+def parse_request(line: bytes) -> tuple[str, str]:
+    """(lease_id, token) of one request line; ValueError says what is wrong. Bounded before
+    parsing: the line's length by the reader's limit, its nesting here (a deeply nested line
+    would otherwise exhaust the JSON parser's recursion)."""
+    if not line.endswith(b"\n"):
+        raise ValueError(f"the line must end with a newline and hold at most {MAX_LINE} bytes")
+    if line.count(b"[") + line.count(b"{") > MAX_NESTING:
+        raise ValueError("the request is nested too deeply: one flat object with two strings is expected")
+    try:
+        req = json.loads(line)
+    except RecursionError as exc:  # pragma: no cover - the nesting check comes first
+        raise ValueError("the request is nested too deeply") from exc
+    if not isinstance(req, dict):
+        raise ValueError("not a JSON object")
+    out = []
+    for name, limit in FIELD_LIMITS.items():
+        value = req.get(name, "")
+        if not isinstance(value, str):
+            raise ValueError(f"{name} must be a string")
+        if len(value) > limit:
+            raise ValueError(f"{name} is {len(value)} characters long; at most {limit} are accepted")
+        out.append(value)
+    return out[0], out[1]
+
+
 class AttachServer:
     """Agent side. `on_attach(lease_id, token, pid) -> lease dict` raises on refusal (an
     exception with `.code` and `.message`); `on_detach(lease_id, pid)` runs when the
@@ -125,12 +152,10 @@ class AttachServer:
             pid = peer_pid(sock)
             try:
                 line = await asyncio.wait_for(reader.readline(), 10.0)
-                req = json.loads(line)
-                if not isinstance(req, dict):
-                    raise ValueError("not an object")
-                lease_id, token = str(req.get("lease_id", "")), str(req.get("token", ""))
+                lease_id, token = parse_request(line)
             except (ValueError, TimeoutError, asyncio.LimitOverrunError) as exc:
                 hint = 'send one JSON line {"lease_id": ..., "token": ...}'
+                log.warning("attach request refused", extra={"pid": pid, "error": str(exc)[:200]})
                 await self._reply(writer, {"ok": False, "code": "INVALID_ARGUMENT", "error": f"{hint} ({exc})"})
                 return
             try:
@@ -145,6 +170,8 @@ class AttachServer:
                 pass  # the borrower keeps the connection; anything it sends is ignored
         except (ConnectionError, OSError):
             pass
+        except Exception:  # never let one connection take the server down; log and close it
+            log.exception("attach connection failed")
         finally:
             self._conns.discard(writer)
             if attached is not None:

@@ -145,8 +145,9 @@ def _cmd_agent(args: argparse.Namespace) -> int:
     if args.publish and not (args.advertise_endpoint or args.listen):
         raise UsageError("--publish needs --advertise-endpoint HOST:PORT (or --listen) so the operator can reach it")
     cfg = AgentConfig(
-        backend=args.backend, topology=args.topology, socket=args.socket, listen=args.listen, tls=_tls(args),
-        state_dir=args.state_dir, metrics_port=args.metrics_port, granularity=args.granularity,
+        backend=args.backend, topology=args.topology, socket=args.socket, borrower_socket=args.borrower_socket,
+        listen=args.listen, tls=_tls(args), state_dir=args.state_dir, metrics_port=args.metrics_port,
+        metrics_host=args.metrics_address, granularity=args.granularity,
         headroom=Headroom(args.headroom_min, args.headroom_fraction), default_ttl_ms=round(args.default_ttl * 1000),
         revoke_deadline_ms=round(args.revoke_deadline * 1000), refresh_s=args.refresh, durable=args.fsync,
         publish=args.publish, advertise_endpoint=args.advertise_endpoint, drain_bytes_per_s=args.drain_rate,
@@ -302,12 +303,18 @@ def add_commands(sub: Any) -> None:
     a.add_argument("--topology", type=Path, default=Path(__file__).resolve().parents[2] / "examples" / "topologies"
                    / "dgx-h100.yaml", help="topology YAML of the simulated backend")
     a.add_argument("--node-name", default="", help="node name (default $NODE_NAME or the host name)")
-    a.add_argument("--socket", type=Path, default=Path(DEFAULT_AGENT_SOCKET), help="unix socket to serve on")
+    a.add_argument("--socket", type=Path, default=Path(DEFAULT_AGENT_SOCKET),
+                   help="admin unix socket to serve on (every call; for the device plugin and the node's operators)")
+    a.add_argument("--borrower-socket", type=Path, default=None,
+                   help="borrower unix socket, the one mounted into borrower pods (leases by token only; no "
+                        "ListLeases, Reclaim, SetGpuLocal or all-events Watch); default: borrower/ beside --socket")
     a.add_argument("--listen", default="", help="also serve HOST:PORT over TCP with mutual TLS")
     _tls_args(a)
     a.add_argument("--state-dir", type=Path, default=Path("/var/lib/spillway/agent"),
                    help="lease table (SQLite) and token key")
     a.add_argument("--metrics-port", type=int, default=None, help="serve /metrics, /healthz, /readyz on this port")
+    a.add_argument("--metrics-address", default="127.0.0.1",
+                   help="address the metrics port listens on (default 127.0.0.1; the chart gives the pod IP)")
     a.add_argument("--granularity", type=_quantity, default=64 << 20, help="lease size granularity (default 64Mi)")
     a.add_argument("--headroom-min", type=_quantity0, default=2 << 30, help="never lend this much (default 2Gi)")
     a.add_argument("--headroom-fraction", type=float, default=0.05, help="...or this share of total if larger")

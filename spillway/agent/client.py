@@ -107,14 +107,33 @@ class AgentClient:
                                      timeout=self.timeout)
 
     async def leases(self, holder: str = "", include_ended: bool = False, gpu_uuid: str = "") -> list[agent_pb2.Lease]:
-        resp = await self.stub.ListLeases(agent_pb2.ListLeasesRequest(holder=holder, include_ended=include_ended,
-                                                                      gpu_uuid=gpu_uuid), timeout=self.timeout)
-        return list(resp.leases)
+        """Every lease that matches (the agent answers a page at a time; this follows the pages)."""
+        out: list[agent_pb2.Lease] = []
+        token = ""
+        while True:
+            resp = await self.stub.ListLeases(agent_pb2.ListLeasesRequest(
+                holder=holder, include_ended=include_ended, gpu_uuid=gpu_uuid, page_token=token), timeout=self.timeout)
+            out.extend(resp.leases)
+            token = resp.next_page_token
+            if not token:
+                return out
 
     async def watch(self, lease_id: str = "", token: str = "") -> AsyncGenerator[agent_pb2.WatchEvent, None]:
+        """The agent's events; the first is one SNAPSHOT (its pages joined here)."""
         call = self.stub.Watch(agent_pb2.WatchRequest(lease_id=lease_id, token=token))
+        snapshot: agent_pb2.WatchEvent | None = None
         try:
             async for ev in call:
+                if ev.kind == agent_pb2.WatchEvent.SNAPSHOT:
+                    if snapshot is None:
+                        snapshot = ev
+                    else:
+                        snapshot.leases.extend(ev.leases)
+                        snapshot.sequence = ev.sequence
+                    if ev.snapshot_more:
+                        continue
+                    snapshot.snapshot_more = False
+                    ev, snapshot = snapshot, None
                 yield ev
         finally:
             call.cancel()

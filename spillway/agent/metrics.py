@@ -37,6 +37,8 @@ class AgentMetrics:
                                   ["node", "method", "code"], registry=self.registry)
         self.duration = Histogram("spillway_lease_operation_duration_seconds", "server-side gRPC call latency",
                                   ["node", "method"], buckets=FAST_BUCKETS, registry=self.registry)
+        self.watch_cutoffs = Counter("spillway_watch_cutoffs", "Watch streams cut off for falling behind",
+                                     ["node"], registry=self.registry)
         self.reclaims = Counter("spillway_reclaims", "reclaim rounds", ["node", "trigger"], registry=self.registry)
         self.revocations = Counter("spillway_revocations", "leases that went REVOKING and how they ended",
                                    ["node", "outcome"], registry=self.registry)

@@ -33,6 +33,7 @@ must copy a large lease to host memory is given the time that copy takes.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import hmac
 import secrets
 from collections.abc import Callable, Iterable, Sequence
@@ -106,6 +107,8 @@ class Lease:
     reason: str = ""
     ended_at_ms: int = 0
     seq: int = 0  # creation order, for "newest first" among leases created in the same ms
+    key_scope: str = ""  # the identity of the caller whose idempotency key names this lease
+    key_fingerprint: str = ""  # hash of the Acquire that made it, to refuse the key for another request
 
     @property
     def live(self) -> bool:
@@ -186,6 +189,13 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+def request_fingerprint(holder: str, kind: int, nbytes: int, gpu_uuid: str, near_gpu_uuid: str, ttl_ms: int,
+                        priority: int, pod: str) -> str:
+    """What an idempotent retry must repeat exactly, as a short hash (stored with the lease)."""
+    text = "\x00".join((holder, str(kind), str(nbytes), gpu_uuid, near_gpu_uuid, str(ttl_ms), str(priority), pod))
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
 def round_up(n: int, granularity: int) -> int:
     return -(-n // granularity) * granularity
 
@@ -238,7 +248,7 @@ class Pool:
         self._revoking: dict[str, int] = {}  # GPU -> bytes of its REVOKING leases
         self._ended: dict[str, None] = {}  # ended leases, oldest end first
         self.max_ended = max_ended
-        self._by_key: dict[str, str] = {}
+        self._by_key: dict[tuple[str, str], str] = {}  # (caller identity, idempotency key) -> lease id
         self._seq = 0
         self._events: list[Event] = []
         self.reclaims: list[tuple[str, int]] = []  # (trigger, time) of reclaim rounds since the last drain
@@ -369,8 +379,15 @@ class Pool:
         priority: int = 0,
         idempotency_key: str = "",
         pod: str = "",
+        key_scopes: Sequence[str] = ("",),
     ) -> tuple[Lease, str]:
-        """Grant `size` bytes (rounded up to the granularity). Returns (lease, token)."""
+        """Grant `size` bytes (rounded up to the granularity). Returns (lease, token).
+
+        An idempotency key belongs to the caller that used it: `key_scopes[0]` is the caller's
+        identity (the scope a new lease's key is recorded under); a retry finds the lease only
+        under one of `key_scopes`, so no caller can reach another's lease (or token) by its key.
+        The same key with a different request (size, holder, kind, GPU, TTL, priority or pod)
+        is FAILED_PRECONDITION."""
         if not holder.strip():
             raise PoolError("INVALID_ARGUMENT", "holder is required: name who asks (tenant, pod or component)")
         if kind not in (Kind.RESERVATION, Kind.ELASTIC):
@@ -387,16 +404,18 @@ class Pool:
             if u:
                 self._gpu(u)
         nbytes = round_up(size, self.granularity)
-        if idempotency_key and idempotency_key in self._by_key:
-            prior = self.leases.get(self._by_key[idempotency_key])
+        fingerprint = request_fingerprint(holder, int(kind), nbytes, gpu_uuid, near_gpu_uuid, ttl_ms, priority, pod)
+        if idempotency_key:
+            prior = self._keyed(idempotency_key, key_scopes)
             if prior is not None and prior.live:
-                if (prior.holder, prior.kind, prior.bytes) != (holder, kind, nbytes) or (
-                    gpu_uuid and gpu_uuid != prior.gpu_uuid
-                ):
-                    raise PoolError("FAILED_PRECONDITION", f"idempotency key {idempotency_key!r} already names lease "
-                                    f"{prior.id} ({prior.holder}, {Kind(prior.kind).name}, "
-                                    f"{format_bytes(prior.bytes)} on {prior.gpu_uuid}); use a new key for a "
-                                    "different request")
+                same = (prior.key_fingerprint == fingerprint if prior.key_fingerprint else
+                        (prior.holder, prior.kind, prior.bytes) == (holder, kind, nbytes)
+                        and (not gpu_uuid or gpu_uuid == prior.gpu_uuid))
+                if not same:
+                    raise PoolError("FAILED_PRECONDITION", f"this idempotency key already names lease {prior.id} "
+                                    f"({prior.holder}, {Kind(prior.kind).name}, {format_bytes(prior.bytes)} on "
+                                    f"{prior.gpu_uuid}), made by a different request (size, holder, kind, GPU, TTL, "
+                                    "priority or pod differ); retry with the same request, or use a new key")
                 return prior.snapshot(), self.token_for(prior.id)
         if gpu_uuid:
             candidates = [gpu_uuid]
@@ -426,13 +445,21 @@ class Pool:
         lease = Lease(id=lease_id, holder=holder, kind=Kind(kind), gpu_uuid=chosen, bytes=nbytes, priority=priority,
                       state=State.RESERVED, created_at_ms=now, expires_at_ms=now + ttl, ttl_ms=ttl,
                       token_hash=hash_token(token), node_name=self.node_name, idempotency_key=idempotency_key,
-                      pod=pod, seq=self._seq)
+                      pod=pod, seq=self._seq, key_scope=key_scopes[0] if idempotency_key else "",
+                      key_fingerprint=fingerprint if idempotency_key else "")
         self._add(lease)
         if idempotency_key:
-            self._by_key[idempotency_key] = lease_id
+            self._by_key[(lease.key_scope, idempotency_key)] = lease_id
         self._emit_lease(lease)
         self._emit_capacity(chosen)
         return lease.snapshot(), token
+
+    def _keyed(self, key: str, scopes: Sequence[str]) -> Lease | None:
+        for scope in scopes:
+            lease_id = self._by_key.get((scope, key))
+            if lease_id is not None:
+                return self.leases.get(lease_id)
+        return None
 
     def _place(self, fits: Sequence[str], near: str, lendable: dict[str, int]) -> str:
         """NVLink peers of the borrower GPU first (more links first), then the most lendable."""
@@ -505,6 +532,21 @@ class Pool:
                if (not holder or x.holder == holder)
                and (not gpu_uuid or x.gpu_uuid == gpu_uuid)]
         return sorted(out, key=lambda x: (x.created_at_ms, x.seq))
+
+    def list_page(self, *, holder: str = "", include_ended: bool = False, gpu_uuid: str = "", after_seq: int = 0,
+                  limit: int = 500) -> tuple[list[Lease], int]:
+        """One page of `list_leases` in creation order: up to `limit` leases created after
+        `after_seq`, and the cursor of the next page (0 on the last one)."""
+        if gpu_uuid:
+            self._gpu(gpu_uuid)
+        source = self.leases if include_ended else self.live
+        picked = heapq.nsmallest(limit + 1, (x for x in source.values() if x.seq > after_seq
+                                             and (not holder or x.holder == holder)
+                                             and (not gpu_uuid or x.gpu_uuid == gpu_uuid)),
+                                 key=lambda x: x.seq)
+        more = len(picked) > limit
+        page = [x.snapshot() for x in picked[:limit]]
+        return page, (page[-1].seq if more and page else 0)
 
     def get(self, lease_id: str, token: str) -> Lease:
         return self._authorized(lease_id, token).snapshot()
@@ -588,8 +630,8 @@ class Pool:
             self._unsettle(self.settling[lease.id])
         del self.leases[lease.id]
         self._ended.pop(lease.id, None)
-        if self._by_key.get(lease.idempotency_key) == lease.id:
-            del self._by_key[lease.idempotency_key]
+        if self._by_key.get((lease.key_scope, lease.idempotency_key)) == lease.id:
+            del self._by_key[(lease.key_scope, lease.idempotency_key)]
         self._events.append(Event("forget", lease=lease.snapshot(), time_ms=self.clock_ms()))
 
     def _add(self, lease: Lease) -> None:
@@ -611,7 +653,7 @@ class Pool:
             self._add(lease)
             self._seq = max(self._seq, lease.seq)
             if lease.idempotency_key:
-                self._by_key[lease.idempotency_key] = lease.id
+                self._by_key[(lease.key_scope, lease.idempotency_key)] = lease.id
             if lease.live and lease.gpu_uuid not in self.gpus:
                 self._end(lease, State.EXPIRED, "its GPU is no longer on this node")
             elif lease.pid:

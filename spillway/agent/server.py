@@ -1,6 +1,8 @@
-"""Runs the agent: inventory backend, pool restored from the store, the gRPC service on a
-unix socket (mode 0660) and optionally on TCP with mutual TLS, the attach socket, metrics,
-and signal handling (SIGTERM/SIGINT stop, SIGHUP re-reads the inventory configuration)."""
+"""Runs the agent: inventory backend, pool restored from the store, the gRPC service on two
+unix sockets (mode 0660): the admin socket (`--socket`) and the borrower socket
+(`--borrower-socket`, the one mounted into borrower pods), and optionally on TCP with mutual
+TLS (admin role), an attach socket beside each unix socket, metrics, and signal handling
+(SIGTERM/SIGINT stop, SIGHUP re-reads the inventory configuration). See `guard` for the roles."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import grpc
 
 from spillway import __version__
 from spillway.agent.attach import AttachServer, attach_socket_path
+from spillway.agent.guard import MAX_MESSAGE_BYTES, Role
 from spillway.agent.inventory import InventoryBackend, NvmlBackend, SimulatedBackend
 from spillway.agent.metrics import AgentMetrics
 from spillway.agent.pool import (
@@ -31,9 +34,8 @@ from spillway.agent.pool import (
     Pool,
 )
 from spillway.agent.publisher import run_publisher
-from spillway.agent.service import AgentCore, AgentServicer, lease_pb, now_ms
+from spillway.agent.service import AgentCore, AgentServicer, add_to_server, lease_pb, now_ms
 from spillway.agent.store import Store, load_or_create_key
-from spillway.api.v1 import agent_pb2_grpc as pb_grpc
 from spillway.contract import DEFAULT_AGENT_SOCKET
 from spillway.metrics import HttpEndpoint
 from spillway.pki import TlsFiles, read_tls, tls_signature
@@ -41,6 +43,10 @@ from spillway.pki import TlsFiles, read_tls, tls_signature
 log = logging.getLogger("spillway.agent")
 
 DEFAULT_SOCKET = DEFAULT_AGENT_SOCKET
+BORROWER_DIR = "borrower"  # the borrower socket's default directory, beside the admin socket
+# gRPC options of every agent server: small requests only, and no port sharing.
+SERVER_OPTIONS = [("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                  ("grpc.max_metadata_size", 16 * 1024)]
 MAX_UNIX_PATH = 107  # sockaddr_un.sun_path is 108 bytes with the terminating NUL
 DEFAULT_STATE_DIR = "/var/lib/spillway/agent"
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -53,11 +59,12 @@ class AgentConfig:
     topology: Path = DEFAULT_TOPOLOGY
     node_name: str = field(default_factory=lambda: os.environ.get("NODE_NAME") or socket.gethostname())
     socket: Path = Path(DEFAULT_SOCKET)
+    borrower_socket: Path | None = None  # None: <socket's directory>/borrower/<socket's name>
     listen: str = ""
     tls: TlsFiles | None = None
     state_dir: Path | None = Path(DEFAULT_STATE_DIR)
     metrics_port: int | None = None
-    metrics_host: str = "0.0.0.0"
+    metrics_host: str = "127.0.0.1"  # the chart passes the pod IP
     granularity: int = DEFAULT_GRANULARITY
     headroom: Headroom = field(default_factory=Headroom)
     default_ttl_ms: int = DEFAULT_TTL_MS
@@ -68,6 +75,14 @@ class AgentConfig:
     durable: bool = False
     publish: bool = False
     advertise_endpoint: str = ""
+
+    @property
+    def borrower_path(self) -> Path:
+        return self.borrower_socket or default_borrower_socket(self.socket)
+
+
+def default_borrower_socket(admin_socket: Path) -> Path:
+    return admin_socket.parent / BORROWER_DIR / admin_socket.name
 
 
 class TlsReloader:
@@ -122,11 +137,17 @@ class Agent:
 
     def __init__(self, cfg: AgentConfig) -> None:
         self.cfg = cfg
-        longest = attach_socket_path(cfg.socket)  # the agent's two sockets: PATH and PATH.attach
-        if len(os.fsencode(str(longest))) > MAX_UNIX_PATH:
-            raise ValueError(f"--socket {cfg.socket} is too long: its attach socket {longest} has "
-                             f"{len(os.fsencode(str(longest)))} bytes and unix socket paths hold at most "
-                             f"{MAX_UNIX_PATH}; choose a shorter path (the default is {DEFAULT_SOCKET})")
+        if cfg.borrower_path.resolve() == cfg.socket.resolve() or cfg.borrower_path.parent.resolve() == \
+                cfg.socket.parent.resolve():
+            raise ValueError(f"--borrower-socket {cfg.borrower_path} must be in another directory than --socket "
+                             f"{cfg.socket}: borrower pods get the borrower socket's directory mounted, and must not "
+                             "see the admin socket")
+        for flag, path in (("--socket", cfg.socket), ("--borrower-socket", cfg.borrower_path)):
+            longest = attach_socket_path(path)  # each socket has its attach socket: PATH and PATH.attach
+            if len(os.fsencode(str(longest))) > MAX_UNIX_PATH:
+                raise ValueError(f"{flag} {path} is too long: its attach socket {longest} has "
+                                 f"{len(os.fsencode(str(longest)))} bytes and unix socket paths hold at most "
+                                 f"{MAX_UNIX_PATH}; choose a shorter path (the default is {DEFAULT_SOCKET})")
         self.backend = make_backend(cfg)
         facts = self.backend.read()
         self.metrics = AgentMetrics(cfg.node_name, self.backend.name, self.backend.simulated)
@@ -140,8 +161,10 @@ class Agent:
         self.pool.restore(leases)
         self.restored = sum(1 for x in leases if x.live)
         self.core = AgentCore(self.backend, self.pool, self.store, self.metrics)
-        self.server: grpc.aio.Server | None = None
-        self.attach = AttachServer(attach_socket_path(cfg.socket), self._on_attach, self._on_detach)
+        self.server: grpc.aio.Server | None = None  # admin: --socket, and --listen (mutual TLS)
+        self.borrower_server: grpc.aio.Server | None = None  # --borrower-socket
+        self.attaches = [AttachServer(attach_socket_path(p), self._on_attach, self._on_detach)
+                         for p in (cfg.socket, cfg.borrower_path)]
         self.http: HttpEndpoint | None = None
         self.tcp_port = 0
         self.tls_reloader: TlsReloader | None = None
@@ -167,19 +190,25 @@ class Agent:
             log.warning("SIMULATED GPU backend: inventory comes from a topology file, not from a GPU",
                         extra={"topology": str(cfg.topology), "node": cfg.node_name})
         self.core.start(cfg.refresh_s)
-        self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        pb_grpc.add_AgentServicer_to_server(AgentServicer(self.core), self.server)
-        cfg.socket.parent.mkdir(parents=True, exist_ok=True)
-        cfg.socket.unlink(missing_ok=True)
-        self.server.add_insecure_port(f"unix:{cfg.socket}")
+        self.server = grpc.aio.server(options=SERVER_OPTIONS)
+        add_to_server(AgentServicer(self.core, Role.ADMIN), self.server)
+        self.borrower_server = grpc.aio.server(options=SERVER_OPTIONS)
+        add_to_server(AgentServicer(self.core, Role.BORROWER), self.borrower_server)
+        for server, path in ((self.server, cfg.socket), (self.borrower_server, cfg.borrower_path)):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.unlink(missing_ok=True)
+            server.add_insecure_port(f"unix:{path}")
         if cfg.listen:
             if cfg.tls is None:
                 raise ValueError("--listen needs --tls-cert, --tls-key and --tls-ca (mutual TLS)")
             self.tls_reloader = TlsReloader(cfg.tls)
             self.tcp_port = self.server.add_secure_port(cfg.listen, self.tls_reloader.credentials())
         await self.server.start()
+        await self.borrower_server.start()
         cfg.socket.chmod(0o660)
-        await self.attach.start()
+        cfg.borrower_path.chmod(0o660)
+        for attach in self.attaches:
+            await attach.start()
         if cfg.metrics_port is not None:
             self.http = HttpEndpoint(self.metrics.registry, self.ready)
             await self.http.start(cfg.metrics_port, cfg.metrics_host)
@@ -195,7 +224,8 @@ class Agent:
         gpus = self.pool.views()
         log.info("agent started", extra={
             "node": cfg.node_name, "backend": self.backend.name, "simulated": self.backend.simulated,
-            "gpus": len(gpus), "socket": str(cfg.socket), "tcp": f"{cfg.listen} (port {self.tcp_port})" if cfg.listen
+            "gpus": len(gpus), "socket": str(cfg.socket), "borrower_socket": str(cfg.borrower_path),
+            "tcp": f"{cfg.listen} (port {self.tcp_port})" if cfg.listen
             else "", "state_dir": str(cfg.state_dir or ""), "restored_leases": self.restored,
             "metrics_port": self.http.port if self.http else "", "version": __version__})
 
@@ -213,16 +243,19 @@ class Agent:
             self._publisher.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._publisher
-        await self.attach.stop()
-        if self.server is not None:
-            await self.server.stop(grace=1.0)
+        for attach in self.attaches:
+            await attach.stop()
+        for server in (self.server, self.borrower_server):
+            if server is not None:
+                await server.stop(grace=1.0)
         await self.core.stop()
         if self.http is not None:
             await self.http.stop()
         self.store.close()
         self.backend.close()
-        with contextlib.suppress(OSError):
-            self.cfg.socket.unlink()
+        for path in (self.cfg.socket, self.cfg.borrower_path):
+            with contextlib.suppress(OSError):
+                path.unlink()
 
 
 async def run_agent(cfg: AgentConfig) -> int:

@@ -3,8 +3,15 @@ refresh, persistence before every answer, the Watch fan-out, and the timer that 
 leases and enforces revoke deadlines.
 
 Validation happens before anything changes: a rejected call leaves the pool exactly as it
-was and gets a precise status code with a message a person can act on. No input crashes
-the server: anything unexpected is logged and answered INTERNAL.
+was and gets a precise status code with a message a person can act on. Every request passes
+`guard` first (role, field bounds, undecodable bytes), so bad input is INVALID_ARGUMENT (or
+PERMISSION_DENIED), never INTERNAL; INTERNAL is left for bugs (logged with a traceback).
+
+Watch is bounded: a watcher's queue holds at most WATCH_QUEUE events; one that falls further
+behind is cut off at once (RESOURCE_EXHAUSTED) and its queue dropped; snapshots go out in
+pages of SNAPSHOT_PAGE leases, built page by page from each lease's cached encoding by at
+most SNAPSHOT_WRITERS streams at once, so opening many Watch streams never holds the loop for
+long and a watcher that does not read holds at most one page.
 """
 
 from __future__ import annotations
@@ -14,13 +21,23 @@ import contextlib
 import functools
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
 import grpc
 
 from spillway import __version__
+from spillway.agent.guard import (
+    PERMISSIONS,
+    Caller,
+    Role,
+    Undecodable,
+    authorize,
+    check_bounds,
+    safe_decoder,
+)
 from spillway.agent.inventory import InventoryBackend, InventoryError, InventoryFacts
 from spillway.agent.metrics import AgentMetrics
 from spillway.agent.pool import Event, Kind, Lease, Pool, PoolError, State
@@ -33,7 +50,13 @@ from spillway.units import QuantityError, format_bytes, parse_quantity
 log = logging.getLogger("spillway.agent")
 
 LARGEST_METADATA = TRAILER_LARGEST_GRANTABLE
-WATCH_QUEUE = 10_000
+WATCH_QUEUE = 1024  # events a watcher may fall behind before it is cut off
+MAX_WATCHERS = 4096  # open Watch streams, all callers together
+SNAPSHOT_PAGE = 250  # leases per SNAPSHOT message
+SNAPSHOT_WRITERS = 2  # snapshot pages written at once, all watchers together (the rest wait their turn)
+SNAPSHOT_WRITE_S = 10.0  # a watcher that does not take a snapshot page within this is cut off
+LIST_PAGE = 500  # ListLeases' default page size
+LIST_PAGE_MAX = 1000
 
 T = TypeVar("T")
 
@@ -45,19 +68,25 @@ def now_ms() -> int:
 # --- conversions -----------------------------------------------------------------------
 
 
-def lease_pb(x: Lease) -> pb.Lease:
+def lease_pb(x: Lease, *, keys: bool = True) -> pb.Lease:
+    """The lease as the API shows it; `keys=False` (borrowers) leaves out its idempotency key."""
     return pb.Lease(id=x.id, holder=x.holder, kind=cast(Any, int(x.kind)), gpu_uuid=x.gpu_uuid, bytes=x.bytes,
                     priority=x.priority, state=cast(Any, int(x.state)), created_at_ms=x.created_at_ms,
                     expires_at_ms=x.expires_at_ms, revoke_deadline_ms=x.revoke_deadline_ms,
-                    idempotency_key=x.idempotency_key, pod=x.pod, pid=x.pid, node_name=x.node_name,
-                    ttl_ms=x.ttl_ms, reason=x.reason, ended_at_ms=x.ended_at_ms)
+                    idempotency_key=x.idempotency_key if keys else "", pod=x.pod, pid=x.pid,
+                    node_name=x.node_name, ttl_ms=x.ttl_ms, reason=x.reason, ended_at_ms=x.ended_at_ms)
 
 
-@dataclass
+@dataclass(eq=False)
 class _Watcher:
-    queue: asyncio.Queue[tuple[pb.WatchEvent, float]]
-    lease_id: str
-    overflowed: bool = False
+    """One Watch stream: its bounded queue of (event, reclaim stamp), shared event objects."""
+
+    lease_id: str  # "" watches everything (admin)
+    task: asyncio.Task[Any] | None
+    keys: bool = True  # show idempotency keys (admin)
+    queue: deque[tuple[pb.WatchEvent, float]] = field(default_factory=deque)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    cut: str = ""  # why the agent cut this watcher off
 
 
 class AgentCore:
@@ -69,7 +98,13 @@ class AgentCore:
         self.store = store
         self.metrics = metrics
         self.sequence = 0
-        self.watchers: list[_Watcher] = []
+        self.watchers: list[_Watcher] = []  # of every event
+        self.lease_watchers: dict[str, list[_Watcher]] = {}  # lease id -> watchers of that lease only
+        # Each live lease encoded once as a SNAPSHOT's `leases` entry, for every snapshot page
+        # until it changes (opening many Watch streams over many leases re-encoded them all).
+        self._entries: dict[str, bytes] = {}
+        self.snapshot_writers = asyncio.Semaphore(SNAPSHOT_WRITERS)
+        self._inventory: pb.Inventory | None = None  # the whole inventory, until the next change
         self.inventory_error = ""
         self._wake = asyncio.Event()
         self._next_due = float("inf")  # ms: when the timer wakes next on its own
@@ -133,6 +168,7 @@ class AgentCore:
         self.apply_inventory(facts)
 
     def apply_inventory(self, facts: InventoryFacts) -> None:
+        self._inventory = None
         self.pool.update_inventory(facts)
         for rec in self.pool.overdue():
             log.warning(
@@ -155,6 +191,7 @@ class AgentCore:
         events = self.pool.drain()
         reclaims = self.pool.drain_reclaims()
         if events or reserved_changed:
+            self._inventory = None
             reserved = {u: a.reserved for u, a in self.pool.gpus.items()} if reserved_changed else None
             self.store.apply(events, reserved)
         for trigger, _ in reclaims:
@@ -185,6 +222,8 @@ class AgentCore:
                 if ev.gpu_uuid not in capacity:
                     capacity.append(ev.gpu_uuid)
                 continue
+            if ev.lease is not None:
+                self._entries.pop(ev.lease.id, None)
             if ev.kind != "lease" or ev.lease is None:
                 continue
             x = ev.lease
@@ -195,11 +234,11 @@ class AgentCore:
             elif x.state == State.RELEASED and x.revoke_deadline_ms:
                 self.metrics.revocations.labels(self.metrics.node, "released").inc()
             self.sequence += 1
-            if not any(not w.lease_id or w.lease_id == x.id for w in self.watchers):
+            if not self.watchers and x.id not in self.lease_watchers:
                 continue  # nobody watches this lease: skip building the message
-            we = pb.WatchEvent(kind=pb.WatchEvent.LEASE, sequence=self.sequence, time_ms=ev.time_ms, lease=lease_pb(x))
             stamp = (decided or time.perf_counter()) if ev.reclaim_ms else 0.0
-            self._send(we, x.id, stamp)
+            self._send(pb.WatchEvent(kind=pb.WatchEvent.LEASE, sequence=self.sequence, time_ms=ev.time_ms,
+                                     lease=lease_pb(x)), x.id, stamp)
         if capacity and self.watchers:
             self.sequence += 1
             inv = self.inventory_pb(only=set(capacity))
@@ -207,15 +246,89 @@ class AgentCore:
                                      inventory=inv), "", 0.0)
 
     def _send(self, ev: pb.WatchEvent, lease_id: str, stamp: float) -> None:
-        for w in self.watchers:
-            if w.lease_id and w.lease_id != lease_id:
+        item = (ev, stamp)
+        keyless: tuple[pb.WatchEvent, float] | None = None
+        behind: list[_Watcher] = []
+        for w in (self.watchers + self.lease_watchers.get(lease_id, [])) if lease_id else self.watchers:
+            if len(w.queue) >= WATCH_QUEUE:
+                behind.append(w)
                 continue
-            if w.queue.qsize() >= WATCH_QUEUE:
-                w.overflowed = True
-                continue
-            w.queue.put_nowait((ev, stamp))
+            if not w.keys and ev.lease.idempotency_key:
+                if keyless is None:
+                    stripped = pb.WatchEvent()
+                    stripped.CopyFrom(ev)
+                    stripped.lease.idempotency_key = ""
+                    keyless = (stripped, stamp)
+                w.queue.append(keyless)
+            else:
+                w.queue.append(item)
+            w.wake.set()
+        for w in behind:
+            self.cut_off(w, f"this watcher fell {WATCH_QUEUE} events behind (it does not read its stream fast "
+                         "enough) and was cut off; watch again (the first event is a fresh snapshot)")
+
+    def add_watcher(self, w: _Watcher) -> None:
+        if len(self.watchers) + sum(len(v) for v in self.lease_watchers.values()) >= MAX_WATCHERS:
+            raise PoolError("RESOURCE_EXHAUSTED", f"this agent already serves {MAX_WATCHERS} Watch streams; "
+                            "close one, or watch later")
+        if w.lease_id:
+            self.lease_watchers.setdefault(w.lease_id, []).append(w)
+        else:
+            self.watchers.append(w)
+
+    def remove_watcher(self, w: _Watcher) -> None:
+        if not w.lease_id:
+            with contextlib.suppress(ValueError):
+                self.watchers.remove(w)
+            return
+        group = self.lease_watchers.get(w.lease_id)
+        if group is not None:
+            with contextlib.suppress(ValueError):
+                group.remove(w)
+            if not group:
+                del self.lease_watchers[w.lease_id]
+
+    def cut_off(self, w: _Watcher, why: str, short: str = "fell behind") -> None:
+        """Disconnect a watcher now: drop its queue, stop sending to it, and interrupt its
+        stream (even one blocked writing to a client that does not read)."""
+        if w.cut:
+            return
+        w.cut = why
+        w.queue.clear()
+        self.remove_watcher(w)
+        self.metrics.watch_cutoffs.labels(self.metrics.node).inc()
+        log.warning("watcher cut off", extra={"lease": w.lease_id or "(all)", "reason": short})
+        if w.task is not None:
+            w.task.cancel()
 
     # --- views ------------------------------------------------------------------------
+
+    def snapshot_page(self, ids: list[str], *, first: bool, more: bool, keys: bool) -> bytes:
+        """One SNAPSHOT message, encoded: the leases named by `ids` that still exist (their
+        current state), the inventory on the first page. Admin pages reuse each lease's cached
+        encoding (a repeated field is the concatenation of its entries' encodings)."""
+        self.sequence += 1
+        head = pb.WatchEvent(kind=pb.WatchEvent.SNAPSHOT, sequence=self.sequence, time_ms=now_ms(),
+                             snapshot_more=more)
+        if first:
+            if self._inventory is None:
+                self._inventory = self.inventory_pb()  # O(leases) (borrower PIDs): once per change
+            head.inventory.CopyFrom(self._inventory)
+        parts = [head.SerializeToString()]
+        leases = self.pool.leases
+        for i in ids:
+            x = leases.get(i)
+            if x is None:
+                continue
+            if not keys:
+                parts.append(_entry(lease_pb(x, keys=False).SerializeToString()))
+                continue
+            entry = self._entries.get(i)
+            if entry is None:
+                entry = self._entries[i] = _entry(lease_pb(x).SerializeToString())
+            parts.append(entry)
+        return b"".join(parts)
+
 
     def inventory_pb(self, only: set[str] | None = None) -> pb.Inventory:
         facts = self.pool.inventory
@@ -243,11 +356,36 @@ class AgentCore:
                             agent_version=__version__, driver_version=facts.driver_version)
 
 
+_LEASES_TAG = bytes([(6 << 3) | 2])  # WatchEvent.leases: field 6, length-delimited
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _entry(lease: bytes) -> bytes:
+    return _LEASES_TAG + _varint(len(lease)) + lease
+
+
+def _encode(message: Any) -> bytes:
+    """Response serializer that also passes messages encoded beforehand (snapshot pages)."""
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
 # --- the servicer ------------------------------------------------------------------------
 
 
 def _rpc(method: str) -> Callable[[Callable[..., Awaitable[T]]], Callable[..., Awaitable[T]]]:
-    """Time and count a unary call; turn rejections into status codes; never crash."""
+    """Admit (decode, role, bounds), time and count a unary call; turn rejections into status
+    codes; never crash. The handler gets the caller as a third argument."""
 
     def deco(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
         @functools.wraps(fn)
@@ -255,7 +393,8 @@ def _rpc(method: str) -> Callable[[Callable[..., Awaitable[T]]], Callable[..., A
             t0 = time.perf_counter()
             code = "OK"
             try:
-                return await fn(self, request, context)
+                caller = self.admit(method, request, context)
+                return await fn(self, request, context, caller)
             except PoolError as exc:
                 code = exc.code
                 if exc.largest is not None:
@@ -274,8 +413,8 @@ def _rpc(method: str) -> Callable[[Callable[..., Awaitable[T]]], Callable[..., A
                     raise
                 code = "INTERNAL"
                 log.exception("unexpected error", extra={"method": method})
-                await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}: {exc!r}; see the agent "
-                                    "log, and report it")
+                await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(exc).__name__}; "
+                                    "see the agent log, and report it")
                 raise  # pragma: no cover
             finally:
                 self.core.metrics.observe_call(method, code, time.perf_counter() - t0)
@@ -300,54 +439,103 @@ def _size(text: str, what: str = "size") -> int:
     return parse_quantity(text)
 
 
+def _cursor(token: str) -> int:
+    if not token:
+        return 0
+    if not token.isdigit() or len(token) > 19:
+        raise PoolError("INVALID_ARGUMENT", "page_token is not one this agent gave out: pass next_page_token of the "
+                        "previous page unchanged, or nothing for the first page")
+    return int(token)
+
+
+def tls_identity(context: grpc.aio.ServicerContext) -> str:
+    """`tls:<common name>` of a mutual-TLS caller's certificate; "" on a unix socket."""
+    auth = context.auth_context()
+    for prop in ("x509_common_name", "x509_subject_alternative_name"):
+        values = auth.get(prop)
+        if values:
+            return "tls:" + values[0].decode(errors="replace")
+    return ""
+
+
 class AgentServicer(pb_grpc.AgentServicer):
-    def __init__(self, core: AgentCore) -> None:
+    """The API as one role sees it: `role` is fixed by the server (socket) it is added to;
+    on the admin server, a TCP caller's identity is its certificate's name."""
+
+    def __init__(self, core: AgentCore, role: Role = Role.ADMIN) -> None:
         self.core = core
+        self.role = role
 
     @property
     def pool(self) -> Pool:
         return self.core.pool
 
+    def caller(self, context: grpc.aio.ServicerContext) -> Caller:
+        if self.role == Role.BORROWER:
+            return Caller(Role.BORROWER, "unix:borrower")
+        return Caller(Role.ADMIN, tls_identity(context) or "unix:admin")
+
+    def admit(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> Caller:
+        """Who calls, and may it: PERMISSION_DENIED or INVALID_ARGUMENT before any work."""
+        if isinstance(request, Undecodable):
+            log.warning("undecodable request", extra={"method": method, "type": request.message_type,
+                                                      "error": request.error})
+            raise PoolError("INVALID_ARGUMENT", f"the request is not a valid {request.message_type} protobuf message "
+                            f"({request.error}); use the generated spillway.v1 stubs")
+        caller = self.caller(context)
+        authorize(method, caller)
+        check_bounds(request)
+        return caller
+
     @_rpc("GetInventory")
-    async def GetInventory(self, request: pb.GetInventoryRequest, context: grpc.aio.ServicerContext) -> pb.Inventory:
+    async def GetInventory(self, request: pb.GetInventoryRequest, context: grpc.aio.ServicerContext,
+                           caller: Caller) -> pb.Inventory:
         return self.core.inventory_pb()
 
     @_rpc("Acquire")
-    async def Acquire(self, request: pb.AcquireRequest, context: grpc.aio.ServicerContext) -> pb.AcquireResponse:
+    async def Acquire(self, request: pb.AcquireRequest, context: grpc.aio.ServicerContext,
+                      caller: Caller) -> pb.AcquireResponse:
         size = _size(request.size)
+        # Admins also reach keys of leases made before keys were scoped (an older agent's table).
+        scopes = (caller.identity, "") if caller.admin else (caller.identity,)
         lease, token = self.pool.acquire(
             size=size, holder=request.holder, kind=_kind(request.kind), gpu_uuid=request.gpu_uuid,
             near_gpu_uuid=request.near_gpu_uuid, ttl_ms=request.ttl_ms, priority=request.priority,
-            idempotency_key=request.idempotency_key, pod=request.pod)
+            idempotency_key=request.idempotency_key, pod=request.pod, key_scopes=scopes)
         self.core.commit()
-        return pb.AcquireResponse(lease=lease_pb(lease), token=token)
+        return pb.AcquireResponse(lease=lease_pb(lease, keys=caller.admin), token=token)
 
     @_rpc("Renew")
-    async def Renew(self, request: pb.RenewRequest, context: grpc.aio.ServicerContext) -> pb.Lease:
+    async def Renew(self, request: pb.RenewRequest, context: grpc.aio.ServicerContext, caller: Caller) -> pb.Lease:
         lease = self.pool.renew(request.lease_id, request.token, request.ttl_ms)
         self.core.commit()
-        return lease_pb(lease)
+        return lease_pb(lease, keys=caller.admin)
 
     @_rpc("Release")
-    async def Release(self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext) -> pb.Lease:
+    async def Release(self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext,
+                      caller: Caller) -> pb.Lease:
         lease = self.pool.release(request.lease_id, request.token)
         self.core.commit()
-        return lease_pb(lease)
+        return lease_pb(lease, keys=caller.admin)
 
     @_rpc("Claim")
-    async def Claim(self, request: pb.ClaimRequest, context: grpc.aio.ServicerContext) -> pb.Lease:
+    async def Claim(self, request: pb.ClaimRequest, context: grpc.aio.ServicerContext, caller: Caller) -> pb.Lease:
         lease = self.pool.claim(request.lease_id, request.token, request.holder, request.pod)
         self.core.commit()
-        return lease_pb(lease)
+        return lease_pb(lease, keys=caller.admin)
 
     @_rpc("ListLeases")
-    async def ListLeases(self, request: pb.ListLeasesRequest,
-                         context: grpc.aio.ServicerContext) -> pb.ListLeasesResponse:
-        leases = self.pool.list_leases(request.holder, request.include_ended, request.gpu_uuid)
-        return pb.ListLeasesResponse(leases=[lease_pb(x) for x in leases])
+    async def ListLeases(self, request: pb.ListLeasesRequest, context: grpc.aio.ServicerContext,
+                         caller: Caller) -> pb.ListLeasesResponse:
+        limit = min(request.page_size or LIST_PAGE, LIST_PAGE_MAX)
+        leases, after = self.pool.list_page(holder=request.holder, include_ended=request.include_ended,
+                                            gpu_uuid=request.gpu_uuid, after_seq=_cursor(request.page_token),
+                                            limit=limit)
+        return pb.ListLeasesResponse(leases=[lease_pb(x) for x in leases], next_page_token=str(after) if after else "")
 
     @_rpc("Reclaim")
-    async def Reclaim(self, request: pb.ReclaimRequest, context: grpc.aio.ServicerContext) -> pb.ReclaimResponse:
+    async def Reclaim(self, request: pb.ReclaimRequest, context: grpc.aio.ServicerContext,
+                      caller: Caller) -> pb.ReclaimResponse:
         decided = time.perf_counter()
         if not request.gpu_uuid:
             raise PoolError("INVALID_ARGUMENT", "gpu_uuid is required: the GPU that wants memory back")
@@ -359,12 +547,13 @@ class AgentServicer(pb_grpc.AgentServicer):
         victims = self.pool.reclaim(request.gpu_uuid, size, request.reason, request.deadline_ms)
         self.core.commit(decided=decided)
         log.info("reclaim", extra={"gpu": request.gpu_uuid, "requested": format_bytes(size),
-                                   "victims": ",".join(v.id for v in victims), "reason": request.reason})
+                                   "victims": ",".join(v.id for v in victims), "reason": request.reason,
+                                   "caller": caller.identity})
         return pb.ReclaimResponse(revoking=[lease_pb(v) for v in victims], requested_bytes=size,
                                   revoking_bytes=sum(v.bytes for v in victims))
-
     @_rpc("SetGpuLocal")
-    async def SetGpuLocal(self, request: pb.SetGpuLocalRequest, context: grpc.aio.ServicerContext) -> pb.Gpu:
+    async def SetGpuLocal(self, request: pb.SetGpuLocalRequest, context: grpc.aio.ServicerContext,
+                          caller: Caller) -> pb.Gpu:
         if not request.gpu_uuid:
             raise PoolError("INVALID_ARGUMENT", "gpu_uuid is required")
         acct = self.pool._gpu(request.gpu_uuid)
@@ -392,39 +581,81 @@ class AgentServicer(pb_grpc.AgentServicer):
         if reserved is not None:
             self.pool.set_reserved(request.gpu_uuid, reserved)
         self.core.commit(decided=decided, reserved_changed=reserved is not None)
-        log.info("gpu local set", extra={"gpu": request.gpu_uuid, "reserved": reserved, "simulated_used": used})
+        log.info("gpu local set", extra={"gpu": request.gpu_uuid, "reserved": reserved, "simulated_used": used,
+                                         "caller": caller.identity})
         return self.core.inventory_pb(only={request.gpu_uuid}).gpus[0]
 
     async def Watch(self, request: pb.WatchRequest, context: grpc.aio.ServicerContext) -> None:
         t0 = time.perf_counter()
-        code = "OK"
         watcher: _Watcher | None = None
         try:
+            caller = self.admit("Watch", request, context)
             if request.lease_id:
-                self.pool.get(request.lease_id, request.token)
-                leases = [x for x in self.pool.list_leases(include_ended=True) if x.id == request.lease_id]
+                ids = [self.pool.get(request.lease_id, request.token).id]
+            elif not caller.admin:
+                raise PoolError("PERMISSION_DENIED", "watching every event of the node needs the admin role (the "
+                                "agent's admin socket or mutual TLS); a borrower watches its own lease: give "
+                                "lease_id and its token")
             else:
-                leases = self.pool.list_leases()
-            watcher = _Watcher(asyncio.Queue(), request.lease_id)
-            self.core.watchers.append(watcher)
-            self.core.sequence += 1
-            snap = pb.WatchEvent(kind=pb.WatchEvent.SNAPSHOT, sequence=self.core.sequence, time_ms=now_ms(),
-                                 inventory=self.core.inventory_pb(), leases=[lease_pb(x) for x in leases])
+                ids = list(self.pool.live)  # the snapshot's leases; pages read their state as they go
+            watcher = _Watcher(request.lease_id, asyncio.current_task(), keys=caller.admin)
+            self.core.add_watcher(watcher)
             self.core.metrics.observe_call("Watch", "OK", time.perf_counter() - t0)
-            await context.write(snap)
+            await self._snapshot(context, watcher, ids)
             while True:
-                ev, stamp = await watcher.queue.get()
-                await context.write(ev)
-                if stamp:
-                    self.core.metrics.notify.labels(self.core.metrics.node).observe(time.perf_counter() - stamp)
-                if watcher.overflowed and watcher.queue.empty():
-                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "this watcher fell more than "
-                                        f"{WATCH_QUEUE} events behind; watch again (the first event is a snapshot)")
+                watcher.wake.clear()
+                while watcher.queue:
+                    ev, stamp = watcher.queue.popleft()
+                    await context.write(ev)
+                    if stamp:
+                        self.core.metrics.notify.labels(self.core.metrics.node).observe(time.perf_counter() - stamp)
+                await watcher.wake.wait()
         except PoolError as exc:
-            code = exc.code
-            self.core.metrics.observe_call("Watch", code, time.perf_counter() - t0)
+            self.core.metrics.observe_call("Watch", exc.code, time.perf_counter() - t0)
             await context.abort(grpc.StatusCode[exc.code], exc.message)
+        except asyncio.CancelledError:
+            if watcher is None or not watcher.cut:
+                raise  # the client went away, or the server stops
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, watcher.cut)
         finally:
-            if watcher is not None and watcher in self.core.watchers:
-                self.core.watchers.remove(watcher)
+            if watcher is not None:
+                watcher.queue.clear()
+                self.core.remove_watcher(watcher)
 
+    async def _snapshot(self, context: grpc.aio.ServicerContext, watcher: _Watcher, ids: list[str]) -> None:
+        """The SNAPSHOT event(s): the inventory and the leases named by `ids`, SNAPSHOT_PAGE at
+        a time. Each page is encoded just before it is written, by at most SNAPSHOT_WRITERS
+        streams at once (many watchers opening together take turns instead of flooding the
+        loop); a client that does not take a page within SNAPSHOT_WRITE_S is cut off."""
+        for start in range(0, max(1, len(ids)), SNAPSHOT_PAGE):
+            async with self.core.snapshot_writers:
+                page = self.core.snapshot_page(ids[start:start + SNAPSHOT_PAGE], first=start == 0,
+                                               more=start + SNAPSHOT_PAGE < len(ids), keys=watcher.keys)
+                try:
+                    await asyncio.wait_for(context.write(page), SNAPSHOT_WRITE_S)
+                except TimeoutError:
+                    self.core.cut_off(watcher, f"this watcher did not read its snapshot within {SNAPSHOT_WRITE_S:g} "
+                                      "s and was cut off; watch again and read the stream", "snapshot not read")
+                    await asyncio.sleep(0)  # cut_off cancelled this task: the handler answers
+
+
+def add_to_server(servicer: AgentServicer, server: grpc.aio.Server) -> None:
+    """Register the servicer with request decoders that never raise (undecodable bytes are
+    INVALID_ARGUMENT from the handler, not UNKNOWN with a traceback from gRPC)."""
+    service = pb.DESCRIPTOR.services_by_name["Agent"]
+    handlers: dict[str, grpc.RpcMethodHandler] = {}
+    for method in service.methods:
+        assert method.name in PERMISSIONS, method.name  # every RPC has its row in the permission table
+        decode = safe_decoder(getattr(pb, method.input_type.name))
+        encode = getattr(pb, method.output_type.name).SerializeToString
+        fn = getattr(servicer, method.name)
+        if method.server_streaming:
+            handlers[method.name] = grpc.unary_stream_rpc_method_handler(fn, request_deserializer=decode,
+                                                                         response_serializer=_encode)
+        else:
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(fn, request_deserializer=decode,
+                                                                        response_serializer=encode)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))

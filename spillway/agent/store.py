@@ -43,7 +43,9 @@ CREATE TABLE IF NOT EXISTS leases (
   pid INTEGER NOT NULL,
   reason TEXT NOT NULL,
   ended_at_ms INTEGER NOT NULL,
-  seq INTEGER NOT NULL
+  seq INTEGER NOT NULL,
+  key_scope TEXT NOT NULL DEFAULT '',
+  key_fingerprint TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS gpu_local (
   gpu_uuid TEXT PRIMARY KEY,
@@ -57,7 +59,9 @@ CREATE TABLE IF NOT EXISTS meta (
 
 _COLUMNS = ("id", "holder", "kind", "gpu_uuid", "bytes", "priority", "state", "created_at_ms", "expires_at_ms",
             "ttl_ms", "token_hash", "node_name", "revoke_deadline_ms", "idempotency_key", "pod", "pid", "reason",
-            "ended_at_ms", "seq")
+            "ended_at_ms", "seq", "key_scope", "key_fingerprint")
+# Columns added after the first release: ALTER TABLE adds them to an older state file.
+_ADDED = {"key_scope": "TEXT NOT NULL DEFAULT ''", "key_fingerprint": "TEXT NOT NULL DEFAULT ''"}
 _UPSERT = f"INSERT OR REPLACE INTO leases ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' for _ in _COLUMNS)})"
 _ROW = operator.attrgetter(*_COLUMNS)  # Kind and State are IntEnums, which sqlite3 stores as integers
 
@@ -68,11 +72,15 @@ class Store:
     def __init__(self, path: Path | None, *, durable: bool = False) -> None:
         self.path = path
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            private_files(path)
         self.db = sqlite3.connect(str(path) if path else ":memory:", isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
         self.db.executescript(_SCHEMA)
+        have = {row[1] for row in self.db.execute("PRAGMA table_info(leases)")}
+        for column, decl in _ADDED.items():
+            if column not in have:
+                self.db.execute(f"ALTER TABLE leases ADD COLUMN {column} {decl}")
         self.commits = 0  # transactions since the last checkpoint
         self._checkpointer: sqlite3.Connection | None = None
         if path is not None:
@@ -132,6 +140,21 @@ class Store:
             self.checkpoint("TRUNCATE")
             self._checkpointer.close()
         self.db.close()
+
+
+def private_files(db: Path) -> None:
+    """The lease table names holders, pods, idempotency keys and token hashes: only the agent's
+    user may read it. Creates the database file mode 0600 before SQLite opens it (SQLite gives
+    its -wal and -shm files the database file's mode) and tightens files an older agent left
+    0644."""
+    db.parent.mkdir(parents=True, exist_ok=True)
+    os.close(os.open(db, os.O_WRONLY | os.O_CREAT, 0o600))
+    for path in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+        try:
+            if path.stat().st_mode & 0o077:
+                path.chmod(0o600)
+        except FileNotFoundError:
+            pass
 
 
 def load_or_create_key(state_dir: Path | None) -> bytes:

@@ -3,7 +3,8 @@
 Allocate: find the pod (see `pods`), mark it, then either claim its reservation at the agent
 (annotations written by the operator: lease ids and tokens) or, for a pod without one, acquire
 a RESERVATION lease on the spot; answer with the lease in the borrower's environment, a mount
-of the agent socket directory and the lender GPU's device node (or CDI name). A request that
+of the agent's borrower socket directory (never the admin socket's) and the lender GPU's
+device node (or CDI name). Only units this plugin advertised are accepted, each once. A request that
 cannot be served fails with a message that says why and changes nothing at the agent.
 """
 
@@ -39,6 +40,13 @@ from spillway.units import format_bytes
 log = logging.getLogger(__name__)
 
 MARK_ATTEMPTS = 5
+MAX_DEVICE_ID = 256  # characters; longer IDs are refused before anything else looks at them
+
+
+def _ids_shown(ids: list[str], n: int = 3) -> str:
+    """A few of `ids` for a message, each cut short (an Allocate may carry thousands of long IDs)."""
+    shown = ", ".join(repr(i if len(i) <= 60 else i[:60] + "...") for i in ids[:n])
+    return shown + (f" and {len(ids) - n} more" if len(ids) > n else "")
 
 
 class AllocationError(Exception):
@@ -51,8 +59,9 @@ class AllocationError(Exception):
 @dataclass(frozen=True)
 class AllocatorConfig:
     node: str
-    agent_socket: str              # the agent's gRPC socket, as the plugin and the borrower see it
-    agent_socket_host_dir: str     # its directory on the host (mounted into the borrower)
+    agent_socket: str              # the agent's admin socket (the plugin's own calls)
+    borrower_socket: str           # the agent's borrower socket, as the borrower sees it
+    borrower_socket_host_dir: str  # its directory on the host (mounted into the borrower)
     unit_bytes: int
     cdi: bool = False
     lease_ttl_s: float = 0.0       # on-the-spot leases; 0: the agent's default
@@ -96,14 +105,10 @@ class Allocator:
         return response
 
     async def _allocate(self, ids: list[str]) -> tuple[api_pb2.ContainerAllocateResponse, str]:
-        if not ids:
-            raise AllocationError("the request names no spillway.dev/peer-hbm units", grpc.StatusCode.INVALID_ARGUMENT)
-        foreign = [i for i in ids if parse_unit_id(i) is None]
-        if foreign:
-            raise AllocationError(f"device IDs {foreign} are not spillway.dev/peer-hbm units of this plugin",
-                                  grpc.StatusCode.INVALID_ARGUMENT)
+        self._check_ids(ids)
         if not self.resources.agent_up:
             raise AllocationError(self._agent_down(self.resources.agent_error), grpc.StatusCode.UNAVAILABLE)
+        self._check_fits(ids)
         pod = await self._take_pod(ids)
         try:
             if pod is not None and pod.reservations:
@@ -152,6 +157,35 @@ class Allocator:
             "result": grant.result, "leases": ",".join(lease.id for lease in grant.leases),
             "lender_gpus": ",".join(lease.gpu_uuid for lease in grant.leases)})
         return response, grant.result
+
+    def _check_ids(self, ids: list[str]) -> None:
+        """Only units this plugin advertised, each once (INVALID_ARGUMENT otherwise)."""
+        if not ids:
+            raise AllocationError("the request names no spillway.dev/peer-hbm units", grpc.StatusCode.INVALID_ARGUMENT)
+        long_ids = [i for i in ids if len(i) > MAX_DEVICE_ID]
+        if long_ids:
+            raise AllocationError(f"{len(long_ids)} device IDs are longer than {MAX_DEVICE_ID} characters "
+                                  f"({_ids_shown(long_ids, 1)}): not spillway.dev/peer-hbm units of this plugin",
+                                  grpc.StatusCode.INVALID_ARGUMENT)
+        repeated = [i for i, n in Counter(ids).items() if n > 1]
+        if repeated:
+            raise AllocationError(f"device IDs repeat ({_ids_shown(repeated)}): each unit can be allocated once",
+                                  grpc.StatusCode.INVALID_ARGUMENT)
+        advertised = {u.id for u in self.resources.units}
+        foreign = [i for i in ids if i not in advertised]
+        if foreign:
+            raise AllocationError(f"device IDs {_ids_shown(foreign)} are not spillway.dev/peer-hbm units this plugin "
+                                  f"advertised on node {self.config.node}", grpc.StatusCode.INVALID_ARGUMENT)
+
+    def _check_fits(self, ids: list[str]) -> None:
+        """More units than the largest GPU holds cannot be leased anywhere: RESOURCE_EXHAUSTED."""
+        inventory = self.resources.inventory
+        biggest = max((int(g.total_bytes) for g in inventory.gpus), default=0) if inventory else 0
+        size = len(ids) * self.config.unit_bytes
+        if inventory is not None and size > biggest:
+            raise AllocationError(f"no room: {len(ids)} units ({format_bytes(size)}) are more than the largest GPU of "
+                                  f"node {self.config.node} holds ({format_bytes(biggest)}); a lease comes from one "
+                                  "GPU", grpc.StatusCode.RESOURCE_EXHAUSTED)
 
     async def _take_pod(self, ids: list[str]) -> PodRef | None:
         if self.pods is None:
@@ -262,15 +296,15 @@ class Allocator:
                 f"({reason}); nothing was allocated")
 
     def _response(self, grant: Grant) -> api_pb2.ContainerAllocateResponse:
-        socket_dir = os.path.dirname(self.config.agent_socket)
+        socket_dir = os.path.dirname(self.config.borrower_socket)
         resp = api_pb2.ContainerAllocateResponse(
             envs={
                 ENV_LEASE_ID: ",".join(lease.id for lease in grant.leases),
                 ENV_LEASE_TOKEN: ",".join(grant.tokens),
-                ENV_AGENT_SOCKET: self.config.agent_socket,
+                ENV_AGENT_SOCKET: self.config.borrower_socket,
                 ENV_LENDER_GPUS: ",".join(lease.gpu_uuid for lease in grant.leases),
             },
-            mounts=[api_pb2.Mount(container_path=socket_dir, host_path=self.config.agent_socket_host_dir,
+            mounts=[api_pb2.Mount(container_path=socket_dir, host_path=self.config.borrower_socket_host_dir,
                                   read_only=True)],
         )
         for uuid in dict.fromkeys(lease.gpu_uuid for lease in grant.leases):

@@ -22,10 +22,15 @@ def add_commands(sub: Any) -> None:
                        description="Advertise the node's lendable GPU memory to the kubelet as spillway.dev/peer-hbm "
                                    "units and hand out leases at Allocate (see docs/deviceplugin.md).")
     p.add_argument("--agent-socket", default=DEFAULT_AGENT_SOCKET,
-                   help=f"the agent's unix socket ({DEFAULT_AGENT_SOCKET})")
+                   help=f"the agent's admin unix socket, for the plugin's own calls ({DEFAULT_AGENT_SOCKET})")
     p.add_argument("--agent-socket-host-dir", default="",
-                   help="the agent socket's directory on the host, mounted into borrower pods "
-                        "(default: the directory of --agent-socket)")
+                   help="the admin socket's directory on the host; the borrower socket's directory on the host is "
+                        "its borrower/ subdirectory unless --borrower-socket-host-dir says otherwise")
+    p.add_argument("--borrower-socket", default="",
+                   help="the agent's borrower socket as borrower containers see it; its directory is mounted into "
+                        "them (default: borrower/ beside --agent-socket, the agent's default)")
+    p.add_argument("--borrower-socket-host-dir", default="",
+                   help="the borrower socket's directory on the host (default: see --agent-socket-host-dir)")
     p.add_argument("--node-name", default=os.environ.get("NODE_NAME", ""),
                    help="this node's name (default: $NODE_NAME)")
     p.add_argument("--kubelet-dir", default=DEFAULT_KUBELET_DIR,
@@ -64,11 +69,16 @@ def build_config(args: argparse.Namespace) -> Any:
         raise SystemExit(f"spillway deviceplugin: {exc}") from exc
     if not os.path.isabs(args.agent_socket):
         raise SystemExit(f"spillway deviceplugin: --agent-socket {args.agent_socket!r} must be an absolute path "
+                         "(the borrower socket is found beside it)")
+    if args.borrower_socket and not os.path.isabs(args.borrower_socket):
+        raise SystemExit(f"spillway deviceplugin: --borrower-socket {args.borrower_socket!r} must be an absolute path "
                          "(it is also the path borrower containers see)")
     return Config(
         node=args.node_name,
         agent_socket=args.agent_socket,
         agent_socket_host_dir=args.agent_socket_host_dir,
+        borrower_socket=args.borrower_socket,
+        borrower_socket_host_dir=args.borrower_socket_host_dir,
         kubelet_dir=Path(args.kubelet_dir),
         pod_resources_socket=Path(args.pod_resources_socket),
         unit_bytes=unit,

@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from spillway.agent.server import BORROWER_DIR, default_borrower_socket
 from spillway.deviceplugin.allocator import Allocator, AllocatorConfig
 from spillway.deviceplugin.metrics import Metrics
 from spillway.deviceplugin.podresources import Attributor
@@ -28,7 +29,9 @@ class Config:
     pod_resources_socket: Path
     unit_bytes: int
     cdi: bool = False
-    agent_socket_host_dir: str = ""      # default: the directory of agent_socket
+    agent_socket_host_dir: str = ""      # the admin socket's directory on the host; default: its directory here
+    borrower_socket: str = ""            # the agent's borrower socket; default: borrower/ beside agent_socket
+    borrower_socket_host_dir: str = ""   # its directory on the host; default: borrower/ in agent_socket_host_dir
     state_dir: Path | None = None        # None: keep the allocation record in memory only
     kubeconfig: str | None = None        # None: in-cluster, $KUBECONFIG or ~/.kube/config
     use_kubernetes: bool = True
@@ -55,10 +58,14 @@ class DevicePlugin:
             log.warning("no Kubernetes API configured: Allocate cannot see pods, so it leases without "
                         "reservations; pod names come from the PodResources API later")
         self.pods = pods
-        host_dir = config.agent_socket_host_dir or os.path.dirname(config.agent_socket)
+        borrower = config.borrower_socket or str(default_borrower_socket(Path(config.agent_socket)))
+        host_dir = config.borrower_socket_host_dir or (
+            os.path.join(config.agent_socket_host_dir, BORROWER_DIR) if config.agent_socket_host_dir and
+            not config.borrower_socket else os.path.dirname(borrower))
         self.allocator = Allocator(
-            AllocatorConfig(node=config.node, agent_socket=config.agent_socket, agent_socket_host_dir=host_dir,
-                            unit_bytes=config.unit_bytes, cdi=config.cdi, lease_ttl_s=config.lease_ttl_s),
+            AllocatorConfig(node=config.node, agent_socket=config.agent_socket, borrower_socket=borrower,
+                            borrower_socket_host_dir=host_dir, unit_bytes=config.unit_bytes, cdi=config.cdi,
+                            lease_ttl_s=config.lease_ttl_s),
             self.resources, pods, self.store, self.metrics)
         self.server = PluginServer(DevicePluginService(self.resources, self.allocator), config.kubelet_dir,
                                    self.metrics, poll_s=config.kubelet_poll_s)

@@ -222,7 +222,7 @@ class Agents:
             f"recover the token of {lease.id}",
             client.acquire(
                 int(lease.bytes), lease.holder, kind=lease.kind, gpu_uuid=lease.gpu_uuid,
-                ttl_s=self.ttl_s, priority=lease.priority, idempotency_key=lease.idempotency_key,
+                ttl_s=self.ttl_s, priority=lease.priority, idempotency_key=lease.idempotency_key, pod=lease.pod,
             ),
         )
         if resp.lease.id != lease.id:

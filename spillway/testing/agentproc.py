@@ -52,7 +52,8 @@ class AgentProcess:
         self._own_dir = workdir is None
         # unix socket paths are limited to 107 bytes: keep the directory short
         self.dir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="spw-agent-", dir="/tmp"))
-        self.socket = self.dir / "agent.sock"
+        self.socket = self.dir / "agent.sock"  # admin role
+        self.borrower_socket = self.dir / "borrower" / "agent.sock"  # borrower role (the agent's default)
         self.attach_socket = Path(str(self.socket) + ".attach")
         self.state_dir = self.dir / "state"
         self.log_path = self.dir / "agent.log"
@@ -120,7 +121,7 @@ class AgentProcess:
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"agent exited with {self.proc.returncode}:\n{self.logs()[-4000:]}")
-            if self.socket.exists() and self.attach_socket.exists():
+            if self.socket.exists() and self.attach_socket.exists() and self.borrower_socket.exists():
                 try:
                     with grpc.insecure_channel(f"unix:{self.socket}") as ch:
                         agent_pb2_grpc.AgentStub(ch).GetInventory(agent_pb2.GetInventoryRequest(), timeout=2)
@@ -166,7 +167,12 @@ class AgentProcess:
             self.proc.send_signal(sig)
 
     def client(self) -> AgentClient:
+        """A client with the admin role (the admin socket)."""
         return AgentClient(str(self.socket))
+
+    def borrower_client(self) -> AgentClient:
+        """A client with the borrower role (the socket borrower pods get)."""
+        return AgentClient(str(self.borrower_socket))
 
     def tcp_client(self) -> AgentClient:
         if not self.endpoint:

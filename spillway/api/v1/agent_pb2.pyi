@@ -237,20 +237,26 @@ class ClaimRequest(_message.Message):
     def __init__(self, lease_id: _Optional[str] = ..., token: _Optional[str] = ..., holder: _Optional[str] = ..., pod: _Optional[str] = ...) -> None: ...
 
 class ListLeasesRequest(_message.Message):
-    __slots__ = ("holder", "include_ended", "gpu_uuid")
+    __slots__ = ("holder", "include_ended", "gpu_uuid", "page_size", "page_token")
     HOLDER_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_ENDED_FIELD_NUMBER: _ClassVar[int]
     GPU_UUID_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     holder: str
     include_ended: bool
     gpu_uuid: str
-    def __init__(self, holder: _Optional[str] = ..., include_ended: _Optional[bool] = ..., gpu_uuid: _Optional[str] = ...) -> None: ...
+    page_size: int
+    page_token: str
+    def __init__(self, holder: _Optional[str] = ..., include_ended: _Optional[bool] = ..., gpu_uuid: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ListLeasesResponse(_message.Message):
-    __slots__ = ("leases",)
+    __slots__ = ("leases", "next_page_token")
     LEASES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     leases: _containers.RepeatedCompositeFieldContainer[Lease]
-    def __init__(self, leases: _Optional[_Iterable[_Union[Lease, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, leases: _Optional[_Iterable[_Union[Lease, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class WatchRequest(_message.Message):
     __slots__ = ("lease_id", "token")
@@ -261,7 +267,7 @@ class WatchRequest(_message.Message):
     def __init__(self, lease_id: _Optional[str] = ..., token: _Optional[str] = ...) -> None: ...
 
 class WatchEvent(_message.Message):
-    __slots__ = ("kind", "sequence", "time_ms", "lease", "inventory", "leases")
+    __slots__ = ("kind", "sequence", "time_ms", "lease", "inventory", "leases", "snapshot_more")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         KIND_UNSPECIFIED: _ClassVar[WatchEvent.Kind]
@@ -278,13 +284,15 @@ class WatchEvent(_message.Message):
     LEASE_FIELD_NUMBER: _ClassVar[int]
     INVENTORY_FIELD_NUMBER: _ClassVar[int]
     LEASES_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_MORE_FIELD_NUMBER: _ClassVar[int]
     kind: WatchEvent.Kind
     sequence: int
     time_ms: int
     lease: Lease
     inventory: Inventory
     leases: _containers.RepeatedCompositeFieldContainer[Lease]
-    def __init__(self, kind: _Optional[_Union[WatchEvent.Kind, str]] = ..., sequence: _Optional[int] = ..., time_ms: _Optional[int] = ..., lease: _Optional[_Union[Lease, _Mapping]] = ..., inventory: _Optional[_Union[Inventory, _Mapping]] = ..., leases: _Optional[_Iterable[_Union[Lease, _Mapping]]] = ...) -> None: ...
+    snapshot_more: bool
+    def __init__(self, kind: _Optional[_Union[WatchEvent.Kind, str]] = ..., sequence: _Optional[int] = ..., time_ms: _Optional[int] = ..., lease: _Optional[_Union[Lease, _Mapping]] = ..., inventory: _Optional[_Union[Inventory, _Mapping]] = ..., leases: _Optional[_Iterable[_Union[Lease, _Mapping]]] = ..., snapshot_more: _Optional[bool] = ...) -> None: ...
 
 class ReclaimRequest(_message.Message):
     __slots__ = ("gpu_uuid", "size", "reason", "deadline_ms")

@@ -121,7 +121,7 @@ class AgentServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListLeases(self, request, context):
-        """Leases on this node (never with tokens).
+        """Leases on this node (never with tokens), in creation order, a page at a time. Admin only.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -129,7 +129,10 @@ class AgentServicer:
 
     def Watch(self, request, context):
         """Server stream of lease state changes and capacity changes. The first message is a
-        snapshot event (kind SNAPSHOT) so a watcher needs no separate List.
+        snapshot event (kind SNAPSHOT) so a watcher needs no separate List; a large snapshot
+        comes in pages (snapshot_more). Every event of the node needs the admin role; one
+        lease's events need its token. A watcher that falls too far behind is cut off with
+        RESOURCE_EXHAUSTED (watch again).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
