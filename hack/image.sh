@@ -8,8 +8,10 @@
 #
 # Everything is cached under ~/.cache/spillway/buildah, keyed by the hash of the inputs (the
 # Dockerfile, the lock file, the package's sources, this script): a second run with the same
-# inputs only prints the name; a changed source file rebuilds only the layers after the lock
-# file's (buildah --layers). tests/test_image.py runs it and then the agent inside the image.
+# inputs only prints the name. A changed input rebuilds the image, but pip's downloads come from
+# a cache kept there too (the lock's hashes are checked either way). No intermediate layers are
+# kept (vfs stores each as a full copy), and an older image of the same arch is removed.
+# tests/test_image.py runs it and then the agent, device plugin and operator inside the image.
 # Set SPILLWAY_BUILDAH_ROOT to keep the storage elsewhere.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -67,11 +69,17 @@ if ! "${bah[@]}" inspect --type image "$image" >/dev/null 2>&1; then
   if [ -n "$bundle" ] && [ -f "$bundle" ]; then
     ca=(--volume "$(readlink -f "$bundle"):/run/spillway-build-ca.crt:ro" --build-arg PIP_CERT=/run/spillway-build-ca.crt)
   fi
-  "${bah[@]}" build "${ca[@]}" --quiet --isolation chroot --layers --pull=never --arch "$arch" \
+  mkdir -p "$root/pip-cache-$arch"
+  "${bah[@]}" rm --all >/dev/null 2>&1 || true   # a failed build's working containers
+  "${bah[@]}" build "${ca[@]}" --quiet --isolation chroot --layers=false --pull=never --arch "$arch" \
+    --volume "$root/pip-cache-$arch:/run/pip-cache" --build-arg PIP_NO_CACHE_DIR=0 \
+    --build-arg PIP_CACHE_DIR=/run/pip-cache \
     --build-arg "PYTHON_IMAGE=$base_image" --build-arg "VERSION=$version" --build-arg "REVISION=$revision" \
     -f Dockerfile -t "$image" . >&2
-  # Older builds of this checkout's images go; the layer cache of the newest stays.
+  # Older images of this arch go, and whatever a build left untagged.
   "${bah[@]}" images --format '{{.Name}}:{{.Tag}}' localhost/spillway 2>/dev/null \
     | grep -v -x -F "$image" | grep -- "-$arch\$" | xargs -r "${bah[@]}" rmi >/dev/null 2>&1 || true
+  "${bah[@]}" rm --all >/dev/null 2>&1 || true
+  "${bah[@]}" rmi --prune >/dev/null 2>&1 || true
 fi
 echo "$image"

@@ -836,3 +836,52 @@ def test_real_device_plugin_works_with_only_its_chart_account(
         pods.stop()
         c.helm("uninstall", "dp", "-n", ns, check=False)
         c.kubectl("delete", "namespace", ns, workload, "--wait=false", check=False)
+
+
+@pytest.mark.cluster
+def test_pod_security_baseline_is_refused_with_the_fix_or_the_chart_makes_a_privileged_namespace(
+        chart_cluster: Cluster, kwok_nodes: Any) -> None:
+    """The API server's Pod Security admission refuses the node pods in a baseline namespace
+    (the quiet failure: Helm succeeds, DESIRED 1 CURRENT 0); the chart refuses such an install
+    itself with the command that fixes it, and with podSecurity.createNamespace it installs into a
+    privileged namespace of its own where the pods are admitted."""
+    c = chart_cluster
+    values = REPO / "examples" / "values" / "simulated.yaml"
+    ns = c.create_namespace(f"psa-{os.getpid() % 10000}")
+    own = f"{ns}-nodes"
+    c.kubectl("label", "namespace", ns, "pod-security.kubernetes.io/enforce=baseline")
+    kwok_nodes({"nvidia.com/gpu": "8"}, labels={"spillway.dev/simulated": "true"}, prefix="psa")
+    try:
+        r = c.helm("install", "psa", str(CHART), "-n", ns, "-f", str(values), check=False)
+        assert r.returncode != 0
+        assert f'namespace "{ns}" enforces Pod Security level "baseline"' in r.stderr, r.stderr
+        assert f"kubectl label namespace {ns} pod-security.kubernetes.io/enforce=privileged --overwrite" in r.stderr
+        assert "podSecurity.createNamespace=true" in r.stderr
+        assert c.kubectl("get", "all,secrets", "-n", ns, "-l", "app.kubernetes.io/instance=psa", "-o",
+                         "name").stdout.split() == [], "a refused install makes nothing"
+
+        # Without the check, what users saw: Helm succeeds and no node pod is ever admitted.
+        r = c.helm("install", "psa", str(CHART), "-n", ns, "-f", str(values), "--set", "podSecurity.check=false",
+                   "--set", "operator.enabled=false", check=False)
+        assert r.returncode == 0, r.stderr
+
+        def refused() -> bool:
+            events = c.get_json("events", "-n", ns, "--field-selector", "reason=FailedCreate")["items"]
+            return any("violates PodSecurity" in e.get("message", "") for e in events)
+
+        wait_until(refused, timeout=60, what="Pod Security admission to refuse the node pod")
+        assert c.get_json("daemonset", "psa-spillway-node", "-n", ns)["status"].get("currentNumberScheduled", 0) == 0
+        assert c.helm("uninstall", "psa", "-n", ns, "--wait", check=False).returncode == 0
+
+        # The chart's own privileged namespace: the node pod is admitted.
+        r = c.helm("install", "psa", str(CHART), "-n", ns, "-f", str(values), "--set", f"namespaceOverride={own}",
+                   "--set", "podSecurity.createNamespace=true", check=False)
+        assert r.returncode == 0, r.stderr
+        labels = c.get_json("namespace", own)["metadata"]["labels"]
+        assert labels["pod-security.kubernetes.io/enforce"] == "privileged"
+        wait_until(lambda: c.get_json("daemonset", "psa-spillway-node", "-n", own)["status"].get(
+            "currentNumberScheduled") == 1, timeout=60, what="the node pod in the privileged namespace")
+        assert c.get_json("deployment", "psa-spillway-operator", "-n", own)["spec"]["replicas"] == 1
+    finally:
+        c.helm("uninstall", "psa", "-n", ns, "--wait", "--timeout", "120s", check=False)
+        c.kubectl("delete", "namespace", ns, own, "--wait=false", "--ignore-not-found", check=False)
