@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         importlib.import_module(name).add_commands(sub)
     comp = sub.add_parser("completion", help="print a shell completion script: "
                                              "source <(spillway completion bash)")
-    comp.add_argument("shell", choices=("bash", "zsh"), help="bash, or zsh (through its bashcompinit)")
+    comp.add_argument("shell", choices=("bash",), help="the shell: bash")
     comp.set_defaults(func=lambda args: _print_completion(parser, args.shell))
     for path, p in walk(parser):
         if path and not _subcommands(p):
@@ -65,8 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def completion_script(parser: argparse.ArgumentParser, shell: str = "bash") -> str:
-    """A bash (or zsh with bashcompinit) completion script for the parser's whole command tree."""
+def completion_script(parser: argparse.ArgumentParser) -> str:
+    """A bash completion script for the parser's whole command tree."""
     subs, flags, valued, choices, files = {}, {}, {}, {}, {}
     for path, p in walk(parser):
         key = " ".join(("@", *path))  # bash has no empty keys: the root is "@"
@@ -87,8 +87,7 @@ def completion_script(parser: argparse.ArgumentParser, shell: str = "bash") -> s
         body = " ".join(f"[{shlex.quote(k)}]={shlex.quote(v)}" for k, v in table.items())
         return f"declare -gA {name}=({body})"
 
-    prelude = "autoload -U +X bashcompinit && bashcompinit\n" if shell == "zsh" else ""
-    return prelude + "\n".join([
+    return "\n".join([
         "# spillway shell completion: source <(spillway completion bash)",
         assoc("_spillway_subs", subs), assoc("_spillway_flags", flags), assoc("_spillway_valued", valued),
         assoc("_spillway_choices", choices), assoc("_spillway_files", files),
@@ -126,7 +125,8 @@ complete -o default -F _spillway spillway''',
 
 
 def _print_completion(parser: argparse.ArgumentParser, shell: str) -> int:
-    sys.stdout.write(completion_script(parser, shell))
+    assert shell == "bash", shell
+    sys.stdout.write(completion_script(parser))
     return 0
 
 

@@ -206,5 +206,5 @@ complete -p spillway"""
     lines = out.stdout.splitlines()
     assert lines[0].split() == ["agent", "pool", "lease", "gpu", "operator", "deviceplugin", "completion"]
     assert lines[1:9] == ["lease", "acquire renew release claim list", "--kind", "reservation elastic", "warning",
-                          "yaml", "table wide json yaml name", "bash zsh"]
+                          "yaml", "table wide json yaml name", "bash"]
     assert lines[9] == "complete -o default -F _spillway spillway"

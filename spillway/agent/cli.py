@@ -209,9 +209,10 @@ def _cmd_pool_show(args: argparse.Namespace) -> int:
     head = ("IDX", "GPU", "NAME", "TOTAL", "LOCAL", "RESERVED", "HEADROOM", "LEASED", "LENDABLE")
     rows: list[tuple[str, ...]] = [head + (("USED", "FREE", "UTIL", "PROCS", "NVLINK PEERS") if wide else ())]
     for g in inv.gpus:
-        row: tuple[str, ...] = (str(g.index), g.uuid, g.name, format_bytes(g.total_bytes), format_bytes(g.local_used_bytes),
-               format_bytes(g.local_reserved_bytes), format_bytes(g.headroom_bytes),
-               format_bytes(g.leased_bytes), format_bytes(g.lendable_bytes))
+        row: tuple[str, ...] = (
+            str(g.index), g.uuid, g.name, format_bytes(g.total_bytes), format_bytes(g.local_used_bytes),
+            format_bytes(g.local_reserved_bytes), format_bytes(g.headroom_bytes), format_bytes(g.leased_bytes),
+            format_bytes(g.lendable_bytes))
         if wide:
             peers = sorted({(lk.gpu_b if lk.gpu_a == g.uuid else lk.gpu_a) for lk in inv.links
                             if lk.nvlink and g.uuid in (lk.gpu_a, lk.gpu_b) and lk.gpu_a != lk.gpu_b})
