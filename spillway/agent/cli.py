@@ -176,7 +176,7 @@ def _cmd_agent(args: argparse.Namespace) -> int:
         state_dir=args.state_dir, metrics_port=args.metrics_port, granularity=args.granularity,
         headroom=Headroom(args.headroom_min, args.headroom_fraction), default_ttl_ms=round(args.default_ttl * 1000),
         revoke_deadline_ms=round(args.revoke_deadline * 1000), refresh_s=args.refresh, durable=args.fsync,
-        publish=args.publish, advertise_endpoint=args.advertise_endpoint)
+        publish=args.publish, advertise_endpoint=args.advertise_endpoint, status_refresh_s=args.status_refresh)
     if args.node_name:
         cfg.node_name = args.node_name
     if args.listen and cfg.tls is None:
@@ -361,6 +361,10 @@ def add_commands(sub: Any) -> None:
     a.add_argument("--fsync", action="store_true", help="fsync every change (survives power loss; slower)")
     a.add_argument("--publish", action="store_true", help="publish this node's MemoryPool object")
     a.add_argument("--advertise-endpoint", default="", help="HOST:PORT the operator uses to reach this agent")
+    a.add_argument("--status-refresh", type=_duration, default=10.0,
+                   help="rewrite the MemoryPool status at least this often when nothing changed (default 10s); "
+                        "keep it below the operator's --pool-stale-after. The heartbeat proper is a Lease renewed "
+                        "every 10s")
     a.set_defaults(func=_wrap(_cmd_agent))
 
     p = sub.add_parser("pool", help="show the node's pool of lendable GPU memory")

@@ -4,7 +4,7 @@
 writes the cluster-scoped MemoryPool named after the node, through the status subresource:
 at once on a significant change (a lease appears, changes state or ends; a GPU's lendable
 memory moves by more than one pool unit), other changes at most every `min_interval_s`, and
-otherwise every `status_refresh_s` (30 s). The heartbeat proper is a small
+otherwise every `status_refresh_s` (10 s; the chart sets 30 s). The heartbeat proper is a small
 coordination.k8s.io/v1 Lease named after the node in the agent's namespace, renewed every
 `heartbeat_s` (10 s), as the kubelet does for Nodes: the 13 KB status is not rewritten for it.
 
@@ -36,8 +36,10 @@ log = logging.getLogger(__name__)
 GROUP, VERSION, PLURAL = "spillway.dev", "v1alpha1", "memorypools"
 HEARTBEAT_S = 10.0
 # The status is rewritten at least this often even when nothing changed: the operator still
-# reads status.heartbeat (its --pool-stale, 60 s by default) until it reads the Ready condition.
-STATUS_REFRESH_S = 30.0
+# reads status.heartbeat (its --pool-stale-after, 60 s by default), so this must stay below
+# that until the operator reads the heartbeat Lease (then minutes will do). The agent's
+# --status-refresh sets it; the chart sets 30 s.
+STATUS_REFRESH_S = 10.0
 # A heartbeat Lease not renewed for this long has expired (the kubelet's Node leases: 40 s).
 LEASE_DURATION_S = 40
 WATCHDOG_LEASE = "spillway-memorypool-watchdog"
