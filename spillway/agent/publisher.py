@@ -539,7 +539,7 @@ async def run_publisher(
             wait = status_refresh_s - (now - last_at)
             if pending_minor:
                 wait = min(wait, min_interval_s - (now - last_at))
-            if wait > 0 and not state.force:
+            if wait > 0 and not (state.force and state.inventory is not None):
                 try:
                     await asyncio.wait_for(state.changed.wait(), timeout=wait)
                 except TimeoutError:
