@@ -210,6 +210,7 @@ async def test_a_stopped_or_dead_agent_turns_its_pool_not_ready(cluster: Cluster
         for a in agents.values():
             a.start()
         for n in agents:
+            await _until(lambda n=n: _pool(cluster, n), 60, f"MemoryPool {n}")  # kubectl wait needs it to exist
             cluster.kubectl("wait", "--for=condition=Ready", f"memorypool/{n}", "--timeout=60s")
             conditions = {c["type"]: c for c in _pool(cluster, n)["status"]["conditions"]}
             assert conditions["Ready"]["reason"] == "Publishing" and conditions["Stale"]["status"] == "False"
