@@ -184,7 +184,8 @@ def test_memorypool_columns(crds: Cluster) -> None:
     assert "`kubectl get memorypools` columns: `" + " ".join(out[0].split()) + "`" in ref
     assert "`-o wide` adds `" + " ".join(wide[0].split()[8:]) + "`" in ref
     crds.kubectl("wait", "--for=condition=Ready", f"memorypool/{name}", "--timeout=5s")
-    bad = {"type": "Ready", "status": "Maybe", "reason": "X", "message": "", "lastTransitionTime": "2026-11-30T17:00:00Z"}
+    bad = {"type": "Ready", "status": "Maybe", "reason": "X", "message": "",
+           "lastTransitionTime": "2026-11-30T17:00:00Z"}
     refused = crds.kubectl("patch", "memorypool", name, "--subresource=status", "--type=merge", "-p",
                            json.dumps({"status": {"conditions": [bad]}}), check=False)
     assert refused.returncode != 0 and "Unsupported value" in refused.stderr
