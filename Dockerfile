@@ -15,12 +15,11 @@ ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm@sha256:65a93d69fa75478d554f4ad27c8
 # --- build: spillway and every dependency from the lock file (hashes checked) ----------------
 FROM ${PYTHON_IMAGE} AS build
 # Build arguments seen by pip: the CA bundle it trusts (behind a proxy that re-signs TLS, mount
-# the host's bundle into the build and name it here), and its download cache (off; hack/image.sh
-# mounts a cache kept outside the image, so a rebuild downloads nothing). The hashes in the lock
-# file are checked either way.
+# the host's bundle into the build and name it here), and its download cache (in this stage only,
+# which the image does not carry; hack/image.sh mounts one kept outside, so a rebuild downloads
+# nothing). The hashes in the lock file are checked either way.
 ARG PIP_CERT=/etc/ssl/certs/ca-certificates.crt
-ARG PIP_NO_CACHE_DIR=1
-ARG PIP_CACHE_DIR=/nonexistent
+ARG PIP_CACHE_DIR=/tmp/pip-cache
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src

@@ -72,13 +72,12 @@ if ! "${bah[@]}" inspect --type image "$image" >/dev/null 2>&1; then
   mkdir -p "$root/pip-cache-$arch"
   "${bah[@]}" rm --all >/dev/null 2>&1 || true   # a failed build's working containers
   "${bah[@]}" build "${ca[@]}" --quiet --isolation chroot --layers=false --pull=never --arch "$arch" \
-    --volume "$root/pip-cache-$arch:/run/pip-cache" --build-arg PIP_NO_CACHE_DIR=0 \
-    --build-arg PIP_CACHE_DIR=/run/pip-cache \
+    --volume "$root/pip-cache-$arch:/run/pip-cache" --build-arg PIP_CACHE_DIR=/run/pip-cache \
     --build-arg "PYTHON_IMAGE=$base_image" --build-arg "VERSION=$version" --build-arg "REVISION=$revision" \
     -f Dockerfile -t "$image" . >&2
   # Older images of this arch go, and whatever a build left untagged.
-  "${bah[@]}" images --format '{{.Name}}:{{.Tag}}' localhost/spillway 2>/dev/null \
-    | grep -v -x -F "$image" | grep -- "-$arch\$" | xargs -r "${bah[@]}" rmi >/dev/null 2>&1 || true
+  "${bah[@]}" images --format '{{.Name}}:{{.Tag}}' 2>/dev/null | grep "^localhost/spillway:.*-$arch\$" \
+    | grep -v -x -F "$image" | xargs -r "${bah[@]}" rmi >/dev/null 2>&1 || true
   "${bah[@]}" rm --all >/dev/null 2>&1 || true
   "${bah[@]}" rmi --prune >/dev/null 2>&1 || true
 fi
