@@ -1,6 +1,6 @@
 # Spillway. `make demo` runs the whole thing locally; `make test` runs every check.
 # Everything heavy is cached outside the clone, under ~/.cache/spillway, keyed by version:
-# the Python virtual environment (by the hash of the requirements files) and the
+# the Python virtual environment (by the hash of the requirements files and their lock) and the
 # Kubernetes binaries (by version, see hack/versions.env).
 
 SHELL := /bin/bash
@@ -8,7 +8,7 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
 CACHE_DIR  ?= $(HOME)/.cache/spillway
-VENV_KEY   := $(shell cat requirements.txt requirements-dev.txt requirements-vllm.txt | sha256sum | cut -c1-12)
+VENV_KEY   := $(shell cat requirements.txt requirements-dev.txt requirements-dev.lock requirements-vllm.lock | sha256sum | cut -c1-12)
 VENV       ?= $(CACHE_DIR)/venv-$(VENV_KEY)
 PY         := $(VENV)/bin/python
 PYTEST_ARGS ?=
@@ -21,7 +21,7 @@ export PYTHONPATH := $(CURDIR)
 
 PROTOS := $(shell find spillway/api -name '*.proto')
 
-.PHONY: py help venv proto proto-check lint test test-fast test-gpu gpu-bundle demo bench k8s-bins system-deps cluster-up cluster-down clean
+.PHONY: py help venv lock image proto proto-check lint test test-fast test-gpu gpu-bundle demo bench k8s-bins system-deps cluster-up cluster-down clean
 
 help:
 	@echo "make demo        run the local system: control plane, simulated GPU nodes, agents, operator, tenants"
@@ -31,13 +31,17 @@ help:
 	@echo "make cluster-up  start the local control plane and print its KUBECONFIG; make cluster-down stops it"
 
 # --- environment -----------------------------------------------------------------------
-# requirements-vllm.txt goes in without dependencies (see the file): vLLM's offloading API runs on our torch.
+# Installs requirements-dev.lock: every transitive dependency pinned with its hashes
+# (hack/lock.sh writes it from requirements*.txt; the image installs requirements.lock), then
+# requirements-vllm.lock without dependencies (see requirements-vllm.txt: vLLM's offloading API
+# runs on our torch).
 venv: $(VENV)/.ok
-$(VENV)/.ok: requirements.txt requirements-dev.txt requirements-vllm.txt
+$(VENV)/.ok: requirements.txt requirements-dev.txt requirements-dev.lock requirements-vllm.txt requirements-vllm.lock
 	@mkdir -p $(CACHE_DIR)
+	@hack/lock.sh --check
 	@if [ ! -x $(PY) ]; then rm -rf $(VENV).tmp && python3 -m venv $(VENV).tmp && mv $(VENV).tmp $(VENV); fi
-	$(PY) -m pip install --disable-pip-version-check -q -r requirements-dev.txt
-	$(PY) -m pip install --disable-pip-version-check -q --no-deps -r requirements-vllm.txt
+	$(PY) -m pip install --disable-pip-version-check -q --require-hashes -r requirements-dev.lock
+	$(PY) -m pip install --disable-pip-version-check -q --no-deps --require-hashes -r requirements-vllm.lock
 	@touch $@
 
 system-deps:
@@ -45,6 +49,14 @@ system-deps:
 
 k8s-bins:
 	hack/build-k8s.sh
+
+# After a change to requirements*.txt: write requirements.lock and requirements-dev.lock.
+lock:
+	hack/lock.sh
+
+# The container image, built with buildah over a Debian base (see docs/operations.md).
+image: system-deps
+	hack/image.sh
 
 # --- generated code --------------------------------------------------------------------
 proto: venv

@@ -153,6 +153,10 @@ BAD_VALUES = [
     ("devicePlugin.unti=2Gi", "/devicePlugin"),
     ("tls.agentServerName=Spillway_Agent", "/tls/agentServerName"),
     ("tls.agentServerName=", "/tls/agentServerName"),
+    ("openshift.enabled=maybe", "/openshift/enabled"),
+    ("namespaceOverride=Spillway_NS", "/namespaceOverride"),
+    ("node.waitForDriver.validationFile=run/nvidia/ready", "/node/waitForDriver/validationFile"),
+    ("node.gpuNodeLabels[0].operator=Has", "/node/gpuNodeLabels/0/operator"),
 ]
 
 
@@ -182,13 +186,26 @@ def test_defaults_render_every_part(helm: Any) -> None:
     ds = find(objs, "DaemonSet")["spec"]["template"]["spec"]
     assert [c["name"] for c in ds["containers"]] == ["agent", "deviceplugin"]
     assert ds["automountServiceAccountToken"] is False and ds["hostPID"] is True
-    assert ds["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
-    assert any(t["key"] == "nvidia.com/gpu" for t in ds["tolerations"])
+    # GPU nodes by NFD's or GFD's labels or GKE's (one term each: ORed), as NVIDIA's chart does.
+    assert "nodeSelector" not in ds
+    terms = ds["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    assert [t["matchExpressions"][0]["key"] for t in terms] == [
+        "feature.node.kubernetes.io/pci-10de.present", "feature.node.kubernetes.io/cpu-model.vendor_id",
+        "nvidia.com/gpu.present", "cloud.google.com/gke-accelerator"]
+    assert all(len(t["matchExpressions"]) == 1 for t in terms)
+    assert {t["key"] for t in ds["tolerations"]} == {"nvidia.com/gpu", "CriticalAddonsOnly"}
+    # The agent waits for the driver (NVML) in an init container instead of crash-looping.
+    (init,) = ds["initContainers"]
+    assert init["name"] == "wait-for-driver" and "pynvml.nvmlInit()" in init["command"][-1]
+    assert init["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert {e["name"]: e.get("value") for e in init["env"]}["NVIDIA_VISIBLE_DEVICES"] == "all"
     paths = {v["hostPath"]["path"] for v in ds["volumes"] if "hostPath" in v}
     assert paths == {"/var/lib/kubelet/device-plugins", "/var/lib/kubelet/pod-resources", "/var/lib/spillway",
                      "/run/spillway"}
     env = {e["name"]: e for e in ds["containers"][0]["env"]}
     assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+    assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"  # heartbeat Lease
+    assert not [o for o in objs if o["kind"] in ("SecurityContextConstraints", "Namespace")]
     dashboards = [o for o in objs
                   if o["kind"] == "ConfigMap" and o["metadata"]["labels"].get("grafana_dashboard") == "1"]
     assert len(dashboards) == 3
@@ -221,6 +238,77 @@ def test_ha_monitoring_and_cert_manager_render(helm: Any) -> None:
 # The agent certificate's DNS names for release "sw" in namespace spillway-system, defaults.
 AGENT_SANS = ["spillway-agent", "sw-spillway-agent", "sw-spillway-agent.spillway-system",
               "sw-spillway-agent.spillway-system.svc", "sw-spillway-agent.spillway-system.svc.cluster.local"]
+
+
+@pytest.mark.cluster
+def test_selection_values_registry_namespace_and_security_contexts(helm: Any) -> None:
+    """gpuNodeLabels: [] drops the GPU-label rule, an affinity of one's own replaces it, the
+    driver wait follows the backend; global.imageRegistry prefixes every image;
+    namespaceOverride moves every namespaced object; security contexts are values."""
+    objs = render(helm, "--set", "node.gpuNodeLabels=null", "--set", "node.nodeSelector.pool=gpu",
+                  "--set", "agent.backend=simulated")
+    ds = find(objs, "DaemonSet")["spec"]["template"]["spec"]
+    assert "affinity" not in ds and ds["nodeSelector"] == {"pool": "gpu"} and "initContainers" not in ds
+    own = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "gpu", "operator": "Exists"}]}]}}}
+    objs = render(helm, "--set-json", f"node.affinity={json.dumps(own)}", "--set",
+                  "node.waitForDriver.validationFile=/run/nvidia/validations/driver-ready")
+    ds = find(objs, "DaemonSet")["spec"]["template"]["spec"]
+    assert ds["affinity"] == own
+    assert "/run/nvidia/validations/driver-ready" in ds["initContainers"][0]["command"][-1]
+    assert ds["initContainers"][0]["volumeMounts"] == [
+        {"name": "driver-validations", "mountPath": "/run/nvidia/validations", "readOnly": True}]
+    assert {"name": "driver-validations", "hostPath": {"path": "/run/nvidia/validations",
+                                                         "type": "DirectoryOrCreate"}} in ds["volumes"]
+
+    objs = render(helm, "--set", "global.imageRegistry=mirror.example:5000/", "--set", "namespaceOverride=gpu-infra",
+                  "--set", "operator.podSecurityContext.runAsUser=1001", "--set", "agent.securityContext.runAsUser=7")
+    images = {c["image"] for o in objs if o["kind"] in ("Deployment", "DaemonSet", "Pod")
+              for spec in [o["spec"] if o["kind"] == "Pod" else o["spec"]["template"]["spec"]]
+              for c in spec["containers"] + spec.get("initContainers", [])}
+    assert images == {"mirror.example:5000/spillway/spillway:" + yaml.safe_load(
+        (CHART / "Chart.yaml").read_text())["appVersion"]}
+    namespaced = [o for o in objs if o["kind"] not in ("ClusterRole", "ClusterRoleBinding")]
+    assert {o["metadata"].get("namespace") for o in namespaced} == {"gpu-infra"}
+    subjects = {s["namespace"] for o in objs if "Binding" in o["kind"] for s in o["subjects"]}
+    assert subjects == {"gpu-infra"}
+    op = find(objs, "Deployment", "-operator")["spec"]["template"]["spec"]
+    assert op["securityContext"]["runAsUser"] == 1001 and op["securityContext"]["runAsNonRoot"] is True
+    assert find(objs, "DaemonSet")["spec"]["template"]["spec"]["containers"][0]["securityContext"]["runAsUser"] == 7
+
+
+@pytest.mark.cluster
+def test_openshift_gets_its_scc_and_no_fixed_user_ids(helm: Any) -> None:
+    for args in (["--set", "openshift.enabled=true"],
+                 ["--api-versions", "security.openshift.io/v1/SecurityContextConstraints"]):  # auto
+        objs = render(helm, *args)
+        scc = find(objs, "SecurityContextConstraints")
+        assert scc["allowHostPID"] is True and scc["allowHostDirVolumePlugin"] is True
+        assert scc["allowPrivilegedContainer"] is False and scc["allowHostNetwork"] is False
+        assert scc["requiredDropCapabilities"] == ["ALL"] and scc["allowedCapabilities"] == []
+        role = find(objs, "ClusterRole", "-node-scc")
+        assert role["rules"] == [{"apiGroups": ["security.openshift.io"], "resources": ["securitycontextconstraints"],
+                                  "resourceNames": [scc["metadata"]["name"]], "verbs": ["use"]}]
+        binding = find(objs, "RoleBinding", "-node-scc")
+        pod_sa = find(objs, "DaemonSet")["spec"]["template"]["spec"]["serviceAccountName"]
+        assert binding["subjects"][0]["name"] == pod_sa
+        for kind, suffix in (("Deployment", "-operator"), ("Pod", "-test-agents")):
+            obj = find(objs, kind, suffix)
+            spec = obj["spec"] if kind == "Pod" else obj["spec"]["template"]["spec"]
+            assert "runAsUser" not in spec["securityContext"] and "runAsGroup" not in spec["securityContext"]
+            assert spec["securityContext"]["runAsNonRoot"] is True
+    assert not [o for o in render(helm) if o["kind"] == "SecurityContextConstraints"]
+
+
+@pytest.mark.cluster
+def test_create_namespace_needs_a_namespace_of_its_own(helm: Any) -> None:
+    r = helm("template", "sw", str(CHART), "-n", "spillway-system", "--set", "podSecurity.createNamespace=true",
+             check=False)
+    assert r.returncode != 0 and "set namespaceOverride" in r.stderr and r.stdout == ""
+    objs = render(helm, "--set", "podSecurity.createNamespace=true", "--set", "namespaceOverride=spillway-nodes")
+    ns = find(objs, "Namespace")
+    assert ns["metadata"]["name"] == "spillway-nodes"
+    assert ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "privileged"
 
 
 def _container_argv(container: dict[str, Any], env: dict[str, str], bin_dir: Path) -> list[str]:
@@ -502,6 +590,10 @@ def test_install_rbac_upgrade_uninstall(chart_cluster: Cluster, kwok_nodes: Any)
         wrong = [f"{sa} cannot {v} {r}" for sa, v, r in allowed if not can_i(c, ns, sa, v, r)]
         wrong += [f"{sa} can {v} {r}" for sa, v, r in denied if can_i(c, ns, sa, v, r)]
         assert can_i(c, ns, op, "update", "leases.coordination.k8s.io", "-n", ns)
+        assert can_i(c, ns, agent, "update", "leases.coordination.k8s.io", "-n", ns)  # its heartbeat
+        assert can_i(c, ns, agent, "list", "leases.coordination.k8s.io", "-n", ns)  # the watchdog
+        assert not can_i(c, ns, agent, "update", "leases.coordination.k8s.io", "-n", "kube-node-lease")
+        assert not can_i(c, ns, agent, "delete", "leases.coordination.k8s.io", "-n", ns)
         assert not can_i(c, ns, op, "update", "leases.coordination.k8s.io", "-n", "kube-system")
         assert not wrong, wrong
 
@@ -744,3 +836,52 @@ def test_real_device_plugin_works_with_only_its_chart_account(
         pods.stop()
         c.helm("uninstall", "dp", "-n", ns, check=False)
         c.kubectl("delete", "namespace", ns, workload, "--wait=false", check=False)
+
+
+@pytest.mark.cluster
+def test_pod_security_baseline_is_refused_with_the_fix_or_the_chart_makes_a_privileged_namespace(
+        chart_cluster: Cluster, kwok_nodes: Any) -> None:
+    """The API server's Pod Security admission refuses the node pods in a baseline namespace
+    (the quiet failure: Helm succeeds, DESIRED 1 CURRENT 0); the chart refuses such an install
+    itself with the command that fixes it, and with podSecurity.createNamespace it installs into a
+    privileged namespace of its own where the pods are admitted."""
+    c = chart_cluster
+    values = REPO / "examples" / "values" / "simulated.yaml"
+    ns = c.create_namespace(f"psa-{os.getpid() % 10000}")
+    own = f"{ns}-nodes"
+    c.kubectl("label", "namespace", ns, "pod-security.kubernetes.io/enforce=baseline")
+    kwok_nodes({"nvidia.com/gpu": "8"}, labels={"spillway.dev/simulated": "true"}, prefix="psa")
+    try:
+        r = c.helm("install", "psa", str(CHART), "-n", ns, "-f", str(values), check=False)
+        assert r.returncode != 0
+        assert f'namespace "{ns}" enforces Pod Security level "baseline"' in r.stderr, r.stderr
+        assert f"kubectl label namespace {ns} pod-security.kubernetes.io/enforce=privileged --overwrite" in r.stderr
+        assert "podSecurity.createNamespace=true" in r.stderr
+        assert c.kubectl("get", "all,secrets", "-n", ns, "-l", "app.kubernetes.io/instance=psa", "-o",
+                         "name").stdout.split() == [], "a refused install makes nothing"
+
+        # Without the check, what users saw: Helm succeeds and no node pod is ever admitted.
+        r = c.helm("install", "psa", str(CHART), "-n", ns, "-f", str(values), "--set", "podSecurity.check=false",
+                   "--set", "operator.enabled=false", check=False)
+        assert r.returncode == 0, r.stderr
+
+        def refused() -> bool:
+            events = c.get_json("events", "-n", ns, "--field-selector", "reason=FailedCreate")["items"]
+            return any("violates PodSecurity" in e.get("message", "") for e in events)
+
+        wait_until(refused, timeout=60, what="Pod Security admission to refuse the node pod")
+        assert c.get_json("daemonset", "psa-spillway-node", "-n", ns)["status"].get("currentNumberScheduled", 0) == 0
+        assert c.helm("uninstall", "psa", "-n", ns, "--wait", check=False).returncode == 0
+
+        # The chart's own privileged namespace: the node pod is admitted.
+        r = c.helm("install", "psa", str(CHART), "-n", ns, "-f", str(values), "--set", f"namespaceOverride={own}",
+                   "--set", "podSecurity.createNamespace=true", check=False)
+        assert r.returncode == 0, r.stderr
+        labels = c.get_json("namespace", own)["metadata"]["labels"]
+        assert labels["pod-security.kubernetes.io/enforce"] == "privileged"
+        wait_until(lambda: c.get_json("daemonset", "psa-spillway-node", "-n", own)["status"].get(
+            "currentNumberScheduled") == 1, timeout=60, what="the node pod in the privileged namespace")
+        assert c.get_json("deployment", "psa-spillway-operator", "-n", own)["spec"]["replicas"] == 1
+    finally:
+        c.helm("uninstall", "psa", "-n", ns, "--wait", "--timeout", "120s", check=False)
+        c.kubectl("delete", "namespace", ns, own, "--wait=false", "--ignore-not-found", check=False)

@@ -162,14 +162,33 @@ def test_memorypool_columns(crds: Cluster) -> None:
             "node": name, "simulated": True, "backend": "simulated",
             "gpus": [{"uuid": "GPU-x", "index": 0, "name": "H100", "totalBytes": 80 << 30, "lendableBytes": 60 << 30}],
             "totals": {"gpus": 1, "totalBytes": 80 << 30, "lendableBytes": 60 << 30, "leasedBytes": 0,
-                       "total": "80Gi", "lendable": "60Gi", "leased": "0"},
+                       "total": "80Gi", "lendable": "60Gi", "leased": "0", "leases": 0},
+            "agentEndpoint": "10.0.0.9:7443", "heartbeat": "2026-11-30T17:00:00Z",
+            "conditions": [
+                {"type": "Ready", "status": "True", "reason": "Publishing", "message": "ok",
+                 "lastTransitionTime": "2026-11-30T17:00:00Z"},
+                {"type": "Stale", "status": "False", "reason": "HeartbeatCurrent", "message": "ok",
+                 "lastTransitionTime": "2026-11-30T17:00:00Z"}],
         }
     }
 
     crds.kubectl("patch", "memorypool", name, "--subresource=status", "--type=merge", "-p", json.dumps(status))
     out = crds.kubectl("get", "memorypools", name).stdout.splitlines()
-    assert out[0].split() == ["NAME", "GPUS", "TOTAL", "LENDABLE", "LEASED", "SIMULATED", "AGE"]
-    assert out[1].split()[:6] == [name, "1", "80Gi", "60Gi", "0", "true"]
+    assert out[0].split() == ["NAME", "GPUS", "TOTAL", "LENDABLE", "LEASED", "READY", "SIMULATED", "AGE"]
+    assert out[1].split()[:7] == [name, "1", "80Gi", "60Gi", "0", "True", "true"]
+    wide = crds.kubectl("get", "memorypools", name, "-o", "wide").stdout.splitlines()
+    assert wide[0].split()[8:] == ["LEASES", "BACKEND", "ENDPOINT", "HEARTBEAT"]
+    assert wide[1].split()[8:11] == ["0", "simulated", "10.0.0.9:7443"]
+    # The docs name the same columns.
+    ref = (ROOT / "docs" / "crd-reference.md").read_text()
+    assert "`kubectl get memorypools` columns: `" + " ".join(out[0].split()) + "`" in ref
+    assert "`-o wide` adds `" + " ".join(wide[0].split()[8:]) + "`" in ref
+    crds.kubectl("wait", "--for=condition=Ready", f"memorypool/{name}", "--timeout=5s")
+    bad = {"type": "Ready", "status": "Maybe", "reason": "X", "message": "",
+           "lastTransitionTime": "2026-11-30T17:00:00Z"}
+    refused = crds.kubectl("patch", "memorypool", name, "--subresource=status", "--type=merge", "-p",
+                           json.dumps({"status": {"conditions": [bad]}}), check=False)
+    assert refused.returncode != 0 and "Unsupported value" in refused.stderr
     node = NodeView.from_memorypool(crds.get_json("memorypool", name))
     assert node.simulated and node.gpus[0].lendable == 60 << 30
     crds.kubectl("delete", "memorypool", name)

@@ -10,7 +10,14 @@ from typing import Any
 
 import pytest
 
-from spillway.agent.publisher import build_status, significant
+from spillway.agent.publisher import (
+    HEARTBEAT_LABEL,
+    StaleWatchdog,
+    build_status,
+    lease_expired,
+    pool_conditions,
+    significant,
+)
 from spillway.api.v1 import agent_pb2
 from spillway.operator.model import NodeView
 from spillway.testing.agentproc import AgentProcess
@@ -142,22 +149,117 @@ async def test_agent_publishes_memorypool(cluster: Cluster, monkeypatch: pytest.
             gpu2 = next(g for g in pool["status"]["gpus"] if g["uuid"] == inv.gpus[2].uuid)
             assert gpu2["leasedBytes"] == 8 * GI
 
-            # Released: gone from the pool again; the heartbeat moves on.
-            beat = pool["status"]["heartbeat"]
+            # Released: gone from the pool again.
             await client.release(got.lease.id, got.token)
             await _until(lambda: (p := _pool(cluster, node)) and not p["status"].get("leases"), 10, "the release")
-            await _until(lambda: (p := _pool(cluster, node)) and p["status"]["heartbeat"] != beat, 25, "a heartbeat")
+
+            # The heartbeat is the Lease named after the node (the agent's namespace: "default"
+            # here, run by hand), renewed every 10 s; the pool is Ready.
+            lease = _lease_obj(cluster, node)
+            assert lease["metadata"]["labels"][HEARTBEAT_LABEL] == "memorypool"
+            assert lease["spec"]["holderIdentity"] == node and lease["spec"]["leaseDurationSeconds"] == 40
+            assert _pool(cluster, node)["status"]["heartbeatLease"] == {"namespace": "default", "name": node}
+            beat = lease["spec"]["renewTime"]
+            await _until(lambda: _lease_obj(cluster, node)["spec"]["renewTime"] != beat, 15, "a Lease renewal")
+            cluster.kubectl("wait", "--for=condition=Ready", f"memorypool/{node}", "--timeout=30s")
             table = cluster.kubectl("get", "memorypool", node).stdout
-            cols = table.splitlines()[1].split()
-            assert cols[1] == str(len(inv.gpus)) and cols[5] == "true", (
+            head, cols = table.splitlines()[0].split(), table.splitlines()[1].split()
+            assert head[:7] == ["NAME", "GPUS", "TOTAL", "LENDABLE", "LEASED", "READY", "SIMULATED"], table
+            assert cols[1] == str(len(inv.gpus)) and cols[5] == "True" and cols[6] == "true", (
                 table,
                 _pool(cluster, node),
                 agent.logs()[-3000:],
             )
+            wide = cluster.kubectl("get", "memorypool", node, "-o", "wide").stdout.splitlines()
+            assert wide[0].split()[-4:] == ["LEASES", "BACKEND", "ENDPOINT", "HEARTBEAT"], wide
+            assert wide[1].split()[-4:-1] == ["0", "simulated", "10.1.2.3:7443"], wide
     finally:
         agent.stop()
         agent.cleanup()
         cluster.kubectl("delete", "memorypool", node, "--ignore-not-found", check=False)
+        cluster.kubectl("delete", "lease", node, "-n", "default", "--ignore-not-found", check=False)
+
+
+def _lease_obj(cluster: Cluster, name: str, namespace: str = "default") -> dict[str, Any]:
+    return json.loads(cluster.kubectl("get", "lease", name, "-n", namespace, "-o", "json").stdout)
+
+
+def _kube_apis(cluster: Cluster) -> tuple[Any, Any]:
+    from kubernetes import client, config
+
+    api = config.new_client_from_config(str(cluster.kubeconfig))
+    return client.CoordinationV1Api(api), client.CustomObjectsApi(api)
+
+
+@pytest.mark.cluster
+async def test_a_stopped_or_dead_agent_turns_its_pool_not_ready(cluster: Cluster,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """kubectl wait sees Ready; a SIGTERM marks the pool AgentStopped at once; a SIGKILLed agent's
+    Lease runs out and the watchdog (here in the test, as an agent runs it) marks it Stale."""
+    for path in sorted((ROOT / "crds").glob("*.yaml")):
+        cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(path))
+    cluster.kubectl("wait", "--for=condition=Established", "crd/memorypools.spillway.dev", "--timeout=60s")
+    monkeypatch.setenv("KUBECONFIG", str(cluster.kubeconfig))
+    stamp = int(time.time() * 1000) % 10**8
+    ns = cluster.create_namespace(f"pub-hb-{stamp}")
+    monkeypatch.setenv("POD_NAMESPACE", ns)
+    stopped, killed = f"stop-{stamp}", f"kill-{stamp}"
+    agents = {n: AgentProcess(node_name=n, extra_args=["--publish", "--advertise-endpoint", "10.1.2.3:7443"])
+              for n in (stopped, killed)}
+    try:
+        for a in agents.values():
+            a.start()
+        for n in agents:
+            await _until(lambda n=n: _pool(cluster, n), 60, f"MemoryPool {n}")  # kubectl wait needs it to exist
+            cluster.kubectl("wait", "--for=condition=Ready", f"memorypool/{n}", "--timeout=60s")
+            conditions = {c["type"]: c for c in _pool(cluster, n)["status"]["conditions"]}
+            assert conditions["Ready"]["reason"] == "Publishing" and conditions["Stale"]["status"] == "False"
+            assert _lease_obj(cluster, n, ns)["spec"]["holderIdentity"] == n
+
+        agents[stopped].stop()  # SIGTERM: the agent says so on its way out
+        cluster.kubectl("wait", "--for=condition=Ready=false", f"memorypool/{stopped}", "--timeout=10s")
+        ready = next(c for c in _pool(cluster, stopped)["status"]["conditions"] if c["type"] == "Ready")
+        assert ready["reason"] == "AgentStopped"
+
+        agents[killed].kill()  # SIGKILL: nothing said; its Lease is no longer renewed
+        coord, custom = _kube_apis(cluster)
+        watchdog = StaleWatchdog("watchdog-test", ns, coord, custom)
+        assert watchdog.step() == [], "nothing is stale while every Lease is fresh"
+        later = time.time() + 41  # past the Lease's 40 s (waiting for real would take 40 s)
+        marked = watchdog.step(now=later)
+        assert killed in marked and stopped in marked
+        cluster.kubectl("wait", "--for=condition=Ready=false", f"memorypool/{killed}", "--timeout=5s")
+        cluster.kubectl("wait", "--for=condition=Stale", f"memorypool/{killed}", "--timeout=5s")
+        ready = next(c for c in _pool(cluster, killed)["status"]["conditions"] if c["type"] == "Ready")
+        assert ready["reason"] == "HeartbeatExpired" and f"{ns}/{killed}" in ready["message"]
+        assert watchdog.step(now=later + 1) == [], "a pool already marked is not written again"
+        # Another agent does not take over the watchdog while its holder renews it.
+        assert not StaleWatchdog("second", ns, coord, custom).lead(now=later + 2)
+        assert StaleWatchdog("second", ns, coord, custom).lead(now=later + 60), "an expired holder is replaced"
+
+        # The agent comes back: Ready again.
+        agents[killed].start()
+        cluster.kubectl("wait", "--for=condition=Ready", f"memorypool/{killed}", "--timeout=60s")
+        cluster.kubectl("wait", "--for=condition=Stale=false", f"memorypool/{killed}", "--timeout=5s")
+    finally:
+        for n, a in agents.items():
+            a.stop()
+            a.cleanup()
+            cluster.kubectl("delete", "memorypool", n, "--ignore-not-found", check=False)
+        cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+
+
+def test_conditions_keep_their_transition_time_and_leases_expire() -> None:
+    first = pool_conditions(True, "Publishing", "ok", stale=False, now=1000.0)
+    assert [(c["type"], c["status"]) for c in first] == [("Ready", "True"), ("Stale", "False")]
+    again = pool_conditions(True, "Publishing", "ok", stale=False, now=2000.0, previous=first)
+    assert again == first  # no transition: the time stays
+    down = pool_conditions(False, "HeartbeatExpired", "gone", stale=True, now=3000.0, previous=first)
+    assert [(c["status"], c["lastTransitionTime"]) for c in down] == [
+        ("False", "1970-01-01T00:50:00Z"), ("True", "1970-01-01T00:50:00Z")]
+    spec = {"renewTime": "1970-01-01T00:00:10.000000Z", "leaseDurationSeconds": 40}
+    assert not lease_expired(spec, 50.0) and lease_expired(spec, 50.5)
+    assert lease_expired({}, 0.0), "a Lease never renewed has expired"
 
 
 def test_capacity_events_merge_by_gpu() -> None:

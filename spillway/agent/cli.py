@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -12,11 +11,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf.json_format import MessageToDict  # type: ignore[import-untyped]
 
+from spillway import output
 from spillway.agent.client import AgentClient, largest_grantable
 from spillway.api.v1 import agent_pb2 as pb
-from spillway.contract import DEFAULT_AGENT_SOCKET, ENV_AGENT_SOCKET
+from spillway.contract import DEFAULT_AGENT_SOCKET, ENV_AGENT_SOCKET, ENV_LEASE_TOKEN
 from spillway.pki import TlsFiles
 from spillway.units import (
     DurationError,
@@ -29,6 +28,7 @@ from spillway.units import (
 
 T = TypeVar("T")
 DEFAULT_SOCKET = os.environ.get(ENV_AGENT_SOCKET, DEFAULT_AGENT_SOCKET)
+TOKEN_ENV = ENV_LEASE_TOKEN  # also what the device plugin gives a borrower container
 
 
 class UsageError(Exception):
@@ -79,7 +79,9 @@ def _target_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-server-name", default="", metavar="NAME",
                    help="check the agent's certificate against NAME instead of --target's host (an agent "
                         "dialled by IP whose certificate names e.g. spillway-agent)")
-    p.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    p.add_argument("-o", "--output", choices=output.FORMATS, default="table",
+                   help="table (default), wide (more columns), json or yaml (integers as numbers, keys in a "
+                        "stable order), or name (kind/name a line)")
 
 
 def _run(args: argparse.Namespace, fn: Callable[[AgentClient], Awaitable[T]]) -> T:
@@ -109,30 +111,56 @@ def _call(args: argparse.Namespace, fn: Callable[[AgentClient], Awaitable[T]]) -
         raise RuntimeError(f"{exc.code().name}: {msg}") from None
 
 
-def _lease_dict(x: pb.Lease) -> dict[str, Any]:
-    return MessageToDict(x, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+def _token(args: argparse.Namespace) -> str:
+    """The lease token from --token, --token-file or $SPILLWAY_LEASE_TOKEN, in that order."""
+    if args.token:
+        return str(args.token)
+    if args.token_file:
+        try:
+            token = Path(args.token_file).read_text().strip()
+        except OSError as exc:
+            raise UsageError(f"--token-file {args.token_file}: {exc.strerror}") from None
+        if not token:
+            raise UsageError(f"--token-file {args.token_file} is empty: it should hold the token from acquire")
+        return token
+    token = os.environ.get(TOKEN_ENV, "").strip()
+    if token:
+        return token
+    raise UsageError(f"give the lease's token: --token-file FILE, ${TOKEN_ENV}, or --token TOKEN (visible to "
+                     "other users in the process list)")
 
 
-def _print_leases(leases: list[pb.Lease]) -> None:
-    rows = [("ID", "HOLDER", "KIND", "STATE", "GPU", "SIZE", "PRIO", "EXPIRES", "POD")]
+def _print_leases(leases: Sequence[pb.Lease], wide: bool = False) -> None:
+    head = ("ID", "HOLDER", "KIND", "STATE", "GPU", "SIZE", "PRIO", "EXPIRES", "POD")
+    rows: list[tuple[str, ...]] = [head + (("CREATED", "PID", "NODE", "REASON") if wide else ())]
     now = _now_ms()
     for x in leases:
         expires = "-" if x.ended_at_ms else format_duration(max(0, x.expires_at_ms - now) / 1000)
-        rows.append((x.id, x.holder, pb.LeaseKind.Name(x.kind), pb.LeaseState.Name(x.state), x.gpu_uuid,
-                     format_bytes(x.bytes), str(x.priority), expires, x.pod or "-"))
-    _table(rows)
+        row: tuple[str, ...] = (x.id, x.holder, pb.LeaseKind.Name(x.kind), pb.LeaseState.Name(x.state), x.gpu_uuid,
+               format_bytes(x.bytes), str(x.priority), expires, x.pod or "-")
+        if wide:
+            created = format_duration(max(0, now - x.created_at_ms) / 1000) + " ago" if x.created_at_ms else "-"
+            row += (created, str(x.pid or "-"), x.node_name or "-", x.reason or "-")
+        rows.append(row)
+    output.table(rows)
+
+
+def _emit_leases(args: argparse.Namespace, leases: Sequence[pb.Lease], empty: str = "") -> None:
+    """Leases in the format asked for."""
+    if args.output in ("json", "yaml"):
+        output.dump([output.message_dict(x) for x in leases], args.output)
+    elif args.output == "name":
+        output.names("lease", (x.id for x in leases))
+    elif leases or not empty:
+        _print_leases(leases, wide=args.output == "wide")
+    else:
+        print(empty)
 
 
 def _now_ms() -> int:
     import time
 
     return int(time.time() * 1000)
-
-
-def _table(rows: Sequence[tuple[str, ...]]) -> None:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
 
 
 # --- agent -----------------------------------------------------------------------------
@@ -151,7 +179,7 @@ def _cmd_agent(args: argparse.Namespace) -> int:
         headroom=Headroom(args.headroom_min, args.headroom_fraction), default_ttl_ms=round(args.default_ttl * 1000),
         revoke_deadline_ms=round(args.revoke_deadline * 1000), refresh_s=args.refresh, durable=args.fsync,
         publish=args.publish, advertise_endpoint=args.advertise_endpoint, drain_bytes_per_s=args.drain_rate,
-        settle_timeout_ms=round(args.settle_timeout * 1000))
+        settle_timeout_ms=round(args.settle_timeout * 1000), status_refresh_s=args.status_refresh)
     if args.node_name:
         cfg.node_name = args.node_name
     if args.listen and cfg.tls is None:
@@ -169,22 +197,36 @@ def _cmd_pool_show(args: argparse.Namespace) -> int:
         return await c.inventory(), await c.leases()
 
     inv, leases = _call(args, go)
-    if args.output == "json":
-        out = MessageToDict(inv, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
-        out["leases"] = [_lease_dict(x) for x in leases]
-        print(json.dumps(out, indent=2))
+    if args.output in ("json", "yaml"):
+        out = output.message_dict(inv)
+        out["leases"] = [output.message_dict(x) for x in leases]
+        output.dump(out, args.output)
         return 0
+    if args.output == "name":
+        output.names("gpu", (g.uuid for g in inv.gpus))
+        return 0
+    wide = args.output == "wide"
     sim = " (SIMULATED GPUs)" if inv.simulated else ""
-    print(f"node {inv.node_name}  backend {inv.backend}{sim}  granularity {format_bytes(inv.granularity_bytes)}")
-    rows = [("IDX", "GPU", "NAME", "TOTAL", "LOCAL", "RESERVED", "HEADROOM", "LEASED", "LENDABLE")]
+    print(f"node {inv.node_name}  backend {inv.backend}{sim}  granularity {format_bytes(inv.granularity_bytes)}"
+          + (f"  agent {inv.agent_version or '-'}  driver {inv.driver_version or '-'}" if wide else ""))
+    head = ("IDX", "GPU", "NAME", "TOTAL", "LOCAL", "RESERVED", "HEADROOM", "LEASED", "LENDABLE")
+    rows: list[tuple[str, ...]] = [head + (("USED", "FREE", "UTIL", "PROCS", "NVLINK PEERS") if wide else ())]
     for g in inv.gpus:
-        rows.append((str(g.index), g.uuid, g.name, format_bytes(g.total_bytes), format_bytes(g.local_used_bytes),
-                     format_bytes(g.local_reserved_bytes), format_bytes(g.headroom_bytes),
-                     format_bytes(g.leased_bytes), format_bytes(g.lendable_bytes)))
-    _table(rows)
+        row: tuple[str, ...] = (
+            str(g.index), g.uuid, g.name, format_bytes(g.total_bytes), format_bytes(g.local_used_bytes),
+            format_bytes(g.local_reserved_bytes), format_bytes(g.headroom_bytes), format_bytes(g.leased_bytes),
+            format_bytes(g.lendable_bytes))
+        if wide:
+            peers = sorted({(lk.gpu_b if lk.gpu_a == g.uuid else lk.gpu_a) for lk in inv.links
+                            if lk.nvlink and g.uuid in (lk.gpu_a, lk.gpu_b) and lk.gpu_a != lk.gpu_b})
+            index = {x.uuid: str(x.index) for x in inv.gpus}
+            row += (format_bytes(g.used_bytes), format_bytes(g.free_bytes), f"{g.utilization_gpu_percent}%",
+                    str(len(g.processes)), ",".join(index.get(u, u) for u in peers) or "-")
+        rows.append(row)
+    output.table(rows)
     print()
     if leases:
-        _print_leases(leases)
+        _print_leases(leases, wide=wide)
     else:
         print("no live leases")
     return 0
@@ -208,8 +250,10 @@ def _cmd_lease_acquire(args: argparse.Namespace) -> int:
             raise
 
     resp = _call(args, go)
-    if args.output == "json":
-        print(json.dumps({"lease": _lease_dict(resp.lease), "token": resp.token}, indent=2))
+    if args.output in ("json", "yaml"):
+        output.dump({"lease": output.message_dict(resp.lease), "token": resp.token}, args.output)
+    elif args.output == "name":
+        output.names("lease", [resp.lease.id])
     else:
         x = resp.lease
         print(f"lease {x.id}  {format_bytes(x.bytes)} on GPU {x.gpu_uuid}  {pb.LeaseKind.Name(x.kind)} "
@@ -220,39 +264,37 @@ def _cmd_lease_acquire(args: argparse.Namespace) -> int:
 
 
 def _cmd_lease_renew(args: argparse.Namespace) -> int:
-    x = _call(args, lambda c: c.renew(args.id, args.token, args.ttl or 0.0))
+    token = _token(args)
+    x = _call(args, lambda c: c.renew(args.id, token, args.ttl or 0.0))
     _print_one(args, x)
     return 0
 
 
 def _cmd_lease_release(args: argparse.Namespace) -> int:
-    x = _call(args, lambda c: c.release(args.id, args.token))
+    token = _token(args)
+    x = _call(args, lambda c: c.release(args.id, token))
     _print_one(args, x)
     return 0
 
 
 def _cmd_lease_claim(args: argparse.Namespace) -> int:
-    x = _call(args, lambda c: c.claim(args.id, args.token, args.holder, args.pod))
+    token = _token(args)
+    x = _call(args, lambda c: c.claim(args.id, token, args.holder, args.pod))
     _print_one(args, x)
     return 0
 
 
 def _cmd_lease_list(args: argparse.Namespace) -> int:
     leases = _call(args, lambda c: c.leases(args.holder, args.all, args.gpu))
-    if args.output == "json":
-        print(json.dumps([_lease_dict(x) for x in leases], indent=2))
-    elif leases:
-        _print_leases(leases)
-    else:
-        print("no leases")
+    _emit_leases(args, leases, empty="no leases")
     return 0
 
 
 def _print_one(args: argparse.Namespace, x: pb.Lease) -> None:
-    if args.output == "json":
-        print(json.dumps(_lease_dict(x), indent=2))
+    if args.output in ("json", "yaml"):
+        output.dump(output.message_dict(x), args.output)
     else:
-        _print_leases([x])
+        _emit_leases(args, [x])
 
 
 # --- gpu (admin) -----------------------------------------------------------------------
@@ -262,8 +304,10 @@ def _cmd_gpu_set_local(args: argparse.Namespace) -> int:
     if args.reserved is None and args.simulated_used is None:
         raise UsageError("give --reserved and/or --simulated-used")
     g = _call(args, lambda c: c.set_gpu_local(args.gpu, args.reserved, args.simulated_used))
-    if args.output == "json":
-        print(json.dumps(MessageToDict(g, preserving_proto_field_name=True), indent=2))
+    if args.output in ("json", "yaml"):
+        output.dump(output.message_dict(g), args.output)
+    elif args.output == "name":
+        output.names("gpu", [g.uuid])
     else:
         print(f"GPU {g.index} {g.uuid}: local used {format_bytes(g.local_used_bytes)}, reserved "
               f"{format_bytes(g.local_reserved_bytes)}, leased {format_bytes(g.leased_bytes)}, lendable "
@@ -273,13 +317,15 @@ def _cmd_gpu_set_local(args: argparse.Namespace) -> int:
 
 def _cmd_gpu_reclaim(args: argparse.Namespace) -> int:
     r = _call(args, lambda c: c.reclaim(args.gpu, args.bytes, args.reason, args.deadline or 0.0))
-    if args.output == "json":
-        print(json.dumps(MessageToDict(r, preserving_proto_field_name=True), indent=2))
+    if args.output in ("json", "yaml"):
+        output.dump(output.message_dict(r), args.output)
+    elif args.output == "name":
+        output.names("lease", (x.id for x in r.revoking))
     else:
         print(f"requested {format_bytes(r.requested_bytes)}, revoking {format_bytes(r.revoking_bytes)} in "
               f"{len(r.revoking)} lease(s)")
         if r.revoking:
-            _print_leases(list(r.revoking))
+            _print_leases(list(r.revoking), wide=args.output == "wide")
     return 0
 
 
@@ -330,6 +376,10 @@ def add_commands(sub: Any) -> None:
     a.add_argument("--fsync", action="store_true", help="fsync every change (survives power loss; slower)")
     a.add_argument("--publish", action="store_true", help="publish this node's MemoryPool object")
     a.add_argument("--advertise-endpoint", default="", help="HOST:PORT the operator uses to reach this agent")
+    a.add_argument("--status-refresh", type=_duration, default=10.0,
+                   help="rewrite the MemoryPool status at least this often when nothing changed (default 10s); "
+                        "keep it below the operator's --pool-stale-after. The heartbeat proper is a Lease renewed "
+                        "every 10s")
     a.set_defaults(func=_wrap(_cmd_agent))
 
     p = sub.add_parser("pool", help="show the node's pool of lendable GPU memory")
@@ -346,9 +396,13 @@ def add_commands(sub: Any) -> None:
     acq.add_argument("--gpu", help="lend from this GPU (UUID)")
     acq.add_argument("--near", help="lend from the best GPU near this borrower GPU (UUID): NVLink first")
     acq.add_argument("--ttl", type=_duration, help="lease TTL, e.g. 60s (default: the agent's)")
-    acq.add_argument("--kind", choices=("reservation", "elastic"), default="reservation")
-    acq.add_argument("--priority", type=int, default=0)
-    acq.add_argument("--idempotency-key", default="")
+    acq.add_argument("--kind", choices=("reservation", "elastic"), default="reservation",
+                     help="reservation (kept until released or expired) or elastic (reclaimed first when the "
+                          "lender GPU needs its memory back); default reservation")
+    acq.add_argument("--priority", type=int, default=0,
+                     help="reclaim order among leases of one kind: lower goes first (default 0)")
+    acq.add_argument("--idempotency-key", default="",
+                     help="a retry with the same key returns the same lease instead of a second one")
     acq.add_argument("--pod", default="", help="namespace/name of the pod using it")
     _target_args(acq)
     acq.set_defaults(func=_wrap(_cmd_lease_acquire))
@@ -357,17 +411,22 @@ def add_commands(sub: Any) -> None:
                                ("claim", _cmd_lease_claim, "bind a reservation to its holder: RESERVED -> ACTIVE")):
         c = lsub.add_parser(name, help=helptext)
         c.add_argument("id", help="lease id")
-        c.add_argument("--token", required=True, help="the lease's token (from acquire)")
+        tok = c.add_mutually_exclusive_group()
+        tok.add_argument("--token", default="", help=f"the lease's token (from acquire); visible in the process "
+                         f"list, so prefer --token-file or ${TOKEN_ENV}")
+        tok.add_argument("--token-file", type=Path, metavar="FILE",
+                         help=f"read the token from FILE (default: ${TOKEN_ENV}, which the device plugin sets in "
+                              "borrower containers)")
         if name == "renew":
             c.add_argument("--ttl", type=_duration, help="new TTL (default: the lease's own)")
         if name == "claim":
-            c.add_argument("--holder", default="")
-            c.add_argument("--pod", default="")
+            c.add_argument("--holder", default="", help="who holds the lease now (default: unchanged)")
+            c.add_argument("--pod", default="", help="namespace/name of the pod using it")
         _target_args(c)
         c.set_defaults(func=_wrap(fn))
     ls = lsub.add_parser("list", help="leases on the node")
-    ls.add_argument("--holder", default="")
-    ls.add_argument("--gpu", default="")
+    ls.add_argument("--holder", default="", help="only this holder's leases")
+    ls.add_argument("--gpu", default="", help="only leases lent from this GPU (UUID)")
     ls.add_argument("--all", action="store_true", help="include ended leases still remembered")
     _target_args(ls)
     ls.set_defaults(func=_wrap(_cmd_lease_list))
@@ -383,7 +442,7 @@ def add_commands(sub: Any) -> None:
     rc = gsub.add_parser("reclaim", help="ask for memory back on a GPU: victims go REVOKING")
     rc.add_argument("gpu", help="GPU UUID")
     rc.add_argument("--bytes", required=True, type=_quantity, help=size_help)
-    rc.add_argument("--reason", default="")
+    rc.add_argument("--reason", default="", help="why, shown to the holders and in their leases' reason")
     rc.add_argument("--deadline", type=_duration, help="grace period (default: the agent's, 5s)")
     _target_args(rc)
     rc.set_defaults(func=_wrap(_cmd_gpu_reclaim))

@@ -75,6 +75,7 @@ class AgentConfig:
     durable: bool = False
     publish: bool = False
     advertise_endpoint: str = ""
+    status_refresh_s: float = 10.0  # the MemoryPool status is rewritten at least this often
 
     @property
     def borrower_path(self) -> Path:
@@ -215,7 +216,8 @@ class Agent:
         if cfg.publish:
             target = f"unix:{cfg.socket}"
             self._publisher = asyncio.create_task(
-                run_publisher(target, cfg.node_name, cfg.advertise_endpoint or cfg.listen), name="publisher")
+                run_publisher(target, cfg.node_name, cfg.advertise_endpoint or cfg.listen,
+                              status_refresh_s=cfg.status_refresh_s), name="publisher")
         # Everything allocated so far (modules, gRPC, the restored pool) lives as long as the
         # process: move it out of the collector's sight, so a full collection scans only
         # what calls allocate since (a full one over the imports took ~15 ms, a tail latency spike).

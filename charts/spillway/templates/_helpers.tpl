@@ -51,12 +51,58 @@ app.kubernetes.io/component: {{ .part }}
 app.kubernetes.io/component: {{ .part }}
 {{- end -}}
 
+{{/* The namespace of every namespaced object: namespaceOverride, else the release's. */}}
+{{- define "spillway.namespace" -}}
+{{- default .Release.Namespace .Values.namespaceOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* The image: [global.imageRegistry/]repository(:tag|@digest). A mirror registry given as
+global.imageRegistry replaces nothing in the repository but is put in front of it. */}}
 {{- define "spillway.image" -}}
 {{- $tag := default .Chart.AppVersion .Values.image.tag -}}
+{{- $repo := .Values.image.repository -}}
+{{- with (.Values.global | default dict).imageRegistry -}}
+{{- $repo = printf "%s/%s" (trimSuffix "/" .) $repo -}}
+{{- end -}}
 {{- if .Values.image.digest -}}
-{{- printf "%s@%s" .Values.image.repository .Values.image.digest -}}
+{{- printf "%s@%s" $repo .Values.image.digest -}}
 {{- else -}}
-{{- printf "%s:%s" .Values.image.repository $tag -}}
+{{- printf "%s:%s" $repo $tag -}}
+{{- end -}}
+{{- end -}}
+
+{{/* OpenShift: openshift.enabled true or false, or "auto" (the cluster serves
+security.openshift.io/v1). */}}
+{{- define "spillway.openshift" -}}
+{{- $o := .Values.openshift.enabled -}}
+{{- if eq (toString $o) "auto" -}}
+{{- if .Capabilities.APIVersions.Has "security.openshift.io/v1/SecurityContextConstraints" }}true{{ end -}}
+{{- else if $o -}}true{{- end -}}
+{{- end -}}
+
+{{/* A pod or container securityContext from values; on OpenShift without the user ids that
+its restricted-v2 SCC assigns per namespace (runAsUser, runAsGroup, fsGroup). Call with
+(dict "ctx" $ "sc" .Values.operator.podSecurityContext). */}}
+{{- define "spillway.securityContext" -}}
+{{- $sc := deepCopy (.sc | default dict) -}}
+{{- if include "spillway.openshift" .ctx -}}
+{{- $sc = omit $sc "runAsUser" "runAsGroup" "fsGroup" -}}
+{{- end -}}
+{{- toYaml $sc -}}
+{{- end -}}
+
+{{/* Pod Security Admission: the node DaemonSet needs the privileged level (hostPID, hostPath
+volumes). At install and upgrade the chart reads its namespace's labels and refuses, saying
+what to do, when it enforces baseline or restricted. Not in `helm template` (no cluster). */}}
+{{- define "spillway.checkPodSecurity" -}}
+{{- if and .Values.node.enabled .Values.podSecurity.check (not .Values.podSecurity.createNamespace) -}}
+{{- $ns := include "spillway.namespace" . -}}
+{{- $obj := lookup "v1" "Namespace" "" $ns -}}
+{{- $level := "" -}}
+{{- if $obj }}{{ $level = index ($obj.metadata.labels | default dict) "pod-security.kubernetes.io/enforce" | default "" }}{{ end -}}
+{{- if or (eq $level "baseline") (eq $level "restricted") -}}
+{{- fail (printf "namespace %q enforces Pod Security level %q, but the node DaemonSet (agent and device plugin) needs \"privileged\": it uses hostPID and hostPath volumes. Either label the namespace: kubectl label namespace %s pod-security.kubernetes.io/enforce=privileged --overwrite; or install into a namespace of its own made by the chart with that label (--set namespaceOverride=spillway-system --set podSecurity.createNamespace=true); or set node.enabled=false to install only the operator here. (podSecurity.check=false skips this check.)" $ns $level $ns) -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}
 
@@ -81,17 +127,10 @@ Service's names (the helm test dials the Service). No pod DNS names: they need C
 records. */}}
 {{- define "spillway.agentDnsNames" -}}
 {{- $svc := include "spillway.component" (dict "ctx" . "part" "agent") -}}
-{{- $ns := .Release.Namespace -}}
+{{- $ns := include "spillway.namespace" . -}}
 {{- $domain := .Values.clusterDomain -}}
 {{- list .Values.tls.agentServerName $svc (printf "%s.%s" $svc $ns) (printf "%s.%s.svc" $svc $ns) (printf "%s.%s.svc.%s" $svc $ns $domain) | uniq | toJson -}}
 {{- end -}}
 
 {{- define "spillway.tlsMountPath" -}}/etc/spillway/tls{{- end -}}
 
-{{/* The pod security context every part shares; seccomp RuntimeDefault. */}}
-{{- define "spillway.containerSecurity" -}}
-allowPrivilegeEscalation: false
-readOnlyRootFilesystem: true
-capabilities:
-  drop: [ALL]
-{{- end -}}
