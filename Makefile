@@ -21,7 +21,7 @@ export PYTHONPATH := $(CURDIR)
 
 PROTOS := $(shell find spillway/api -name '*.proto')
 
-.PHONY: py help venv proto proto-check lint test test-fast demo bench k8s-bins system-deps cluster-up cluster-down clean
+.PHONY: py help venv proto proto-check lint test test-fast demo bench k8s-bins system-deps node-deps cluster-up cluster-down clean
 
 help:
 	@echo "make demo        run the local system: control plane, simulated GPU nodes, agents, operator, tenants"
@@ -43,6 +43,10 @@ system-deps:
 k8s-bins:
 	hack/build-k8s.sh
 
+# Grafana's npm packages for the dashboard test, under $(CACHE_DIR)/node-<hash of the lock file>.
+node-deps: system-deps
+	@hack/node-deps.sh >/dev/null
+
 # --- generated code --------------------------------------------------------------------
 proto: venv
 	$(PY) hack/gen_proto.py
@@ -55,7 +59,7 @@ lint: venv proto-check
 	$(PY) -m ruff check spillway tests benchmarks hack examples
 	$(PY) -m mypy
 
-test: venv system-deps k8s-bins lint
+test: venv system-deps k8s-bins node-deps lint
 	$(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
 
 # Unit tests only (no control plane): quick feedback while coding.

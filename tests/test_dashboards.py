@@ -135,8 +135,8 @@ def test_every_query_parses_with_promtool(tmp_path: Path) -> None:
     for board in dashboards().values():
         for v in board["templating"]["list"]:
             if v["type"] == "query":
-                m = re.fullmatch(r"label_values\((.*), (\w+)\)", v["definition"])
-                assert m, v["definition"]
+                m = re.fullmatch(r"label_values\((.*), (\w+)\)", v["query"]["query"])
+                assert m, v["query"]["query"]
                 rules.append({"record": f"spillway:variable_{len(rules)}", "expr": concrete(m.group(1))})
     path = tmp_path / "dashboard-queries.yaml"
     path.write_text(yaml.safe_dump({"groups": [{"name": "dashboards", "rules": rules}]}))
