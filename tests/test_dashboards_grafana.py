@@ -85,8 +85,9 @@ class DcgmShaped:
     def __init__(self, node: str, gpus: list[tuple[int, str]]) -> None:
         lines = ["# HELP DCGM_FI_DEV_FB_USED Framebuffer memory used (in MiB).", "# TYPE DCGM_FI_DEV_FB_USED gauge"]
         for index, uuid in gpus:
-            lines.append(f'DCGM_FI_DEV_FB_USED{{gpu="{index}",UUID="{uuid}",pci_bus_id="00000000:{index + 0x18:02X}:00.0",'
-                         f'device="nvidia{index}",modelName="NVIDIA H100 80GB HBM3",Hostname="{node}",'
+            lines.append(f'DCGM_FI_DEV_FB_USED{{gpu="{index}",UUID="{uuid}",'
+                         f'pci_bus_id="00000000:{index + 0x18:02X}:00.0",device="nvidia{index}",'
+                         f'modelName="NVIDIA H100 80GB HBM3",Hostname="{node}",'
                          f'DCGM_FI_DRIVER_VERSION="550.90.07"}} {1024 * (index + 1)}')
         body = ("\n".join(lines) + "\n").encode()
 
@@ -179,7 +180,8 @@ def test_tables_render_one_row_per_gpu_and_join_dcgm_on_uuid(scraped: dict[str, 
             "Value #A": "Leased", "Value #B": "FB used (MiB)"}}},
     ]
     tables.append({"id": "join", "transformations": join, "targets": [
-        {"refId": "A", "result": instant(prometheus, 'max by (node, gpu, UUID) (spillway_gpu_memory_leased_bytes)', at)},
+        {"refId": "A", "result": instant(prometheus, "max by (node, gpu, UUID) (spillway_gpu_memory_leased_bytes)",
+                                         at)},
         {"refId": "B", "result": instant(prometheus, "max by (Hostname, gpu, UUID) (DCGM_FI_DEV_FB_USED)", at)},
     ]})
     out = render(node_modules, {"tables": tables}, tmp_path)["tables"]
