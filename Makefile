@@ -24,7 +24,7 @@ PROTOS := $(shell find spillway/api -name '*.proto')
 .PHONY: py help venv proto proto-check lint test test-fast demo bench k8s-bins system-deps node-deps cluster-up cluster-down clean
 
 help:
-	@echo "make demo        run the local system: control plane, simulated GPU nodes, agents, operator, tenants"
+	@echo "make demo        the SLO loop on CPU: model servers, load, Prometheus, operator, simulated GPUs (Ctrl-C stops all)"
 	@echo "make test        lint, type-check and run every test (installs what it needs)"
 	@echo "make bench       run the benchmarks (results go in docs/BENCHMARKS.md)"
 	@echo "make cluster-up  start the local control plane and print its KUBECONFIG; make cluster-down stops it"

@@ -79,8 +79,10 @@ class Out:
             return
         try:
             print(text, flush=True)
-        except OSError:
+        except OSError:  # the terminal is gone (EIO) or the pipe closed
             self.ok = False
+        except RuntimeError:  # a signal's note arrived in the middle of another print
+            pass
 
 
 out = Out()
@@ -104,6 +106,7 @@ class Demo:
         self.timeline: list[dict[str, Any]] = []
         self.phases: list[tuple[float, str]] = []
         self.window_s = parse_duration(args.slo_window)
+        self.slo: dict[str, Any] = {}
         self.t0 = time.time()
 
     # -- helpers --
@@ -198,6 +201,8 @@ class Demo:
         docs = [d for d in yaml.safe_load_all(TENANTS.read_text()) if d]
         for d in docs:
             d["spec"]["slo"]["window"] = self.args.slo_window
+            if d["metadata"]["name"] == LOADED:
+                self.slo = dict(d["spec"]["slo"])
         say(f"kubectl apply -f {TENANTS.relative_to(REPO)}   (every slo.window set to {self.args.slo_window})")
         out(self.kube.apply("\n---\n".join(yaml.safe_dump(d) for d in docs), NAMESPACE).stdout)
 
@@ -249,7 +254,8 @@ class Demo:
     def loop(self) -> None:
         w = self.window_s
         say(f"light load ({self.args.base_rate:g} requests/s each): waiting for {LOADED} to meet its SLO "
-            f"(p99 TTFT <= 1s, TBT <= 500ms over a {self.args.slo_window} window)")
+            f"(p{self.slo['percentile']} TTFT <= {self.slo['ttft']}, TBT <= {self.slo['tbt']} and attainment >= "
+            f"{self.slo['attainment']} over a {self.args.slo_window} window)")
         self.phases.append((time.time(), "LIGHT LOAD"))
         self.watch(lambda r: r["state"] == "Met", 6 * w + 60, f"{LOADED} meeting its SLO")
         self.show("get", "inferencetenants", "-n", NAMESPACE)
@@ -295,7 +301,8 @@ class Demo:
         step = 2.0
         window = f"{max(1, math.ceil(self.window_s))}s"
         sel = f'namespace="{NAMESPACE}",pod=~"{LOADED}-[0-9]+"'
-        q = (f"histogram_quantile(0.99, sum by (le) (rate(vllm:time_to_first_token_seconds_bucket{{{sel}}}"
+        quantile = float(self.slo["percentile"]) / 100
+        q = (f"histogram_quantile({quantile:g}, sum by (le) (rate(vllm:time_to_first_token_seconds_bucket{{{sel}}}"
              f"[{window}])))")
 
         def series(promql: str) -> list[tuple[float, float | None]]:
@@ -315,7 +322,8 @@ class Demo:
         reserved = series(mem % "RESERVATION")
         elastic = series(mem % "ELASTIC")
         path = Path(self.args.png).expanduser().resolve()
-        demo_chart(path, tenant=LOADED, ttft=ttft, objective=1.0, reserved=reserved, elastic=elastic,
+        demo_chart(path, tenant=LOADED, ttft=ttft, objective=parse_duration(str(self.slo["ttft"])),
+                   reserved=reserved, elastic=elastic,
                    phases=[(t, name) for t, name in self.phases if name != "END"], t0=start, t1=end,
                    note="PROMETHEUS RANGE QUERIES, 2S STEP. MODEL SERVER: EXAMPLES/TOY_SERVER, TINY CONFIGURATION, "
                         "CPU. GPUS: SIMULATED.")
