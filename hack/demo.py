@@ -203,16 +203,17 @@ class Demo:
             d["spec"]["slo"]["window"] = self.args.slo_window
             if d["metadata"]["name"] == LOADED:
                 self.slo = dict(d["spec"]["slo"])
-        say(f"kubectl apply -f {TENANTS.relative_to(REPO)}   (every slo.window set to {self.args.slo_window})")
-        out(self.kube.apply("\n---\n".join(yaml.safe_dump(d) for d in docs), NAMESPACE).stdout)
+        say(f"kubectl apply -f {TENANTS.relative_to(REPO)}   (every slo.window set to {self.args.slo_window}; one "
+            "tenant at a time, so the lender is in place before the borrowers ask)")
+        for d in docs:
+            name = d["metadata"]["name"]
+            out(str(self.kube.apply(yaml.safe_dump(d), NAMESPACE).stdout).strip())
 
-        def placed() -> bool:
-            items = self.tenants()
-            return len(items) == len(docs) and all(
-                (t.get("status") or {}).get("phase") in SETTLED for t in items.values())
+            def placed(name: str = name) -> bool:
+                t = self.tenants().get(name) or {}
+                return (t.get("status") or {}).get("phase") in SETTLED
 
-        say("waiting until every tenant is placed")
-        wait_until(placed, timeout=self.args.timeout, what="the tenants to be placed", interval=1.0)
+            wait_until(placed, timeout=self.args.timeout, what=f"tenant {name} to be placed", interval=1.0)
         self.show("get", "inferencetenants", "-n", NAMESPACE)
         self.show("get", "pods", "-n", NAMESPACE, "-l", "spillway.dev/tenant", "-o", "wide")
         self.show("get", "memorypools")

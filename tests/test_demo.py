@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 import uuid
+import zlib
 from pathlib import Path
 
 import pytest
@@ -27,10 +28,10 @@ from spillway.testing.cluster import ensure_binaries
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "hack"))
 
+from demo_chart import BLUE, ORANGE, RED, demo_chart  # noqa: E402
 from demo_procs import descendants  # noqa: E402
 
 GIB = 1 << 30
-pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 
 class DemoRun:
@@ -104,6 +105,8 @@ def assert_nothing_left(run: DemoRun, running: set[int], out: str) -> None:
     assert "processes of the demo left: 0" in out, out[-3000:]
 
 
+@pytest.mark.cluster
+@pytest.mark.slow
 @pytest.mark.timeout(1500)
 def test_demo_runs_the_slo_loop_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
     ensure_binaries()
@@ -140,6 +143,8 @@ def test_demo_runs_the_slo_loop_and_ctrl_c_stops_everything(tmp_path: Path) -> N
     assert_nothing_left(run, running, out)
 
 
+@pytest.mark.cluster
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize(("sig", "group"), [(signal.SIGHUP, True), (signal.SIGTERM, False)],
                          ids=["terminal-closed", "sigterm"])
@@ -151,3 +156,62 @@ def test_an_interrupt_while_starting_stops_everything(tmp_path: Path, sig: signa
     assert run.proc.returncode == 130, out[-3000:]
     assert f"{sig.name} received" in out
     assert_nothing_left(run, running, out)
+
+
+SPAWNER = r"""
+import os, subprocess, sys, time
+sys.path.insert(0, sys.argv[1])
+from demo_procs import become_subreaper, descendants, stop_tree
+assert become_subreaper()
+# A child in a session of its own that starts a child, daemonises a grandchild (double fork and
+# setsid: it leaves the child's process group and is re-parented) and exits.
+code = (
+    "import os, subprocess, time\n"
+    "subprocess.Popen(['sleep', '300'])\n"
+    "if os.fork() == 0:\n"
+    "    os.setsid()\n"
+    "    if os.fork() == 0:\n"
+    "        time.sleep(300)\n"
+    "    os._exit(0)\n"
+    "time.sleep(0.5)\n"
+)
+subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+# And one that ignores SIGTERM.
+subprocess.Popen(["bash", "-c", "trap '' TERM; sleep 300 & wait"], start_new_session=True)
+time.sleep(2)
+print(sorted(descendants(os.getpid())), flush=True)
+groups, left = stop_tree(grace=1.0)
+print(groups, left, sorted(descendants(os.getpid())), flush=True)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_stop_tree_stops_every_process_group_below_it() -> None:
+    res = subprocess.run([sys.executable, "-c", SPAWNER, str(REPO / "hack")], capture_output=True, text=True,
+                         timeout=50)
+    assert res.returncode == 0, res.stderr
+    before, after = res.stdout.strip().splitlines()
+    pids = json.loads(before)
+    assert len(pids) >= 4, pids  # two sleeps, the daemon, bash (the first child has exited)
+    groups, left, rest = after.split(" ", 2)
+    assert int(groups) >= 3 and int(left) == 0 and json.loads(rest) == []
+    assert not [p for p in pids if Path(f"/proc/{p}").exists()
+                and Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[-1].split()[0] != "Z"]
+
+
+def test_the_picture_is_a_png_of_the_points_given(tmp_path: Path) -> None:
+    t0 = 1_000.0
+    ttft = [(t0 + i, 0.2 if i < 50 or i > 100 else 3.0) for i in range(150)]
+    reserved = [(t0 + i, 8.0 * GIB) for i in range(150)]
+    elastic = [(t0 + i, (2.0 * GIB if 60 < i < 120 else 0.0)) for i in range(150)]
+    path = demo_chart(tmp_path / "x.png", tenant="chat", ttft=ttft, objective=1.0, reserved=reserved,
+                      elastic=elastic, phases=[(t0 + 50, "LOAD UP")], t0=t0, t1=t0 + 150, note="TEST")
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    w, h = struct.unpack(">II", data[16:24])
+    raw = zlib.decompress(data[data.index(b"IDAT") + 4:data.index(b"IEND") - 8])
+    assert len(raw) == h * (1 + 3 * w)
+    row = 1 + 3 * w
+    pixels = {bytes(raw[y * row + 1 + 3 * x:y * row + 4 + 3 * x]) for y in range(h) for x in range(w)}
+    for color in (BLUE, RED, ORANGE):  # the TTFT line, the objective, the ELASTIC line
+        assert bytes(color) in pixels
