@@ -131,7 +131,7 @@ def _nice_max(v: float) -> float:
     if v <= 0 or not math.isfinite(v):
         return 1.0
     exp = 10 ** math.floor(math.log10(v))
-    for m in (1, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10):
+    for m in (1, 2, 4, 5, 8, 10):  # quarters of these read well: 0.25, 0.5, 1, 1.25, 2, 2.5
         if v <= m * exp:
             return m * exp
     return 10 * exp
