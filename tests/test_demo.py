@@ -10,6 +10,7 @@ put itself in) as well as by the process tree seen while it ran.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -76,6 +77,19 @@ class DemoRun:
                 continue
         return found
 
+    def close(self) -> None:
+        """After a failed check: stop the demo all the same (it would outlive the test); never
+        after a passed one, where it would hide what the demo left behind."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        for pid in self.marked():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
     def interrupt(self, sig: signal.Signals, *, group: bool) -> tuple[set[int], str]:
         """Sends `sig` (to the demo's process group, as a terminal does, or to the demo alone),
         waits for the demo to exit; returns what was running just before, and the output."""
@@ -112,8 +126,28 @@ def test_demo_runs_the_slo_loop_and_ctrl_c_stops_everything(tmp_path: Path) -> N
     ensure_binaries()
     png = tmp_path / "slo-loop.png"
     run = DemoRun(tmp_path, "--slo-window", "10s", "--png", str(png))
-    out = run.wait_for("Press Ctrl-C", timeout=1200)
+    try:
+        check_the_loop(run, png)
+        running, out = run.interrupt(signal.SIGINT, group=True)  # Ctrl-C
+    except BaseException:
+        run.close()  # a failed check must not leave the demo running
+        raise
+    assert len(running) >= 8, running  # control plane, agent, operator, Prometheus, 3 model servers, load
+    assert "SIGINT received" in out
+    assert_nothing_left(run, running, out)
 
+
+def tenant_tables(out: str, tenant: str) -> list[list[str]]:
+    """The tenant's row of every `kubectl get inferencetenants` table the demo printed."""
+    rows = []
+    for chunk in out.split("$ kubectl get inferencetenants -n default\n")[1:]:
+        table = chunk.split("\n\n", 1)[0].splitlines()
+        rows += [line.split() for line in table if line.split()[:1] == [tenant]]
+    return rows
+
+
+def check_the_loop(run: DemoRun, png: Path) -> None:
+    out = run.wait_for("Press Ctrl-C", timeout=1200)
     line = next(x for x in out.splitlines() if x.startswith("demo-timeline: "))
     timeline = json.loads(line.split(": ", 1)[1])["timeline"]
     states = [r["state"] for r in timeline]
@@ -127,20 +161,15 @@ def test_demo_runs_the_slo_loop_and_ctrl_c_stops_everything(tmp_path: Path) -> N
     assert elastic.index(peak) >= missed and elastic[-1] == 0, timeline
     assert all(r["ttft"] and r["tbt"] for r in timeline[met:]), timeline  # kubectl get columns filled
     assert "PeerMemoryGrown" in out and "PeerMemoryShrunk" in out, out[-6000:]
-    tables = out.split("$ kubectl get inferencetenants -n default")
-    surge = next(t for t in tables if "Missed" in t.split("$ ", 1)[0])
-    row = next(x.split() for x in surge.splitlines() if x.startswith("chat "))
-    assert "Missed" in row and any(c.endswith("ms") or c.endswith("s") for c in row[5:7]), surge[:2000]
-
+    # NAME REPLICAS READY PHASE PEER-MEM TTFT-P99 TBT-P99 SLO AGE
+    rows = tenant_tables(out, "chat")
+    assert [r[7] for r in rows] == ["Met", "Missed", "Met"], rows
+    assert all(r[5][-1] == "s" and r[6][-1] == "s" for r in rows), rows
+    assert rows[1][4] != rows[0][4] == rows[2][4], rows  # PEER-MEM grew, then went back
     assert f"{png}" in out
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
     assert struct.unpack(">II", data[16:24]) == (1200, 760)
-
-    running, out = run.interrupt(signal.SIGINT, group=True)  # Ctrl-C
-    assert len(running) >= 8, running  # control plane, agent, operator, Prometheus, 3 model servers, load
-    assert "SIGINT received" in out
-    assert_nothing_left(run, running, out)
 
 
 @pytest.mark.cluster
@@ -151,8 +180,12 @@ def test_demo_runs_the_slo_loop_and_ctrl_c_stops_everything(tmp_path: Path) -> N
 def test_an_interrupt_while_starting_stops_everything(tmp_path: Path, sig: signal.Signals, group: bool) -> None:
     ensure_binaries()
     run = DemoRun(tmp_path, "--slo-window", "10s", "--png", str(tmp_path / "x.png"))
-    run.wait_for("starting Prometheus", timeout=300)  # control plane, node and agent up
-    running, out = run.interrupt(sig, group=group)
+    try:
+        run.wait_for("starting Prometheus", timeout=300)  # control plane, node and agent up
+        running, out = run.interrupt(sig, group=group)
+    except BaseException:
+        run.close()
+        raise
     assert run.proc.returncode == 130, out[-3000:]
     assert f"{sig.name} received" in out
     assert_nothing_left(run, running, out)
