@@ -162,7 +162,7 @@ def check_the_loop(run: DemoRun, png: Path) -> None:
     assert all(r["ttft"] and r["tbt"] for r in timeline[met:]), timeline  # kubectl get columns filled
     assert "PeerMemoryGrown" in out and "PeerMemoryShrunk" in out, out[-6000:]
     # NAME REPLICAS READY PHASE PEER-MEM TTFT-P99 TBT-P99 SLO AGE
-    rows = tenant_tables(out, "chat")
+    rows = tenant_tables(out.split("==> light load", 1)[1], "chat")  # the loop's tables
     assert [r[7] for r in rows] == ["Met", "Missed", "Met"], rows
     assert all(r[5][-1] == "s" and r[6][-1] == "s" for r in rows), rows
     assert rows[1][4] != rows[0][4] == rows[2][4], rows  # PEER-MEM grew, then went back
