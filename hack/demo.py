@@ -297,6 +297,21 @@ class Demo:
 
     def chart(self) -> Path:
         assert self.prom is not None
+        # Let Prometheus scrape the operator's last step (it scrapes every second), so the picture
+        # ends where the tables did.
+        elastic_now = self.timeline[-1]["elasticBytes"] if self.timeline else 0
+        last = f'spillway_tenant_peer_memory_bytes{{namespace="{NAMESPACE}",tenant="{LOADED}",kind="ELASTIC"}}'
+
+        def scraped() -> bool:
+            assert self.prom is not None
+            got = self.prom.query(last)
+            return bool(got) and float(got[0]["value"][1]) == elastic_now  # type: ignore[index]
+
+        try:
+            wait_until(scraped, timeout=15, what="Prometheus to scrape the last step", interval=0.5)
+        except TimeoutError as exc:
+            out(f"warning: {exc}")
+        time.sleep(2.0)  # and one more range-query step
         end = time.time()
         start = self.phases[0][0] - 10 if self.phases else self.t0
         step = 2.0
