@@ -365,8 +365,8 @@ def main(argv: list[str]) -> int:
                              "(default 15s; env SPILLWAY_DEMO_SLO_WINDOW)")
     parser.add_argument("--slo-step", default="2Gi", help="the operator's --slo-step (default 2Gi)")
     parser.add_argument("--base-rate", type=float, default=1.0, help="light load, requests/s per tenant")
-    parser.add_argument("--surge-rate", type=float, default=float(os.environ.get("SPILLWAY_DEMO_SURGE_RATE", 40)),
-                        help="the load on chat when it goes up, requests/s (default 40)")
+    parser.add_argument("--surge-rate", type=float, default=float(os.environ.get("SPILLWAY_DEMO_SURGE_RATE", 60)),
+                        help="the load on chat when it goes up, requests/s (default 60)")
     parser.add_argument("--surge-windows", type=int, default=6,
                         help="at most this many SLO windows for the memory to grow (and to go back)")
     parser.add_argument("--png", default=os.environ.get("SPILLWAY_DEMO_PNG",
