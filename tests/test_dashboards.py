@@ -20,9 +20,10 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 DASHBOARDS = REPO / "charts" / "spillway" / "dashboards"
-VARIABLES = {"datasource", "namespace", "node", "tenant"}
+VARIABLES = {"datasource", "cluster", "node", "gpu", "namespace", "tenant"}
 # What Grafana puts in place of its own variables when it sends a query; "All" is ".*".
-SUBSTITUTIONS = {"$__rate_interval": "5m", "$namespace": ".*", "$node": ".*", "$tenant": ".*"}
+SUBSTITUTIONS = {"$__rate_interval": "5m", "$cluster": ".*", "$namespace": ".*", "$node": ".*", "$gpu": ".*",
+                 "$tenant": ".*"}
 
 
 def generator() -> ModuleType:
@@ -82,7 +83,7 @@ def test_the_three_dashboards_are_sound() -> None:
         variables = {v["name"]: v for v in board["templating"]["list"]}
         assert set(variables) == VARIABLES, name
         assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
-        for var in ("namespace", "node", "tenant"):
+        for var in VARIABLES - {"datasource"}:
             v = variables[var]
             assert v["type"] == "query" and v["includeAll"] and v["multi"] and v["allValue"] == ".*"
             assert v["datasource"]["uid"] == "${datasource}"
@@ -97,10 +98,12 @@ def test_the_three_dashboards_are_sound() -> None:
             cells |= area
         for p in panels(board):
             assert p["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, (name, p["title"])
+            assert p["description"].strip(), f"{name}: panel {p['title']!r} has no description"
             assert p["targets"], (name, p["title"])
             assert [t["refId"] for t in p["targets"]] == [chr(ord("A") + i) for i in range(len(p["targets"]))]
         text = json.dumps(board)
-        assert "$node" in text, f"{name} never uses $node"
+        for var in ("$cluster", "$node"):
+            assert var in text, f"{name} never uses {var}"
     # The panels: pool per node and GPU, leases by state, reclaims and revocation
     # latency; per tenant observed vs target, attainment, peer memory, phase; gRPC latency and
     # errors, reconcile latency and errors, Allocate results.
@@ -132,8 +135,8 @@ def test_every_query_parses_with_promtool(tmp_path: Path) -> None:
     for board in dashboards().values():
         for v in board["templating"]["list"]:
             if v["type"] == "query":
-                m = re.fullmatch(r"label_values\((.*), (\w+)\)", v["definition"])
-                assert m, v["definition"]
+                m = re.fullmatch(r"label_values\((.*), (\w+)\)", v["query"]["query"])
+                assert m, v["query"]["query"]
                 rules.append({"record": f"spillway:variable_{len(rules)}", "expr": concrete(m.group(1))})
     path = tmp_path / "dashboard-queries.yaml"
     path.write_text(yaml.safe_dump({"groups": [{"name": "dashboards", "rules": rules}]}))

@@ -150,7 +150,7 @@ def test_every_dashboard_query_returns_data(system: dict[str, Any], cluster: Clu
             time.sleep(2)
 
     found = [(name, p["title"], t["expr"]) for name, b in dashboards().items() for p in panels(b) for t in p["targets"]]
-    variables = [(name, v["name"], v["definition"]) for name, b in dashboards().items()
+    variables = [(name, v["name"], v["query"]["query"]) for name, b in dashboards().items()
                  for v in b["templating"]["list"] if v["type"] == "query"]
 
     def empty() -> list[str]:

@@ -88,7 +88,8 @@ class _PoolCollector(Collector):
         pool = m._pool()
         if pool is None:
             return
-        labels = ["node", "gpu", "index", "simulated"]
+        # dcgm-exporter's conventions, so the two join: `gpu` is the index, `UUID` the UUID.
+        labels = ["node", "gpu", "UUID", "simulated"]
         fams = {
             "total": GaugeMetricFamily("spillway_gpu_memory_total_bytes", "GPU memory size", labels=labels),
             "local_used": GaugeMetricFamily("spillway_gpu_memory_local_used_bytes",
@@ -104,7 +105,7 @@ class _PoolCollector(Collector):
                                           "(part of headroom)", labels=labels),
         }
         for v in pool.views():
-            lv = [m.node, v.uuid, str(v.index), m.simulated]
+            lv = [m.node, str(v.index), v.uuid, m.simulated]
             for name, fam in fams.items():
                 fam.add_metric(lv, getattr(v, name))
         yield from fams.values()

@@ -145,13 +145,15 @@ class Sandbox:
         return a
 
     def add_gpu_nodes(self, names: Sequence[str], *, peer_hbm_units: int | None = None,
-                      timeout: float = 120.0) -> list[str]:
-        """kwok nodes standing for DGX H100s (8 simulated GPUs each), one agent each; returns when
-        every node's MemoryPool is published. `spillway.dev/peer-hbm` capacity is the pool's
-        lendable memory in GiB (read from the first MemoryPool) unless given."""
+                      timeout: float = 120.0, topology: Path = DGX_H100) -> list[str]:
+        """kwok nodes standing for DGX H100s (8 simulated GPUs each; another `topology` file
+        gives other simulated GPUs), one agent each; returns when every node's MemoryPool is
+        published. `spillway.dev/peer-hbm` capacity is the pool's lendable memory in GiB (read
+        from the first MemoryPool) unless given."""
         for n in names:
-            self.start_agent(n)
+            self.start_agent(n, topology)
         pools = self.wait_pools(names, timeout=timeout)
+        gpus = str(len(pools[names[0]]["status"]["gpus"]))
         units = peer_hbm_units
         if units is None:
             first = pools[names[0]]
@@ -159,7 +161,8 @@ class Sandbox:
         assert self.cluster is not None
         for n in names:
             self.cluster.add_node(
-                n, {"nvidia.com/gpu": "8", "spillway.dev/peer-hbm": str(units)}, H100_LABELS, wait=False
+                n, {"nvidia.com/gpu": gpus, "spillway.dev/peer-hbm": str(units)},
+                {**H100_LABELS, "nvidia.com/gpu.count": gpus}, wait=False
             )
         wait_until(lambda: all(self._node_ready(x) for x in names), timeout=timeout, what="nodes Ready")
         return list(names)
