@@ -391,33 +391,42 @@ def _rpc(method: str) -> Callable[[Callable[..., Awaitable[T]]], Callable[..., A
         @functools.wraps(fn)
         async def wrapper(self: AgentServicer, request: Any, context: grpc.aio.ServicerContext) -> T:
             t0 = time.perf_counter()
-            code = "OK"
+            counted = False
+
+            def count(code: str) -> None:  # before the answer leaves: a caller then sees it counted
+                nonlocal counted
+                if not counted:
+                    counted = True
+                    self.core.metrics.observe_call(method, code, time.perf_counter() - t0)
+
             try:
                 caller = self.admit(method, request, context)
-                return await fn(self, request, context, caller)
+                out = await fn(self, request, context, caller)
+                count("OK")
+                return out
             except PoolError as exc:
-                code = exc.code
+                count(exc.code)
                 if exc.largest is not None:
                     context.set_trailing_metadata(((LARGEST_METADATA, str(exc.largest)),))
                 await context.abort(grpc.StatusCode[exc.code], exc.message)
                 raise  # pragma: no cover - abort raises
             except QuantityError as exc:
-                code = "INVALID_ARGUMENT"
+                count("INVALID_ARGUMENT")
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
                 raise  # pragma: no cover
             except asyncio.CancelledError:
-                code = "CANCELLED"
+                count("CANCELLED")
                 raise
             except Exception as exc:
                 if isinstance(exc, grpc.aio.AbortError):
                     raise
-                code = "INTERNAL"
+                count("INTERNAL")
                 log.exception("unexpected error", extra={"method": method})
                 await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(exc).__name__}; "
                                     "see the agent log, and report it")
                 raise  # pragma: no cover
             finally:
-                self.core.metrics.observe_call(method, code, time.perf_counter() - t0)
+                count("UNKNOWN")  # only if nothing above counted it (an abort raised by the handler itself)
 
         return wrapper
 
