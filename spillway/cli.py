@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "spillway.agent.cli",
     "spillway.operator.cli",
     "spillway.deviceplugin.cli",
+    "spillway.dra.cli",
 )
 
 
