@@ -1,0 +1,428 @@
+"""The DRA driver on the real control plane: kube-apiserver, etcd, kube-scheduler, kwok nodes,
+real agents (simulated GPUs) and real `spillway dra` processes.
+
+Two kwok nodes, each with an agent (two 40 GiB GPUs joined by NVLink) and a driver: node A's
+driver runs the kubelet plugin too (its sockets in a temporary kubelet directory), node B's
+only publishes. The DeviceClass and the request-policy admission come from the chart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from spillway.api.dra.v1 import api_pb2 as dra_pb2
+from spillway.api.dra.v1 import api_pb2_grpc as dra_grpc
+from spillway.api.pluginregistration.v1 import api_pb2 as reg_pb2
+from spillway.api.pluginregistration.v1 import api_pb2_grpc as reg_grpc
+from spillway.api.v1 import agent_pb2
+from spillway.deviceplugin import ENV_AGENT_SOCKET, ENV_LEASE_ID, ENV_LEASE_TOKEN, ENV_LENDER_GPUS
+from spillway.dra import CAPACITY, DRIVER
+from spillway.dra.slices import capacities, device_name, slice_name
+from spillway.testing.agentproc import REPO_ROOT, AgentProcess
+from spillway.testing.cluster import Cluster, wait_until
+
+GI = 1 << 30
+TOPOLOGY = """\
+name: dra-test
+driverVersion: simulated-550.90.07
+gpus:
+  - {index: 0, name: NVIDIA H100 NVL, memory: 40Gi, localUsed: 0}
+  - {index: 1, name: NVIDIA H100 NVL, memory: 40Gi, localUsed: 0}
+nvlink:
+  groups: [[0, 1]]
+  linksPerGpu: 12
+"""
+KWOK_TOLERATION = {"key": "kwok.x-k8s.io/node", "operator": "Exists", "effect": "NoSchedule"}
+CDI_KIND = re.compile(r"^[a-z0-9][a-z0-9.-]*/[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
+CDI_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.:-]*$")
+
+
+@dataclass
+class DraNode:
+    name: str
+    agent: AgentProcess
+    workdir: Path
+    kubelet_plugin: bool
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def dra_socket(self) -> Path:
+        return self.workdir / "plugins" / DRIVER / "dra.sock"
+
+    @property
+    def reg_socket(self) -> Path:
+        return self.workdir / "registry" / f"{DRIVER}-reg.sock"
+
+    @property
+    def cdi_dir(self) -> Path:
+        return self.workdir / "cdi"
+
+    def start(self, kubeconfig: Path) -> None:
+        cmd = [sys.executable, "-m", "spillway", "dra", "--node-name", self.name,
+               "--agent-socket", str(self.agent.socket), "--kubeconfig", str(kubeconfig),
+               "--registry-dir", str(self.workdir / "registry"), "--plugins-dir", str(self.workdir / "plugins"),
+               "--cdi-dir", str(self.cdi_dir), "--state-dir", str(self.workdir / "state"), "--metrics-port", "-1"]
+        if not self.kubelet_plugin:
+            cmd.append("--publish-only")
+        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+        with open(self.workdir / "dra.log", "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(REPO_ROOT))
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+        self.proc = None
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.proc = None
+
+    def log(self) -> str:
+        path = self.workdir / "dra.log"
+        return path.read_text(errors="replace")[-3000:] if path.exists() else ""
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+async def _pool(agent: AgentProcess) -> tuple[agent_pb2.Inventory, list[agent_pb2.Lease]]:
+    async with agent.client() as c:
+        return await c.inventory(), await c.leases()
+
+
+def expected_capacity(agent: AgentProcess) -> dict[str, int]:
+    """What the slice must say: from the agent's own pool (lending GPUs only)."""
+    inv, leases = run(_pool(agent))
+    granule = int(inv.granularity_bytes)
+    return {device_name(u): v for u, v in capacities(inv, leases).items() if v >= granule}
+
+
+def published(cluster: Cluster, node: str) -> dict[str, Any] | None:
+    r = cluster.kubectl("get", "resourceslice", slice_name(node), "-o", "json", check=False)
+    return json.loads(r.stdout) if r.returncode == 0 else None
+
+
+def published_capacity(cluster: Cluster, node: str) -> dict[str, int] | None:
+    obj = published(cluster, node)
+    if obj is None:
+        return None
+    return {d["name"]: _bytes(d["capacity"][CAPACITY]["value"]) for d in obj["spec"]["devices"]}
+
+
+def _bytes(q: str) -> int:
+    from spillway.units import parse_quantity
+
+    return parse_quantity(q)
+
+
+@pytest.fixture(scope="module")
+def dra(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[DraNode]]:
+    base = tmp_path_factory.mktemp("dra")
+    topo = base / "topology.yaml"
+    topo.write_text(TOPOLOGY)
+    chart = cluster.helm("template", "spillway", str(REPO_ROOT / "charts" / "spillway"),
+                         "--api-versions", "resource.k8s.io/v1",
+                         "--show-only", "templates/dra-deviceclass.yaml").stdout
+    cluster.kubectl("apply", "-f", "-", input=chart)
+    nodes: list[DraNode] = []
+    try:
+        for i, plugin in enumerate((True, False)):
+            name = f"dra-{'ab'[i]}-{uuid.uuid4().hex[:5]}"
+            cluster.add_node(name, {"cpu": "64", "memory": "512Gi"})
+            work = Path(f"/tmp/spw-dra-{uuid.uuid4().hex[:6]}")   # short: unix socket paths
+            work.mkdir()
+            agent = AgentProcess(topology=topo, node_name=name, workdir=work / "agent").start()
+            node = DraNode(name, agent, work, plugin)
+            nodes.append(node)
+            node.start(cluster.kubeconfig)
+        for node in nodes:
+            wait_until(lambda n=node: published_capacity(cluster, n.name) == expected_capacity(n.agent),
+                       timeout=60, what=f"the ResourceSlice of {node.name}")
+        yield nodes
+    finally:
+        for node in nodes:
+            if node.proc is not None and node.proc.poll() is not None:
+                print(f"--- spillway dra on {node.name} exited:\n{node.log()}")
+            node.stop()
+            node.agent.cleanup()
+            cluster.kubectl("delete", "node", node.name, "--wait=false", check=False)
+
+
+def test_slices_match_the_pools_and_follow_a_change(cluster: Cluster, dra: list[DraNode]) -> None:
+    for node in dra:
+        obj = published(cluster, node.name)
+        assert obj is not None
+        spec = obj["spec"]
+        assert spec["driver"] == DRIVER and spec["nodeName"] == node.name and spec["pool"]["name"] == node.name
+        inv, _ = run(_pool(node.agent))
+        granule = int(inv.granularity_bytes)
+        assert len(spec["devices"]) == 2
+        for dev, gpu in zip(spec["devices"], sorted(inv.gpus, key=lambda g: g.index), strict=True):
+            attrs = dev["attributes"]
+            assert attrs["uuid"]["string"] == gpu.uuid and attrs["index"]["int"] == gpu.index
+            assert attrs["node"]["string"] == node.name and attrs["simulated"]["bool"] is True
+            assert attrs["nvlinkDomain"]["string"] == min(g.uuid for g in inv.gpus)   # one NVLink pair
+            assert dev["allowMultipleAllocations"] is True
+            cap = dev["capacity"][CAPACITY]
+            assert _bytes(cap["value"]) == int(gpu.lendable_bytes) + int(gpu.leased_bytes)
+            rng = cap["requestPolicy"]["validRange"]
+            assert (_bytes(rng["min"]), _bytes(rng["step"]), _bytes(rng["max"])) == (granule, granule,
+                                                                                      _bytes(cap["value"]))
+        assert published_capacity(cluster, node.name) == expected_capacity(node.agent)
+
+    # GPU 0 of node B: its own tenant grows by 30 GiB: it publishes 30 GiB less, within seconds.
+    b = dra[1]
+    inv, _ = run(_pool(b.agent))
+    gpu = min(inv.gpus, key=lambda g: g.index)
+    before = published_capacity(cluster, b.name)
+    assert before is not None
+
+    async def set_local(size: str) -> None:
+        async with b.agent.client() as c:
+            await c.set_gpu_local(gpu.uuid, reserved=size)
+
+    run(set_local("30Gi"))
+    try:
+        after = wait_until(lambda: (c := published_capacity(cluster, b.name)) != before and c, timeout=10,
+                           what="the slice to follow the pool")
+        assert after == expected_capacity(b.agent)
+        assert after[device_name(gpu.uuid)] < before[device_name(gpu.uuid)]
+        # All of the GPU taken by its tenant: it no longer lends, and its device goes.
+        run(set_local("40Gi"))
+        gone = wait_until(lambda: (c := published_capacity(cluster, b.name)) is not None
+                          and device_name(gpu.uuid) not in c and c, timeout=10, what="the device to go")
+        assert gone == expected_capacity(b.agent)
+    finally:
+        run(set_local("0"))
+        wait_until(lambda: published_capacity(cluster, b.name) == before, timeout=10, what="the slice to recover")
+
+
+def claim(ns: str, name: str, memory: str | None) -> dict[str, Any]:
+    exactly: dict[str, Any] = {"deviceClassName": DRIVER}
+    if memory is not None:
+        exactly["capacity"] = {"requests": {CAPACITY: memory}}
+    return {"apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaim",
+            "metadata": {"name": name, "namespace": ns},
+            "spec": {"devices": {"requests": [{"name": "peer-hbm", "exactly": exactly}]}}}
+
+
+def pod(ns: str, name: str, claim_name: str, node: str | None = None) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "tolerations": [KWOK_TOLERATION],
+        "containers": [{"name": "server", "image": "registry.example/server:1",
+                        "resources": {"claims": [{"name": "hbm"}]}}],
+        "resourceClaims": [{"name": "hbm", "resourceClaimName": claim_name}],
+    }
+    if node:
+        spec["nodeSelector"] = {"kubernetes.io/hostname": node}
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": ns}, "spec": spec}
+
+
+def apply(cluster: Cluster, *objs: dict[str, Any]) -> None:
+    cluster.kubectl("create", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": list(objs)}))
+
+
+def allocation(cluster: Cluster, ns: str, name: str) -> dict[str, Any] | None:
+    obj = cluster.get_json("resourceclaim", name, "-n", ns)
+    alloc: dict[str, Any] | None = (obj.get("status") or {}).get("allocation")
+    return alloc
+
+
+def test_claims_are_scheduled_onto_lenders_with_room_sharing_devices(
+        cluster: Cluster, dra: list[DraNode], k8s_namespace: str) -> None:
+    ns = k8s_namespace
+    sizes = ["8Gi", "16Gi", "8Gi", "16Gi", "8Gi", "16Gi"]   # 72 GiB: 6 claims on 4 devices of 38 GiB
+    objs = []
+    for i, size in enumerate(sizes):
+        objs += [claim(ns, f"c{i}", size), pod(ns, f"p{i}", f"c{i}")]
+    apply(cluster, *objs)
+    nodes = {n.name for n in dra}
+
+    def all_bound() -> list[dict[str, Any]] | None:
+        pods = cluster.get_json("pods", "-n", ns)["items"]
+        return pods if len(pods) == len(sizes) and all(p["spec"].get("nodeName") for p in pods) else None
+
+    pods = wait_until(all_bound, timeout=60, what="every pod to be scheduled")
+    assert {p["spec"]["nodeName"] for p in pods} <= nodes
+    used: dict[tuple[str, str], int] = {}
+    claims_per_device: dict[tuple[str, str], int] = {}
+    for i, size in enumerate(sizes):
+        alloc = allocation(cluster, ns, f"c{i}")
+        assert alloc is not None
+        (result,) = alloc["devices"]["results"]
+        assert result["driver"] == DRIVER and result["pool"] in nodes and result.get("shareID")
+        assert _bytes(result["consumedCapacity"][CAPACITY]) == _bytes(size)
+        p = next(p for p in pods if p["metadata"]["name"] == f"p{i}")
+        assert p["spec"]["nodeName"] == result["pool"]     # the pod runs where its lender is
+        key = (result["pool"], result["device"])
+        used[key] = used.get(key, 0) + _bytes(size)
+        claims_per_device[key] = claims_per_device.get(key, 0) + 1
+    assert max(claims_per_device.values()) >= 2            # several claims share one device
+    for (node, device), total in used.items():
+        cap = published_capacity(cluster, node)
+        assert cap is not None and total <= cap[device]
+    # Give the devices back for the tests that follow (a deleted claim is deallocated).
+    cluster.kubectl("delete", "pods,resourceclaims", "--all", "-n", ns, "--grace-period=0", "--force", timeout=60)
+
+
+def test_a_claim_that_fits_nowhere_leaves_its_pod_pending(
+        cluster: Cluster, dra: list[DraNode], k8s_namespace: str) -> None:
+    ns = k8s_namespace
+    apply(cluster, claim(ns, "huge", "64Gi"), pod(ns, "huge", "huge"))
+
+    def unschedulable() -> dict[str, Any] | None:
+        p = cluster.get_json("pod", "huge", "-n", ns)
+        cond = next((c for c in p.get("status", {}).get("conditions", []) if c["type"] == "PodScheduled"), None)
+        return cond if cond and cond["status"] == "False" and cond.get("reason") == "Unschedulable" else None
+
+    cond = wait_until(unschedulable, timeout=30, what="the scheduler to give up on the pod")
+    assert "cannot allocate all claims" in cond["message"]
+    assert cluster.get_json("pod", "huge", "-n", ns)["status"]["phase"] == "Pending"
+    assert allocation(cluster, ns, "huge") is None
+
+
+@pytest.mark.parametrize(("memory", "message"), [
+    ("100Mi", "must be a whole number of the agents' granule (64Mi = 67108864 bytes), at least one: "
+              "request(s) peer-hbm asks for 100Mi"),
+    ("32Mi", "peer-hbm asks for 32Mi"),
+    (None, "request(s) peer-hbm of device class peer-hbm.spillway.dev must ask for capacity.requests.memory"),
+])
+def test_a_claim_that_breaks_the_request_policy_is_refused(
+        cluster: Cluster, dra: list[DraNode], k8s_namespace: str, memory: str | None, message: str) -> None:
+    r = cluster.kubectl("create", "-f", "-", input=json.dumps(claim(k8s_namespace, "bad", memory)), check=False)
+    assert r.returncode != 0
+    assert "ValidatingAdmissionPolicy 'peer-hbm.spillway.dev-requests'" in r.stderr
+    assert message in r.stderr, r.stderr
+    assert cluster.kubectl("get", "resourceclaim", "bad", "-n", k8s_namespace, check=False).returncode != 0
+
+
+# --- the kubelet side ----------------------------------------------------------------------
+
+
+def get_info(node: DraNode) -> reg_pb2.PluginInfo:
+    with grpc.insecure_channel(f"unix:{node.reg_socket}") as ch:
+        info: reg_pb2.PluginInfo = reg_grpc.RegistrationStub(ch).GetInfo(reg_pb2.InfoRequest(), timeout=5)
+        reg_grpc.RegistrationStub(ch).NotifyRegistrationStatus(
+            reg_pb2.RegistrationStatus(plugin_registered=True), timeout=5)
+        return info
+
+
+def prepare(info: reg_pb2.PluginInfo, claims: list[dra_pb2.Claim]) -> dra_pb2.NodePrepareResourcesResponse:
+    with grpc.insecure_channel(f"unix:{info.endpoint}") as ch:
+        resp: dra_pb2.NodePrepareResourcesResponse = dra_grpc.DRAPluginStub(ch).NodePrepareResources(
+            dra_pb2.NodePrepareResourcesRequest(claims=claims), timeout=20)
+        return resp
+
+
+def unprepare(info: reg_pb2.PluginInfo, claims: list[dra_pb2.Claim]) -> dra_pb2.NodeUnprepareResourcesResponse:
+    with grpc.insecure_channel(f"unix:{info.endpoint}") as ch:
+        resp: dra_pb2.NodeUnprepareResourcesResponse = dra_grpc.DRAPluginStub(ch).NodeUnprepareResources(
+            dra_pb2.NodeUnprepareResourcesRequest(claims=claims), timeout=20)
+        return resp
+
+
+def claim_leases(agent: AgentProcess, claim_uid: str) -> list[agent_pb2.Lease]:
+    async def go() -> list[agent_pb2.Lease]:
+        async with agent.client() as c:
+            return [lease for lease in await c.leases(include_ended=True)
+                    if lease.idempotency_key.startswith(f"dra/{claim_uid}/")]
+    result: list[agent_pb2.Lease] = run(go())
+    return result
+
+
+def check_cdi_spec(path: Path, claim_uid: str) -> dict[str, str]:
+    spec = json.loads(path.read_text())
+    assert spec["cdiVersion"] == "0.6.0" and CDI_KIND.match(spec["kind"]) and spec["kind"] == f"{DRIVER}/claim"
+    (device,) = spec["devices"]
+    assert device["name"] == claim_uid and CDI_NAME.match(device["name"])
+    edits = device["containerEdits"]
+    env = dict(e.split("=", 1) for e in edits["env"])
+    assert all(n["path"].startswith("/dev/nvidia") for n in edits["deviceNodes"]) and edits["deviceNodes"]
+    assert all(os.path.isabs(m["hostPath"]) and os.path.isabs(m["containerPath"]) for m in edits["mounts"])
+    return env
+
+
+def test_kubelet_plugin_prepares_a_claim_as_one_lease_across_a_kill(
+        cluster: Cluster, dra: list[DraNode], k8s_namespace: str) -> None:
+    a = dra[0]
+    ns = k8s_namespace
+    apply(cluster, claim(ns, "kv", "12Gi"), pod(ns, "kv", "kv", node=a.name))
+    alloc = wait_until(lambda: allocation(cluster, ns, "kv"), timeout=30, what="the claim to be allocated")
+    (result,) = alloc["devices"]["results"]
+    uid = cluster.get_json("resourceclaim", "kv", "-n", ns)["metadata"]["uid"]
+    wait_until(lambda: (cluster.get_json("resourceclaim", "kv", "-n", ns).get("status") or {}).get("reservedFor"),
+               timeout=30, what="the pod to reserve the claim")
+
+    # Registration as the kubelet's plugin watcher does it.
+    wait_until(lambda: a.reg_socket.exists(), timeout=20, what="the registration socket")
+    info = get_info(a)
+    assert (info.type, info.name, list(info.supported_versions)) == ("DRAPlugin", DRIVER, ["v1.DRAPlugin"])
+    assert info.endpoint == str(a.dra_socket)
+
+    ref = dra_pb2.Claim(namespace=ns, name="kv", uid=uid)
+    resp = prepare(info, [ref]).claims[uid]
+    assert resp.error == ""
+    (device,) = resp.devices
+    assert (device.pool_name, device.device_name, list(device.request_names)) == (a.name, result["device"],
+                                                                                 ["peer-hbm"])
+    assert device.share_id == result["shareID"]
+    assert list(device.cdi_device_ids) == [f"{DRIVER}/claim={uid}"]
+    (lease,) = [x for x in claim_leases(a.agent, uid) if x.state == agent_pb2.ACTIVE]
+    assert lease.bytes == 12 * GI and device_name(lease.gpu_uuid) == result["device"]
+    assert lease.pod == f"{ns}/kv" and lease.holder == f"claim:{ns}/kv"
+    env = check_cdi_spec(a.cdi_dir / f"{DRIVER}-{uid}.json", uid)
+    assert env[ENV_LEASE_ID] == lease.id and env[ENV_LENDER_GPUS] == lease.gpu_uuid
+    assert env[ENV_AGENT_SOCKET] == str(a.agent.socket) and env[ENV_LEASE_TOKEN]
+
+    # The kubelet repeats a prepare; and again after the plugin died by SIGKILL: same lease.
+    assert prepare(info, [ref]).claims[uid].devices[0].device_name == result["device"]
+    a.kill()
+    a.start(cluster.kubeconfig)
+    wait_until(lambda: a.reg_socket.exists() and a.dra_socket.exists(), timeout=30, what="the plugin to serve again")
+    again = wait_until(lambda: _try_prepare(info, ref), timeout=30, what="a prepare after the restart")
+    assert again.error == "", again.error
+    live = [x for x in claim_leases(a.agent, uid) if x.state in (agent_pb2.RESERVED, agent_pb2.ACTIVE)]
+    assert [x.id for x in live] == [lease.id]                # never two
+    assert check_cdi_spec(a.cdi_dir / f"{DRIVER}-{uid}.json", uid)[ENV_LEASE_TOKEN] == env[ENV_LEASE_TOKEN]
+
+    # Unprepare gives the memory back; a repeated unprepare is no error.
+    assert unprepare(info, [ref]).claims[uid].error == ""
+    (ended,) = claim_leases(a.agent, uid)
+    assert ended.state == agent_pb2.RELEASED
+    assert not (a.cdi_dir / f"{DRIVER}-{uid}.json").exists()
+    assert unprepare(info, [ref]).claims[uid].error == ""
+
+    # A claim this node does not hold: a clear error, nothing leased.
+    bad = dra_pb2.Claim(namespace=ns, name="nosuch", uid=str(uuid.uuid4()))
+    assert "does not exist" in prepare(info, [bad]).claims[bad.uid].error
+    assert claim_leases(a.agent, bad.uid) == []
+
+
+def _try_prepare(info: reg_pb2.PluginInfo, ref: dra_pb2.Claim) -> dra_pb2.NodePrepareResourceResponse | None:
+    try:
+        resp = prepare(info, [ref]).claims[ref.uid]
+    except grpc.RpcError:
+        return None
+    # The restarted plugin may not have read the agent yet: it says so and the kubelet retries.
+    return None if "does not answer" in resp.error else resp
