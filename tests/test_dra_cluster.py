@@ -34,6 +34,7 @@ from spillway.dra import CAPACITY, DRIVER
 from spillway.dra.slices import capacities, device_name, slice_name
 from spillway.testing.agentproc import REPO_ROOT, AgentProcess
 from spillway.testing.cluster import Cluster, wait_until
+from tests.fixtures_deviceplugin import Kubelet, build_harness
 
 GI = 1 << 30
 TOPOLOGY = """\
@@ -320,26 +321,31 @@ def test_a_claim_that_breaks_the_request_policy_is_refused(
 # --- the kubelet side ----------------------------------------------------------------------
 
 
-def get_info(node: DraNode) -> reg_pb2.PluginInfo:
-    with grpc.insecure_channel(f"unix:{node.reg_socket}") as ch:
-        info: reg_pb2.PluginInfo = reg_grpc.RegistrationStub(ch).GetInfo(reg_pb2.InfoRequest(), timeout=5)
-        reg_grpc.RegistrationStub(ch).NotifyRegistrationStatus(
-            reg_pb2.RegistrationStatus(plugin_registered=True), timeout=5)
-        return info
+class DraKubelet(Kubelet):
+    """The kubelet's plugin manager and DRA manager (Go harness hack/draconformance)."""
+
+    REPLIES = ("prepare", "unprepare")
+
+    def __init__(self, binary: Path, registry_dir: Path, state_dir: Path, kubeconfig: Path, node: str) -> None:
+        super().__init__(binary, state_dir)
+        self.registry_dir = registry_dir
+        self.kubeconfig = kubeconfig
+        self.node = node
+
+    def arguments(self) -> list[str]:
+        return ["--registry-dir", str(self.registry_dir), "--state-dir", str(self.dir),
+                "--kubeconfig", str(self.kubeconfig), "--node", self.node]
+
+    def prepare(self, ns: str, pod: str) -> dict[str, Any]:
+        return self._command({"cmd": "prepare", "namespace": ns, "pod": pod}, timeout=90)
+
+    def unprepare(self, ns: str, pod: str) -> dict[str, Any]:
+        return self._command({"cmd": "unprepare", "namespace": ns, "pod": pod}, timeout=90)
 
 
-def prepare(info: reg_pb2.PluginInfo, claims: list[dra_pb2.Claim]) -> dra_pb2.NodePrepareResourcesResponse:
-    with grpc.insecure_channel(f"unix:{info.endpoint}") as ch:
-        resp: dra_pb2.NodePrepareResourcesResponse = dra_grpc.DRAPluginStub(ch).NodePrepareResources(
-            dra_pb2.NodePrepareResourcesRequest(claims=claims), timeout=20)
-        return resp
-
-
-def unprepare(info: reg_pb2.PluginInfo, claims: list[dra_pb2.Claim]) -> dra_pb2.NodeUnprepareResourcesResponse:
-    with grpc.insecure_channel(f"unix:{info.endpoint}") as ch:
-        resp: dra_pb2.NodeUnprepareResourcesResponse = dra_grpc.DRAPluginStub(ch).NodeUnprepareResources(
-            dra_pb2.NodeUnprepareResourcesRequest(claims=claims), timeout=20)
-        return resp
+@pytest.fixture(scope="module")
+def draconformance_bin() -> Path:
+    return build_harness(REPO_ROOT / "hack" / "draconformance", "SPILLWAY_DRACONFORMANCE_BIN")
 
 
 def claim_leases(agent: AgentProcess, claim_uid: str) -> list[agent_pb2.Lease]:
@@ -363,66 +369,77 @@ def check_cdi_spec(path: Path, claim_uid: str) -> dict[str, str]:
     return env
 
 
-def test_kubelet_plugin_prepares_a_claim_as_one_lease_across_a_kill(
-        cluster: Cluster, dra: list[DraNode], k8s_namespace: str) -> None:
+def test_kubelet_dra_manager_prepares_a_claim_as_one_lease_across_a_kill(
+        cluster: Cluster, dra: list[DraNode], k8s_namespace: str, draconformance_bin: Path,
+        tmp_path: Path) -> None:
     a = dra[0]
     ns = k8s_namespace
-    apply(cluster, claim(ns, "kv", "12Gi"), pod(ns, "kv", "kv", node=a.name))
-    alloc = wait_until(lambda: allocation(cluster, ns, "kv"), timeout=30, what="the claim to be allocated")
-    (result,) = alloc["devices"]["results"]
-    uid = cluster.get_json("resourceclaim", "kv", "-n", ns)["metadata"]["uid"]
-    wait_until(lambda: (cluster.get_json("resourceclaim", "kv", "-n", ns).get("status") or {}).get("reservedFor"),
-               timeout=30, what="the pod to reserve the claim")
+    kubelet = DraKubelet(draconformance_bin, a.workdir / "registry", tmp_path / "kubelet-1", cluster.kubeconfig,
+                         a.name).start()
+    try:
+        # The kubelet's plugin watcher finds the registration socket and registers the driver.
+        reg = kubelet.wait_for(lambda e: e["event"] == "registered", 30, "the driver's registration")
+        assert (reg["driver"], reg["endpoint"], reg["versions"]) == (DRIVER, str(a.dra_socket), ["v1.DRAPlugin"])
+        # A starting kubelet deletes its node's slices; the driver writes its slice again.
+        wait_until(lambda: published_capacity(cluster, a.name) == expected_capacity(a.agent), timeout=30,
+                   what="the slice after the kubelet's start")
 
-    # Registration as the kubelet's plugin watcher does it.
-    wait_until(lambda: a.reg_socket.exists(), timeout=20, what="the registration socket")
-    info = get_info(a)
-    assert (info.type, info.name, list(info.supported_versions)) == ("DRAPlugin", DRIVER, ["v1.DRAPlugin"])
-    assert info.endpoint == str(a.dra_socket)
+        apply(cluster, claim(ns, "kv", "12Gi"), pod(ns, "kv", "kv", node=a.name))
+        alloc = wait_until(lambda: allocation(cluster, ns, "kv"), timeout=30, what="the claim to be allocated")
+        (result,) = alloc["devices"]["results"]
+        uid = cluster.get_json("resourceclaim", "kv", "-n", ns)["metadata"]["uid"]
+        wait_until(lambda: (cluster.get_json("resourceclaim", "kv", "-n", ns).get("status") or {}).get(
+            "reservedFor"), timeout=30, what="the pod to reserve the claim")
 
-    ref = dra_pb2.Claim(namespace=ns, name="kv", uid=uid)
-    resp = prepare(info, [ref]).claims[uid]
-    assert resp.error == ""
-    (device,) = resp.devices
-    assert (device.pool_name, device.device_name, list(device.request_names)) == (a.name, result["device"],
-                                                                                 ["peer-hbm"])
-    assert device.share_id == result["shareID"]
-    assert list(device.cdi_device_ids) == [f"{DRIVER}/claim={uid}"]
-    (lease,) = [x for x in claim_leases(a.agent, uid) if x.state == agent_pb2.ACTIVE]
-    assert lease.bytes == 12 * GI and device_name(lease.gpu_uuid) == result["device"]
-    assert lease.pod == f"{ns}/kv" and lease.holder == f"claim:{ns}/kv"
-    env = check_cdi_spec(a.cdi_dir / f"{DRIVER}-{uid}.json", uid)
-    assert env[ENV_LEASE_ID] == lease.id and env[ENV_LENDER_GPUS] == lease.gpu_uuid
-    assert env[ENV_AGENT_SOCKET] == str(a.agent.socket) and env[ENV_LEASE_TOKEN]
+        reply = kubelet.prepare(ns, "kv")
+        assert "error" not in reply, reply
+        assert reply["cdi"] == {"server": [f"{DRIVER}/claim={uid}"]}
+        (lease,) = [x for x in claim_leases(a.agent, uid) if x.state == agent_pb2.ACTIVE]
+        assert lease.bytes == 12 * GI and device_name(lease.gpu_uuid) == result["device"]
+        assert lease.pod == f"{ns}/kv" and lease.holder == f"claim:{ns}/kv"
+        env = check_cdi_spec(a.cdi_dir / f"{DRIVER}-{uid}.json", uid)
+        assert env[ENV_LEASE_ID] == lease.id and env[ENV_LENDER_GPUS] == lease.gpu_uuid
+        assert env[ENV_AGENT_SOCKET] == str(a.agent.socket) and env[ENV_LEASE_TOKEN]
+    finally:
+        kubelet.stop()
 
-    # The kubelet repeats a prepare; and again after the plugin died by SIGKILL: same lease.
-    assert prepare(info, [ref]).claims[uid].devices[0].device_name == result["device"]
+    # The plugin dies by SIGKILL and starts again; a kubelet that lost its checkpoint prepares
+    # the pod again: the same lease, never two.
     a.kill()
     a.start(cluster.kubeconfig)
-    wait_until(lambda: a.reg_socket.exists() and a.dra_socket.exists(), timeout=30, what="the plugin to serve again")
-    again = wait_until(lambda: _try_prepare(info, ref), timeout=30, what="a prepare after the restart")
-    assert again.error == "", again.error
-    live = [x for x in claim_leases(a.agent, uid) if x.state in (agent_pb2.RESERVED, agent_pb2.ACTIVE)]
-    assert [x.id for x in live] == [lease.id]                # never two
-    assert check_cdi_spec(a.cdi_dir / f"{DRIVER}-{uid}.json", uid)[ENV_LEASE_TOKEN] == env[ENV_LEASE_TOKEN]
-
-    # Unprepare gives the memory back; a repeated unprepare is no error.
-    assert unprepare(info, [ref]).claims[uid].error == ""
-    (ended,) = claim_leases(a.agent, uid)
-    assert ended.state == agent_pb2.RELEASED
-    assert not (a.cdi_dir / f"{DRIVER}-{uid}.json").exists()
-    assert unprepare(info, [ref]).claims[uid].error == ""
-
-    # A claim this node does not hold: a clear error, nothing leased.
-    bad = dra_pb2.Claim(namespace=ns, name="nosuch", uid=str(uuid.uuid4()))
-    assert "does not exist" in prepare(info, [bad]).claims[bad.uid].error
-    assert claim_leases(a.agent, bad.uid) == []
-
-
-def _try_prepare(info: reg_pb2.PluginInfo, ref: dra_pb2.Claim) -> dra_pb2.NodePrepareResourceResponse | None:
+    kubelet = DraKubelet(draconformance_bin, a.workdir / "registry", tmp_path / "kubelet-2", cluster.kubeconfig,
+                         a.name).start()
     try:
-        resp = prepare(info, [ref]).claims[ref.uid]
-    except grpc.RpcError:
-        return None
-    # The restarted plugin may not have read the agent yet: it says so and the kubelet retries.
-    return None if "does not answer" in resp.error else resp
+        kubelet.wait_for(lambda e: e["event"] == "registered", 30, "the restarted driver's registration")
+        again = wait_until(lambda: (r := kubelet.prepare(ns, "kv")) and "error" not in r and r, timeout=30,
+                           what="a prepare after the restart")
+        assert again["cdi"] == {"server": [f"{DRIVER}/claim={uid}"]}
+        live = [x for x in claim_leases(a.agent, uid) if x.state in (agent_pb2.RESERVED, agent_pb2.ACTIVE)]
+        assert [x.id for x in live] == [lease.id]
+        assert check_cdi_spec(a.cdi_dir / f"{DRIVER}-{uid}.json", uid)[ENV_LEASE_TOKEN] == env[ENV_LEASE_TOKEN]
+
+        # Unprepare gives the memory back.
+        reply = kubelet.unprepare(ns, "kv")
+        assert "error" not in reply, reply
+        (ended,) = claim_leases(a.agent, uid)
+        assert ended.state == agent_pb2.RELEASED
+        assert not (a.cdi_dir / f"{DRIVER}-{uid}.json").exists()
+    finally:
+        kubelet.stop()
+
+
+def test_plugin_refuses_a_claim_it_cannot_prepare(cluster: Cluster, dra: list[DraNode], k8s_namespace: str) -> None:
+    """Over the plugin's own sockets, as the kubelet calls them: registration, then the DRA API."""
+    a = dra[0]
+    with grpc.insecure_channel(f"unix:{a.reg_socket}") as ch:
+        info = reg_grpc.RegistrationStub(ch).GetInfo(reg_pb2.InfoRequest(), timeout=5)
+    assert (info.type, info.name, list(info.supported_versions)) == ("DRAPlugin", DRIVER, ["v1.DRAPlugin"])
+    bad = dra_pb2.Claim(namespace=k8s_namespace, name="nosuch", uid=str(uuid.uuid4()))
+    with grpc.insecure_channel(f"unix:{info.endpoint}") as ch:
+        stub = dra_grpc.DRAPluginStub(ch)
+        resp = stub.NodePrepareResources(dra_pb2.NodePrepareResourcesRequest(claims=[bad]), timeout=20)
+        assert f"ResourceClaim {k8s_namespace}/nosuch does not exist" in resp.claims[bad.uid].error
+        # Unpreparing what was never prepared is no error (the kubelet may repeat it).
+        un = stub.NodeUnprepareResources(dra_pb2.NodeUnprepareResourcesRequest(claims=[bad]), timeout=20)
+        assert un.claims[bad.uid].error == ""
+    assert claim_leases(a.agent, bad.uid) == []

@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -220,16 +221,18 @@ class SlicePublisher:
     fail at prepare with a clear message)."""
 
     def __init__(self, node: str, resources: ResourceManager, api: SliceApi, *, interval_s: float = 0.5,
-                 retry_s: float = 2.0) -> None:
+                 retry_s: float = 2.0, resync_s: float = 5.0) -> None:
         self.node = node
         self.resources = resources
         self.api = api
         self.interval_s = interval_s
         self.retry_s = retry_s
+        self.resync_s = resync_s
         self.devices: list[dict[str, Any]] | None = None   # as last written
         self.generation = 0
         self.writes = 0
         self.error = ""
+        self._checked_at = 0.0
 
     def desired(self) -> list[dict[str, Any]] | None:
         inv = self.resources.inventory
@@ -238,22 +241,31 @@ class SlicePublisher:
         return build_devices(self.node, inv, self.resources.leases.values())
 
     async def sync(self) -> bool:
-        """Write the slice if it differs from the pool; True when it is current."""
+        """Write the slice if it differs from the pool, or if it is gone (a starting kubelet
+        deletes its node's slices; so may a person); True when it is current."""
         devices = self.desired()
-        if devices is None or devices == self.devices:
-            return devices is not None
+        if devices is None:
+            return False
+        unchanged = devices == self.devices
+        if unchanged and time.monotonic() - self._checked_at < self.resync_s:
+            return True
         try:
-            await asyncio.to_thread(self._write, devices)
+            await asyncio.to_thread(self._write, devices, unchanged)
         except Exception as exc:  # the API server is down or refuses: log, retry later
             self.error = str(exc)
             log.warning("cannot write the ResourceSlice", extra={"node": self.node, "error": self.error[:500]})
             return False
         self.error = ""
+        self._checked_at = time.monotonic()
         return True
 
-    def _write(self, devices: list[dict[str, Any]]) -> None:
+    def _write(self, devices: list[dict[str, Any]], only_if_missing: bool = False) -> None:
         name = slice_name(self.node)
         current = self.api.read(name)
+        if only_if_missing and current is not None:
+            return
+        if only_if_missing:
+            log.info("the ResourceSlice is gone: writing it again", extra={"node": self.node})
         generation = self.generation + 1
         if current is not None:
             generation = max(generation, int(current["spec"]["pool"].get("generation", 0)) + 1)
