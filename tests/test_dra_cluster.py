@@ -146,6 +146,10 @@ def dra(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
                          "--api-versions", "resource.k8s.io/v1",
                          "--show-only", "templates/dra-deviceclass.yaml").stdout
     cluster.kubectl("apply", "-f", "-", input=chart)
+    # The admission policy takes effect once the API server has compiled it.
+    probe = json.dumps(claim("default", "probe", "1"))
+    wait_until(lambda: cluster.kubectl("create", "--dry-run=server", "-f", "-", input=probe,
+                                       check=False).returncode != 0, timeout=30, what="the admission policy")
     nodes: list[DraNode] = []
     try:
         for i, plugin in enumerate((True, False)):
