@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -156,7 +157,7 @@ def dra(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
             name = f"dra-{'ab'[i]}-{uuid.uuid4().hex[:5]}"
             cluster.add_node(name, {"cpu": "64", "memory": "512Gi"})
             work = Path(f"/tmp/spw-dra-{uuid.uuid4().hex[:6]}")   # short: unix socket paths
-            work.mkdir()
+            (work / "agent").mkdir(parents=True)
             agent = AgentProcess(topology=topo, node_name=name, workdir=work / "agent").start()
             node = DraNode(name, agent, work, plugin)
             nodes.append(node)
@@ -171,6 +172,7 @@ def dra(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
                 print(f"--- spillway dra on {node.name} exited:\n{node.log()}")
             node.stop()
             node.agent.cleanup()
+            shutil.rmtree(node.workdir, ignore_errors=True)
             cluster.kubectl("delete", "node", node.name, "--wait=false", check=False)
 
 

@@ -54,10 +54,10 @@ class DraDriver:
     def __init__(self, config: Config, api: Any = None) -> None:
         self.config = config
         api = api if api is not None else api_client(config.kubeconfig)
-        # The agent follower of the device plugin (Watch + poll); units of one granule would
-        # only matter to the device plugin, here it tells when the pool changed.
+        # The device plugin's agent follower (Watch + poll). Its units only wake the publisher
+        # early on a change of a GiB or more; the publisher also polls every publish interval.
         self.metrics = Metrics(config.node)
-        self.resources = ResourceManager(config.agent_socket, 64 << 20, self.metrics, poll_s=config.agent_poll_s)
+        self.resources = ResourceManager(config.agent_socket, 1 << 30, self.metrics, poll_s=config.agent_poll_s)
         self.publisher = SlicePublisher(config.node, self.resources, SliceApi(api),
                                         interval_s=config.publish_interval_s)
         self.store = AllocationStore(config.state_dir)
