@@ -449,3 +449,44 @@ def test_plugin_refuses_a_claim_it_cannot_prepare(cluster: Cluster, dra: list[Dr
         un = stub.NodeUnprepareResources(dra_pb2.NodeUnprepareResourcesRequest(claims=[bad]), timeout=20)
         assert un.claims[bad.uid].error == ""
     assert claim_leases(a.agent, bad.uid) == []
+
+
+# --- the chart -----------------------------------------------------------------------------
+
+
+def test_chart_runs_the_driver_with_only_what_it_needs(cluster: Cluster, k8s_namespace: str) -> None:
+    """dra.enabled renders a DaemonSet whose command line the real CLI parses, and an account that
+    may write ResourceSlices and read claims and nodes, and nothing else that matters."""
+    import yaml
+
+    from spillway.cli import build_parser
+
+    ns = k8s_namespace
+    text = cluster.helm("template", "sw", str(REPO_ROOT / "charts" / "spillway"), "-n", ns,
+                        "--set", "dra.enabled=true", "--show-only", "templates/dra-daemonset.yaml").stdout
+    objs = [o for o in yaml.safe_load_all(text) if o]
+    assert sorted(o["kind"] for o in objs) == ["ClusterRole", "ClusterRoleBinding", "DaemonSet", "ServiceAccount"]
+    ds = next(o for o in objs if o["kind"] == "DaemonSet")
+    (container,) = ds["spec"]["template"]["spec"]["containers"]
+    argv = [a.replace("$(NODE_NAME)", "gpu-0") for a in container["args"]]
+    args = build_parser().parse_args(argv)
+    assert (args.command, args.node_name, args.agent_socket) == ("dra", "gpu-0", "/run/spillway/agent.sock")
+    assert not args.publish_only
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    assert {args.registry_dir, args.plugins_dir, args.cdi_dir, os.path.dirname(args.agent_socket)} <= mounts
+    cluster.kubectl("apply", "-n", ns, "-f", "-", input=text)
+    try:
+        sa = next(o for o in objs if o["kind"] == "ServiceAccount")["metadata"]["name"]
+        user = f"system:serviceaccount:{ns}:{sa}"
+
+        def can(*what: str) -> bool:
+            return cluster.kubectl("auth", "can-i", *what, as_user=user, check=False).stdout.strip() == "yes"
+
+        assert can("create", "resourceslices.resource.k8s.io") and can("delete", "resourceslices.resource.k8s.io")
+        assert can("get", "resourceclaims.resource.k8s.io", "-n", "default") and can("get", "nodes")
+        assert not can("update", "resourceclaims.resource.k8s.io", "-n", "default")
+        assert not can("get", "secrets", "-n", ns) and not can("delete", "nodes") and not can("create", "pods")
+    finally:
+        for o in objs:
+            if o["kind"].startswith("ClusterRole"):
+                cluster.kubectl("delete", o["kind"].lower(), o["metadata"]["name"], "--ignore-not-found", check=False)
