@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from spillway.api.v1 import agent_pb2
 from spillway.deviceplugin import ENV_AGENT_SOCKET, ENV_LEASE_ID, ENV_LEASE_TOKEN, ENV_LENDER_GPUS
 from spillway.dra import CAPACITY, DRIVER
 from spillway.dra.slices import capacities, device_name, slice_name
-from spillway.testing.agentproc import REPO_ROOT, AgentProcess
+from spillway.testing.agentproc import REPO_ROOT, AgentProcess, free_port
 from spillway.testing.cluster import Cluster, wait_until
 from tests.fixtures_deviceplugin import Kubelet, build_harness
 
@@ -60,6 +61,12 @@ class DraNode:
     workdir: Path
     kubelet_plugin: bool
     proc: subprocess.Popen[bytes] | None = None
+    metrics_port: int = 0
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
+            text: str = r.read().decode()
+            return text
 
     @property
     def dra_socket(self) -> Path:
@@ -77,7 +84,8 @@ class DraNode:
         cmd = [sys.executable, "-m", "spillway", "dra", "--node-name", self.name,
                "--agent-socket", str(self.agent.socket), "--kubeconfig", str(kubeconfig),
                "--registry-dir", str(self.workdir / "registry"), "--plugins-dir", str(self.workdir / "plugins"),
-               "--cdi-dir", str(self.cdi_dir), "--state-dir", str(self.workdir / "state"), "--metrics-port", "-1"]
+               "--cdi-dir", str(self.cdi_dir), "--state-dir", str(self.workdir / "state"),
+               "--metrics-port", str(self.metrics_port or free_port()), "--metrics-host", "127.0.0.1"]
         if not self.kubelet_plugin:
             cmd.append("--publish-only")
         env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
@@ -159,7 +167,7 @@ def dra(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
             work = Path(f"/tmp/spw-dra-{uuid.uuid4().hex[:6]}")   # short: unix socket paths
             (work / "agent").mkdir(parents=True)
             agent = AgentProcess(topology=topo, node_name=name, workdir=work / "agent").start()
-            node = DraNode(name, agent, work, plugin)
+            node = DraNode(name, agent, work, plugin, metrics_port=free_port())
             nodes.append(node)
             node.start(cluster.kubeconfig)
         for node in nodes:
@@ -423,6 +431,10 @@ def test_kubelet_dra_manager_prepares_a_claim_as_one_lease_across_a_kill(
         live = [x for x in claim_leases(a.agent, uid) if x.state in (agent_pb2.RESERVED, agent_pb2.ACTIVE)]
         assert [x.id for x in live] == [lease.id]
         assert check_cdi_spec(a.cdi_dir / f"{DRIVER}-{uid}.json", uid)[ENV_LEASE_TOKEN] == env[ENV_LEASE_TOKEN]
+        text = a.metrics()
+        assert f'spillway_dra_prepares_total{{node="{a.name}",result="ok"}} 1.0' in text
+        assert f'spillway_dra_agent_up{{node="{a.name}"}} 1.0' in text
+        assert f'spillway_dra_devices{{node="{a.name}"}} 2.0' in text
 
         # Unprepare gives the memory back.
         reply = kubelet.unprepare(ns, "kv")

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from spillway.deviceplugin.metrics import Metrics
 from spillway.deviceplugin.resources import ResourceManager
 from spillway.deviceplugin.state import AllocationStore
 from spillway.dra.kubelet import DEFAULT_PLUGINS_DIR, DEFAULT_REGISTRY_DIR, KubeletPluginServer
+from spillway.dra.metrics import Metrics
 from spillway.dra.prepare import ClaimSource, PrepareConfig, Preparer
 from spillway.dra.slices import SliceApi, SlicePublisher
 from spillway.metrics import HttpEndpoint
@@ -59,13 +59,13 @@ class DraDriver:
         self.metrics = Metrics(config.node)
         self.resources = ResourceManager(config.agent_socket, 1 << 30, self.metrics, poll_s=config.agent_poll_s)
         self.publisher = SlicePublisher(config.node, self.resources, SliceApi(api),
-                                        interval_s=config.publish_interval_s)
+                                        interval_s=config.publish_interval_s, metrics=self.metrics)
         self.store = AllocationStore(config.state_dir)
         host_dir = config.agent_socket_host_dir or os.path.dirname(config.agent_socket)
         self.preparer = Preparer(
             PrepareConfig(node=config.node, agent_socket=config.agent_socket, agent_socket_host_dir=host_dir,
                           cdi_dir=config.cdi_dir, lease_ttl_s=config.lease_ttl_s),
-            self.resources, ClaimSource(api), self.store)
+            self.resources, ClaimSource(api), self.store, self.metrics)
         self.server = KubeletPluginServer(self.preparer, registry_dir=config.registry_dir,
                                           plugins_dir=config.plugins_dir)
         self.http: HttpEndpoint | None = None

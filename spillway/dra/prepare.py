@@ -38,6 +38,7 @@ from spillway.deviceplugin.allocator import lease_env
 from spillway.deviceplugin.resources import LIVE_STATES, ResourceManager, device_node
 from spillway.deviceplugin.state import Allocation, AllocationStore
 from spillway.dra import CAPACITY, DRIVER, LEASE_KEY_PREFIX
+from spillway.dra.metrics import Metrics
 from spillway.dra.slices import gpu_of_device
 from spillway.units import QuantityError, format_bytes, parse_quantity
 
@@ -161,8 +162,9 @@ class ClaimSource:
 
 class Preparer:
     def __init__(self, config: PrepareConfig, resources: ResourceManager, claims: ClaimSource,
-                 store: AllocationStore) -> None:
+                 store: AllocationStore, metrics: Metrics | None = None) -> None:
         self.config = config
+        self.metrics = metrics or Metrics(config.node)
         self.resources = resources
         self.claims = claims
         self.store = store
@@ -180,6 +182,7 @@ class Preparer:
 
     # --- prepare ----------------------------------------------------------------------
     async def prepare(self, claim: api_pb2.Claim) -> api_pb2.NodePrepareResourceResponse:
+        t0 = time.monotonic()
         try:
             if not _UID.match(claim.uid) or not claim.name or not claim.namespace:
                 raise PrepareError(f"claim {claim.namespace}/{claim.name} (uid {claim.uid!r}): namespace, name and a "
@@ -189,7 +192,9 @@ class Preparer:
         except PrepareError as exc:
             log.warning("prepare failed", extra={"claim": f"{claim.namespace}/{claim.name}", "uid": claim.uid,
                                                  "error": str(exc)})
+            self.metrics.prepared(False, time.monotonic() - t0)
             return api_pb2.NodePrepareResourceResponse(error=str(exc))
+        self.metrics.prepared(True, time.monotonic() - t0)
         return api_pb2.NodePrepareResourceResponse(devices=devices)
 
     async def _prepare(self, ref: api_pb2.Claim) -> list[api_pb2.Device]:
@@ -299,12 +304,14 @@ class Preparer:
             if errors:
                 message = f"claim {claim.namespace}/{claim.name}: " + "; ".join(errors)
                 log.warning("unprepare failed", extra={"uid": claim.uid, "error": message})
+                self.metrics.unprepared(False)
                 return api_pb2.NodeUnprepareResourceResponse(error=message)
             if record is not None:
                 self.store.remove(record)
             self.cdi_path(claim.uid).unlink(missing_ok=True)
         log.info("unprepared", extra={"claim": f"{claim.namespace}/{claim.name}", "uid": claim.uid,
                                       "leases": ",".join(record.lease_ids) if record else ""})
+        self.metrics.unprepared(True)
         return api_pb2.NodeUnprepareResourceResponse()
 
     async def _release_unrecorded(self, claim: api_pb2.Claim) -> list[str]:

@@ -31,6 +31,7 @@ from typing import Any
 from spillway.api.v1 import agent_pb2
 from spillway.deviceplugin.resources import LIVE_STATES, ResourceManager
 from spillway.dra import CAPACITY, DRIVER, LEASE_KEY_PREFIX
+from spillway.dra.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -221,8 +222,9 @@ class SlicePublisher:
     fail at prepare with a clear message)."""
 
     def __init__(self, node: str, resources: ResourceManager, api: SliceApi, *, interval_s: float = 0.5,
-                 retry_s: float = 2.0, resync_s: float = 5.0) -> None:
+                 retry_s: float = 2.0, resync_s: float = 5.0, metrics: Metrics | None = None) -> None:
         self.node = node
+        self.metrics = metrics
         self.resources = resources
         self.api = api
         self.interval_s = interval_s
@@ -254,6 +256,8 @@ class SlicePublisher:
         except Exception as exc:  # the API server is down or refuses: log, retry later
             self.error = str(exc)
             log.warning("cannot write the ResourceSlice", extra={"node": self.node, "error": self.error[:500]})
+            if self.metrics is not None:
+                self.metrics.write_failed()
             return False
         self.error = ""
         self._checked_at = time.monotonic()
@@ -274,6 +278,8 @@ class SlicePublisher:
         self.generation = generation
         self.devices = devices
         self.writes += 1
+        if self.metrics is not None:
+            self.metrics.published(capacity_of(devices))
         log.info("ResourceSlice written", extra={
             "node": self.node, "generation": generation, "devices": len(devices),
             "memory": ",".join(f"{d['name']}={d['capacity'][CAPACITY]['value']}" for d in devices)})
