@@ -39,6 +39,7 @@ from spillway.testing.cluster import Cluster, wait_until
 from tests.fixtures_deviceplugin import Kubelet, build_harness
 
 GI = 1 << 30
+LEASE_TTL_S = 20
 TOPOLOGY = """\
 name: dra-test
 driverVersion: simulated-550.90.07
@@ -166,7 +167,9 @@ def dra(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
             cluster.add_node(name, {"cpu": "64", "memory": "512Gi"})
             work = Path(f"/tmp/spw-dra-{uuid.uuid4().hex[:6]}")   # short: unix socket paths
             (work / "agent").mkdir(parents=True)
-            agent = AgentProcess(topology=topo, node_name=name, workdir=work / "agent").start()
+            # A short lease TTL: the driver must renew what it prepared.
+            agent = AgentProcess(topology=topo, node_name=name, workdir=work / "agent",
+                                 extra_args=["--default-ttl", f"{LEASE_TTL_S}s"]).start()
             node = DraNode(name, agent, work, plugin, metrics_port=free_port())
             nodes.append(node)
             node.start(cluster.kubeconfig)
@@ -414,6 +417,11 @@ def test_kubelet_dra_manager_prepares_a_claim_as_one_lease_across_a_kill(
         env = check_cdi_spec(a.cdi_dir / f"{DRIVER}-{uid}.json", uid)
         assert env[ENV_LEASE_ID] == lease.id and env[ENV_LENDER_GPUS] == lease.gpu_uuid
         assert env[ENV_AGENT_SOCKET] == str(a.agent.socket) and env[ENV_LEASE_TOKEN]
+        # The driver renews what it prepared (at a third of the TTL), so it never expires.
+        renewed = wait_until(lambda: [x for x in claim_leases(a.agent, uid)
+                                      if x.state == agent_pb2.ACTIVE and x.expires_at_ms > lease.expires_at_ms],
+                             timeout=LEASE_TTL_S, what="the driver to renew the lease")
+        assert [x.id for x in renewed] == [lease.id]
     finally:
         kubelet.stop()
 
