@@ -33,6 +33,7 @@ from spillway.api.pluginregistration.v1 import api_pb2_grpc as reg_grpc
 from spillway.api.v1 import agent_pb2
 from spillway.deviceplugin import ENV_AGENT_SOCKET, ENV_LEASE_ID, ENV_LEASE_TOKEN, ENV_LENDER_GPUS
 from spillway.dra import CAPACITY, DRIVER
+from spillway.dra.claims import borrower_claim
 from spillway.dra.slices import capacities, device_name, slice_name
 from spillway.testing.agentproc import REPO_ROOT, AgentProcess, free_port
 from spillway.testing.cluster import Cluster, wait_until
@@ -318,6 +319,33 @@ def test_a_claim_that_fits_nowhere_leaves_its_pod_pending(
     assert "cannot allocate all claims" in cond["message"]
     assert cluster.get_json("pod", "huge", "-n", ns)["status"]["phase"] == "Pending"
     assert allocation(cluster, ns, "huge") is None
+
+
+def test_a_claim_picks_an_nvlink_peer_or_a_named_lender(
+        cluster: Cluster, dra: list[DraNode], k8s_namespace: str) -> None:
+    """CEL selectors on the slices' attributes: the borrower's NVLink domain, or one lender UUID."""
+    ns = k8s_namespace
+    b = dra[1]
+    inv, _ = run(_pool(b.agent))
+    domain = min(g.uuid for g in inv.gpus)               # node B's GPUs: one NVLink pair
+    lender = max(inv.gpus, key=lambda g: g.index)
+    objs = []
+    for i in range(3):
+        objs += [borrower_claim(ns, f"near{i}", 4 * GI, nvlink_domain=domain), pod(ns, f"near{i}", f"near{i}")]
+    objs += [borrower_claim(ns, "named", "2Gi", lender_uuid=lender.uuid), pod(ns, "named", "named")]
+    objs += [borrower_claim(ns, "nowhere", "2Gi", nvlink_domain="GPU-no-such-domain"), pod(ns, "nowhere", "nowhere")]
+    apply(cluster, *objs)
+    for i in range(3):
+        alloc = wait_until(lambda i=i: allocation(cluster, ns, f"near{i}"), timeout=30, what=f"claim near{i}")
+        (r,) = alloc["devices"]["results"]
+        assert r["pool"] == b.name and r["device"] in {device_name(g.uuid) for g in inv.gpus}
+    alloc = wait_until(lambda: allocation(cluster, ns, "named"), timeout=30, what="the named lender's claim")
+    assert alloc["devices"]["results"][0]["device"] == device_name(lender.uuid)
+    p = wait_until(lambda: (x := cluster.get_json("pod", "nowhere", "-n", ns)) and any(
+        c["type"] == "PodScheduled" and c["status"] == "False" for c in x["status"].get("conditions", [])) and x,
+        timeout=30, what="the pod of a claim no device matches to stay Pending")
+    assert p["status"]["phase"] == "Pending" and allocation(cluster, ns, "nowhere") is None
+    cluster.kubectl("delete", "pods,resourceclaims", "--all", "-n", ns, "--grace-period=0", "--force", timeout=60)
 
 
 @pytest.mark.parametrize(("memory", "message"), [
