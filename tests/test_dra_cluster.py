@@ -482,7 +482,8 @@ def test_kubelet_dra_manager_prepares_a_claim_as_one_lease_across_a_kill(
         kubelet.stop()
 
 
-def test_plugin_refuses_a_claim_it_cannot_prepare(cluster: Cluster, dra: list[DraNode], k8s_namespace: str) -> None:
+def test_plugin_refuses_what_it_cannot_prepare_and_survives_a_wiped_directory(
+        cluster: Cluster, dra: list[DraNode], k8s_namespace: str) -> None:
     """Over the plugin's own sockets, as the kubelet calls them: registration, then the DRA API."""
     a = dra[0]
     with grpc.insecure_channel(f"unix:{a.reg_socket}") as ch:
@@ -497,6 +498,18 @@ def test_plugin_refuses_a_claim_it_cannot_prepare(cluster: Cluster, dra: list[Dr
         un = stub.NodeUnprepareResources(dra_pb2.NodeUnprepareResourcesRequest(claims=[bad]), timeout=20)
         assert un.claims[bad.uid].error == ""
     assert claim_leases(a.agent, bad.uid) == []
+
+    # A restarting kubelet may wipe its plugin directories: the driver serves both sockets anew.
+    def stamp(path: Path) -> tuple[int, int] | None:
+        return (st.st_ino, st.st_ctime_ns) if (st := path.stat() if path.exists() else None) else None
+
+    old = stamp(a.reg_socket)
+    a.reg_socket.unlink()
+    a.dra_socket.unlink()
+    wait_until(lambda: stamp(a.dra_socket) and stamp(a.reg_socket) not in (None, old), timeout=10,
+               what="the sockets to be served again")
+    with grpc.insecure_channel(f"unix:{a.reg_socket}") as ch:
+        assert reg_grpc.RegistrationStub(ch).GetInfo(reg_pb2.InfoRequest(), timeout=5).name == DRIVER
 
 
 # --- the chart -----------------------------------------------------------------------------
