@@ -39,5 +39,12 @@ def test_demo_once_places_the_example_tenants(tmp_path: Path) -> None:
     header = pools.strip().splitlines()[0].split()
     leased = [row.split()[header.index("LEASED")] for row in pool_rows]
     assert any(x not in ("0", "0B", "<none>") for x in leased), pools
+    # The DRA driver's slices beside the pools, and the borrower's claim allocated on a lender GPU.
+    slices = out.split("$ kubectl get resourceslices -o wide", 1)[1].split("$ ", 1)[0]
+    assert len([line for line in slices.strip().splitlines()[1:] if "peer-hbm.spillway.dev" in line]) == 2, slices
+    claims = out.split("$ kubectl get resourceclaims -A", 1)[1].split("$ ", 1)[0]
+    assert re.search(r"dra-borrower-kv\s+allocated,reserved", claims), claims
+    allocation = out.split("$ kubectl get resourceclaim dra-borrower-kv", 1)[1].split("$ ", 1)[0]
+    assert '"consumedCapacity":{"memory":"17179869184"}' in allocation, allocation
     assert "SIMULATED" in out
     assert re.search(r"spillway pool show", out)
