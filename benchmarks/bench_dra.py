@@ -87,7 +87,8 @@ def run(nodes: int, pods: int, timeout: float) -> dict[str, float]:
     units = sum(int(g.lendable_bytes) for g in inventory.gpus) >> 30
     with Cluster() as cluster:
         chart = cluster.helm("template", "spillway", str(REPO / "charts" / "spillway"), "--api-versions",
-                             "resource.k8s.io/v1", "--show-only", "templates/dra-deviceclass.yaml").stdout
+                             "resource.k8s.io/v1", "--set", "dra.enabled=true",
+                             "--show-only", "templates/dra-deviceclass.yaml").stdout
         cluster.kubectl("apply", "-f", "-", input=chart)
         names = [f"gpu-{i:03d}" for i in range(nodes)]
         t0 = time.monotonic()

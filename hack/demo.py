@@ -73,7 +73,8 @@ def main(argv: list[str]) -> int:
         sb.add_gpu_nodes(list(NODES))
         say("starting the DRA driver per node (spillway dra --publish-only: ResourceSlices with consumable memory)")
         chart = sb.cluster.helm("template", "spillway", str(REPO / "charts" / "spillway"), "--api-versions",
-                                "resource.k8s.io/v1", "--show-only", "templates/dra-deviceclass.yaml").stdout
+                                "resource.k8s.io/v1", "--set", "dra.enabled=true",
+                                "--show-only", "templates/dra-deviceclass.yaml").stdout
         sb.cluster.kubectl("apply", "-f", "-", input=chart)
         env = dict(os.environ, PYTHONPATH=str(REPO))
         for node in NODES:

@@ -155,7 +155,7 @@ def dra(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     topo.write_text(TOPOLOGY)
     chart = cluster.helm("template", "spillway", str(REPO_ROOT / "charts" / "spillway"),
                          "--api-versions", "resource.k8s.io/v1",
-                         "--show-only", "templates/dra-deviceclass.yaml").stdout
+                         "--set", "dra.enabled=true", "--show-only", "templates/dra-deviceclass.yaml").stdout
     cluster.kubectl("apply", "-f", "-", input=chart)
     # The admission policy takes effect once the API server has compiled it.
     probe = json.dumps(claim("default", "probe", "1"))
@@ -186,6 +186,8 @@ def dra(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
             node.agent.cleanup()
             shutil.rmtree(node.workdir, ignore_errors=True)
             cluster.kubectl("delete", "node", node.name, "--wait=false", check=False)
+        # The chart's cluster-scoped objects go too: a Helm release later in the session owns them.
+        cluster.kubectl("delete", "-f", "-", "--ignore-not-found", input=chart, check=False)
 
 
 def test_slices_match_the_pools_and_follow_a_change(cluster: Cluster, dra: list[DraNode]) -> None:
