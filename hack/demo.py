@@ -13,7 +13,10 @@ What runs, each process in a process group of its own:
   real and measured, its model is a stand-in for the one the tenant names);
 - the Debian Prometheus, scraping every model server with the `namespace` and `pod` labels the
   operator queries, and the operator's own metrics;
-- a load generator (hack/demo_load.py).
+- a load generator (hack/demo_load.py);
+- the DRA driver (`spillway dra --publish-only`: kwok nodes have no kubelet), publishing the
+  node's ResourceSlice, and one borrower asking for peer memory with a ResourceClaim that
+  kube-scheduler allocates on a lender GPU (docs/dra.md).
 
 Then the loop: light load until every tenant meets its SLO; the load on `chat` goes up until it
 misses its SLO and the operator grows its ELASTIC peer memory (kubectl get columns, Events);
@@ -218,6 +221,44 @@ class Demo:
         self.show("get", "pods", "-n", NAMESPACE, "-l", "spillway.dev/tenant", "-o", "wide")
         self.show("get", "memorypools")
 
+    def show_dra(self) -> None:
+        """The same pool as kube-scheduler sees it through DRA, and one borrower allocated by it."""
+        say("starting the DRA driver (spillway dra --publish-only: kwok nodes run no kubelet): the node's "
+            "ResourceSlice, each lending GPU a device with consumable memory")
+        chart = self.kube.helm("template", "spillway", str(REPO / "charts" / "spillway"), "--api-versions",
+                               "resource.k8s.io/v1", "--set", "dra.enabled=true",
+                               "--show-only", "templates/dra-deviceclass.yaml").stdout
+        self.kube.kubectl("apply", "-f", "-", input=chart)
+        self.spawn("dra", [sys.executable, "-m", "spillway", "dra", "--publish-only", "--node-name", NODE,
+                           "--agent-socket", str(self.sb.agents[NODE].socket), "--kubeconfig", str(self.sb.kubeconfig),
+                           "--state-dir", str(self.state / "dra"), "--metrics-port", "-1"],
+                   dict(os.environ, PYTHONPATH=str(REPO)))
+        say("a borrower through DRA: a ResourceClaim for 16Gi of a lender GPU's memory, and its pod")
+        from spillway.dra.claims import borrower_claim
+
+        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "dra-borrower", "namespace": "default"},
+               "spec": {"tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+                        "resourceClaims": [{"name": "hbm", "resourceClaimName": "dra-borrower-kv"}],
+                        "containers": [{"name": "server", "image": "spillway/toy-server:0.1.0",
+                                        "resources": {"claims": [{"name": "hbm"}]}}]}}
+        self.kube.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": [
+            borrower_claim("default", "dra-borrower-kv", "16Gi"), pod]}))
+        try:
+            wait_until(lambda: "allocation" in self.kube.kubectl("get", "resourceclaim", "dra-borrower-kv", "-o",
+                                                                 "json").stdout, timeout=90,
+                       what="the claim to be allocated")
+        except TimeoutError as exc:
+            out(f"warning: {exc}")
+        self.show("get", "resourceslices", "-o", "wide")
+        self.show("get", "resourceslices", "-o", "jsonpath={range .items[*]}{.spec.nodeName}{range .spec.devices[*]}"
+                  "{\"\\n  \"}{.attributes.index.int}{\"  \"}{.attributes.uuid.string}{\"  memory=\"}"
+                  "{.capacity.memory.value}{end}{\"\\n\"}{end}")
+        self.show("get", "resourceclaims", "-A")
+        self.show("get", "resourceclaim", "dra-borrower-kv", "-o",
+                  "jsonpath={.status.allocation.devices.results}{\"\\n\"}")
+        out("(kwok nodes run no kubelet, so nothing prepares this claim: the scheduler counts its 16Gi on the "
+            "lender device, the agent holds no lease for it)")
+
     def start_servers(self) -> None:
         pods = self.kube.get_json("pods", "-n", NAMESPACE, "-l", "spillway.dev/tenant")["items"]
         names = sorted(p["metadata"]["name"] for p in pods)
@@ -391,6 +432,7 @@ def main(argv: list[str]) -> int:
     try:
         demo.start_system()
         demo.apply_tenants()
+        demo.show_dra()
         demo.start_servers()
         demo.loop()
         out("demo-timeline: " + json.dumps({"tenant": LOADED, "timeline": demo.timeline}))
@@ -411,7 +453,7 @@ def main(argv: list[str]) -> int:
     finally:
         signals.stopping = True
         say("stopping everything the demo started: the load generator, the model servers, Prometheus, the "
-            "operator, the agent and the control plane")
+            "DRA driver, the operator, the agent and the control plane")
         for proc in [demo.load, *(p for p, _ in demo.servers.values())]:
             if proc is not None and proc.poll() is None:
                 proc.terminate()

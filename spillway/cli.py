@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "spillway.agent.cli",
     "spillway.operator.cli",
     "spillway.deviceplugin.cli",
+    "spillway.dra.cli",
 )
 LOG_LEVELS = ("debug", "info", "warning", "error")
 

@@ -41,32 +41,33 @@ HARNESS_DIR = REPO / "hack" / "dpconformance"
 GO = shutil.which("go") or "/usr/local/go/bin/go"
 
 
-def harness_hash() -> str:
+def harness_hash(directory: Path = HARNESS_DIR) -> str:
     h = hashlib.sha256()
     for name in ("go.mod", "go.sum", "main.go"):
-        h.update(name.encode() + b"\0" + (HARNESS_DIR / name).read_bytes())
+        h.update(name.encode() + b"\0" + (directory / name).read_bytes())
     return h.hexdigest()[:12]
 
 
-def build_harness() -> Path:
-    prebuilt = os.environ.get("SPILLWAY_DPCONFORMANCE_BIN")
+def build_harness(directory: Path = HARNESS_DIR, prebuilt_env: str = "SPILLWAY_DPCONFORMANCE_BIN") -> Path:
+    """Builds a Go harness of hack/ (dpconformance, draconformance) once, cached by its sources."""
+    prebuilt = os.environ.get(prebuilt_env)
     if prebuilt:  # the GPU machine has no Go: hack/gpu-bundle.sh builds it here and carries it there
         path = Path(prebuilt)
         if not (path.is_file() and os.access(path, os.X_OK)):
-            raise RuntimeError(f"SPILLWAY_DPCONFORMANCE_BIN={prebuilt} is not an executable file")
+            raise RuntimeError(f"{prebuilt_env}={prebuilt} is not an executable file")
         return path
     cache = Path(os.environ.get("SPILLWAY_CACHE_DIR", Path.home() / ".cache" / "spillway"))
-    out = cache / f"dpconformance-{harness_hash()}" / "dpconformance"
+    out = cache / f"{directory.name}-{harness_hash(directory)}" / directory.name
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(f".tmp{os.getpid()}")
     env = dict(os.environ, GOTOOLCHAIN="local", GOFLAGS="-mod=readonly", CGO_ENABLED="0",
                PATH=f"/usr/local/go/bin:{os.environ.get('PATH', '')}")
-    result = subprocess.run([GO, "build", "-trimpath", "-o", str(tmp), "."], cwd=HARNESS_DIR, env=env,
+    result = subprocess.run([GO, "build", "-trimpath", "-o", str(tmp), "."], cwd=directory, env=env,
                             capture_output=True, text=True, timeout=1800)
     if result.returncode != 0:
-        raise RuntimeError(f"building hack/dpconformance failed:\n{result.stderr[-4000:]}")
+        raise RuntimeError(f"building hack/{directory.name} failed:\n{result.stderr[-4000:]}")
     tmp.rename(out)
     return out
 
@@ -78,6 +79,8 @@ def dpconformance_bin() -> Path:
 
 class Kubelet:
     """The kubelet's device-manager registration server and plugin client (Go harness)."""
+
+    REPLIES: tuple[str, ...] = ("preferred", "allocate", "prestart")   # events that answer a command
 
     def __init__(self, binary: Path, plugin_dir: Path) -> None:
         self.binary = binary
@@ -93,18 +96,21 @@ class Kubelet:
         with self._cond:
             self.events = []
         self._replies = queue.Queue()
-        self.proc = subprocess.Popen([str(self.binary), "--dir", str(self.dir)], stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen([str(self.binary), *self.arguments()], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=open(self.stderr_path, "a"), text=True)
         threading.Thread(target=self._read, args=(self.proc,), daemon=True).start()
-        self.wait_for(lambda e: e["event"] == "ready", 30, "the harness to serve kubelet.sock")
+        self.wait_for(lambda e: e["event"] == "ready", 30, "the harness to be ready")
         return self
+
+    def arguments(self) -> list[str]:
+        return ["--dir", str(self.dir)]
 
     def _read(self, proc: subprocess.Popen[str]) -> None:
         assert proc.stdout is not None
         for line in proc.stdout:
             ev = json.loads(line)
             ev["t"] = time.monotonic()
-            if ev["event"] in ("preferred", "allocate", "prestart"):
+            if ev["event"] in self.REPLIES:
                 self._replies.put(ev)
             with self._cond:
                 self.events.append(ev)

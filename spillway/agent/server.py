@@ -86,6 +86,19 @@ def default_borrower_socket(admin_socket: Path) -> Path:
     return admin_socket.parent / BORROWER_DIR / admin_socket.name
 
 
+def borrower_paths(agent_socket: str, agent_socket_host_dir: str = "", borrower_socket: str = "",
+                   borrower_socket_host_dir: str = "") -> tuple[str, str]:
+    """The agent's borrower socket as borrower containers see it, and its directory on the host:
+    what the device plugin and the DRA driver hand a borrower (never the admin socket). Defaults
+    follow the agent's: borrower/ beside the admin socket, and borrower/ in its host directory."""
+    borrower = borrower_socket or str(default_borrower_socket(Path(agent_socket)))
+    if borrower_socket_host_dir:
+        return borrower, borrower_socket_host_dir
+    if agent_socket_host_dir and not borrower_socket:
+        return borrower, os.path.join(agent_socket_host_dir, BORROWER_DIR)
+    return borrower, os.path.dirname(borrower)
+
+
 class TlsReloader:
     """Serves the TCP port's certificate from files and picks up a new one without a restart
     (cert-manager renewals, a rotated Secret): gRPC asks before each new connection; the files

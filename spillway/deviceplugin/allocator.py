@@ -16,6 +16,7 @@ import logging
 import os
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -73,6 +74,17 @@ class Grant:
     leases: tuple[agent_pb2.Lease, ...]
     tokens: tuple[str, ...]
     result: str
+
+
+def lease_env(leases: Sequence[agent_pb2.Lease], tokens: Sequence[str], agent_socket: str) -> dict[str, str]:
+    """The borrower's environment for its leases (read by spillway.client): the device plugin's
+    Allocate and the DRA driver's CDI spec give the same."""
+    return {
+        ENV_LEASE_ID: ",".join(lease.id for lease in leases),
+        ENV_LEASE_TOKEN: ",".join(tokens),
+        ENV_AGENT_SOCKET: agent_socket,
+        ENV_LENDER_GPUS: ",".join(lease.gpu_uuid for lease in leases),
+    }
 
 
 class Allocator:
@@ -298,12 +310,7 @@ class Allocator:
     def _response(self, grant: Grant) -> api_pb2.ContainerAllocateResponse:
         socket_dir = os.path.dirname(self.config.borrower_socket)
         resp = api_pb2.ContainerAllocateResponse(
-            envs={
-                ENV_LEASE_ID: ",".join(lease.id for lease in grant.leases),
-                ENV_LEASE_TOKEN: ",".join(grant.tokens),
-                ENV_AGENT_SOCKET: self.config.borrower_socket,
-                ENV_LENDER_GPUS: ",".join(lease.gpu_uuid for lease in grant.leases),
-            },
+            envs=lease_env(grant.leases, grant.tokens, self.config.borrower_socket),
             mounts=[api_pb2.Mount(container_path=socket_dir, host_path=self.config.borrower_socket_host_dir,
                                   read_only=True)],
         )

@@ -17,12 +17,11 @@ DEFAULT_POD_RESOURCES = "/var/lib/kubelet/pod-resources/kubelet.sock"
 DEFAULT_STATE_DIR = "/var/lib/spillway/deviceplugin"
 
 
-def add_commands(sub: Any) -> None:
-    p = sub.add_parser("deviceplugin", help="kubelet device plugin: advertise spillway.dev/peer-hbm, claim at Allocate",
-                       description="Advertise the node's lendable GPU memory to the kubelet as spillway.dev/peer-hbm "
-                                   "units and hand out leases at Allocate (see docs/deviceplugin.md).")
+def add_socket_args(p: argparse.ArgumentParser) -> None:
+    """The agent's two sockets, as a node component that hands out leases sees them (the device
+    plugin and the DRA driver): the admin one for its own calls, the borrower one for pods."""
     p.add_argument("--agent-socket", default=DEFAULT_AGENT_SOCKET,
-                   help=f"the agent's admin unix socket, for the plugin's own calls ({DEFAULT_AGENT_SOCKET})")
+                   help=f"the agent's admin unix socket, for this component's own calls ({DEFAULT_AGENT_SOCKET})")
     p.add_argument("--agent-socket-host-dir", default="",
                    help="the admin socket's directory on the host; the borrower socket's directory on the host is "
                         "its borrower/ subdirectory unless --borrower-socket-host-dir says otherwise")
@@ -31,6 +30,22 @@ def add_commands(sub: Any) -> None:
                         "them (default: borrower/ beside --agent-socket, the agent's default)")
     p.add_argument("--borrower-socket-host-dir", default="",
                    help="the borrower socket's directory on the host (default: see --agent-socket-host-dir)")
+
+
+def check_socket_args(args: argparse.Namespace, prog: str) -> None:
+    if not os.path.isabs(args.agent_socket):
+        raise SystemExit(f"{prog}: --agent-socket {args.agent_socket!r} must be an absolute path "
+                         "(the borrower socket is found beside it)")
+    if args.borrower_socket and not os.path.isabs(args.borrower_socket):
+        raise SystemExit(f"{prog}: --borrower-socket {args.borrower_socket!r} must be an absolute path "
+                         "(it is also the path borrower containers see)")
+
+
+def add_commands(sub: Any) -> None:
+    p = sub.add_parser("deviceplugin", help="kubelet device plugin: advertise spillway.dev/peer-hbm, claim at Allocate",
+                       description="Advertise the node's lendable GPU memory to the kubelet as spillway.dev/peer-hbm "
+                                   "units and hand out leases at Allocate (see docs/deviceplugin.md).")
+    add_socket_args(p)
     p.add_argument("--node-name", default=os.environ.get("NODE_NAME", ""),
                    help="this node's name (default: $NODE_NAME)")
     p.add_argument("--kubelet-dir", default=DEFAULT_KUBELET_DIR,
@@ -67,12 +82,7 @@ def build_config(args: argparse.Namespace) -> Any:
         grace = parse_duration(args.release_grace, allow_zero=True)
     except DurationError as exc:
         raise SystemExit(f"spillway deviceplugin: {exc}") from exc
-    if not os.path.isabs(args.agent_socket):
-        raise SystemExit(f"spillway deviceplugin: --agent-socket {args.agent_socket!r} must be an absolute path "
-                         "(the borrower socket is found beside it)")
-    if args.borrower_socket and not os.path.isabs(args.borrower_socket):
-        raise SystemExit(f"spillway deviceplugin: --borrower-socket {args.borrower_socket!r} must be an absolute path "
-                         "(it is also the path borrower containers see)")
+    check_socket_args(args, "spillway deviceplugin")
     return Config(
         node=args.node_name,
         agent_socket=args.agent_socket,

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from spillway.agent.server import BORROWER_DIR, default_borrower_socket
+from spillway.agent.server import borrower_paths
 from spillway.deviceplugin.allocator import Allocator, AllocatorConfig
 from spillway.deviceplugin.metrics import Metrics
 from spillway.deviceplugin.podresources import Attributor
@@ -58,10 +57,8 @@ class DevicePlugin:
             log.warning("no Kubernetes API configured: Allocate cannot see pods, so it leases without "
                         "reservations; pod names come from the PodResources API later")
         self.pods = pods
-        borrower = config.borrower_socket or str(default_borrower_socket(Path(config.agent_socket)))
-        host_dir = config.borrower_socket_host_dir or (
-            os.path.join(config.agent_socket_host_dir, BORROWER_DIR) if config.agent_socket_host_dir and
-            not config.borrower_socket else os.path.dirname(borrower))
+        borrower, host_dir = borrower_paths(config.agent_socket, config.agent_socket_host_dir, config.borrower_socket,
+                                            config.borrower_socket_host_dir)
         self.allocator = Allocator(
             AllocatorConfig(node=config.node, agent_socket=config.agent_socket, borrower_socket=borrower,
                             borrower_socket_host_dir=host_dir, unit_bytes=config.unit_bytes, cdi=config.cdi,

@@ -26,13 +26,13 @@ import contextlib
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 import grpc
 
 from spillway.agent.client import AgentClient
 from spillway.api.v1 import agent_pb2
 from spillway.deviceplugin import HEALTHY, UNHEALTHY
-from spillway.deviceplugin.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +120,14 @@ def device_node(gpu: agent_pb2.Gpu) -> str:
     return f"/dev/nvidia{gpu.minor_number if gpu.HasField('minor_number') else gpu.index}"
 
 
+class AgentMetrics(Protocol):
+    """What the resource manager reports (the device plugin's and the DRA driver's metrics)."""
+
+    def set_units(self, healthy: int, unhealthy: int) -> None: ...
+
+    def set_agent_up(self, up: bool) -> None: ...
+
+
 class ResourceManager:
     """Keeps the unit list in step with the agent; ListAndWatch streams wait on `changed`."""
 
@@ -127,7 +135,7 @@ class ResourceManager:
         self,
         agent_socket: str,
         unit_bytes: int,
-        metrics: Metrics,
+        metrics: AgentMetrics,
         *,
         poll_s: float = 1.0,
         rpc_timeout_s: float = 2.0,

@@ -134,3 +134,29 @@ records. */}}
 
 {{- define "spillway.tlsMountPath" -}}/etc/spillway/tls{{- end -}}
 
+
+{{/* Where the node pods run (the node DaemonSet and the DRA driver's): node.nodeSelector,
+node.tolerations, and node.affinity, or else a node affinity to any of node.gpuNodeLabels. */}}
+{{- define "spillway.nodeScheduling" -}}
+{{- $n := .Values.node -}}
+{{- with $n.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $n.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- $affinity := deepCopy ($n.affinity | default dict) }}
+{{- if and $n.gpuNodeLabels (not $affinity.nodeAffinity) }}
+{{- $terms := list }}
+{{- range $n.gpuNodeLabels }}
+{{- $terms = append $terms (dict "matchExpressions" (list .)) }}
+{{- end }}
+{{- $_ := set $affinity "nodeAffinity" (dict "requiredDuringSchedulingIgnoredDuringExecution" (dict "nodeSelectorTerms" $terms)) }}
+{{- end }}
+{{- with $affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
