@@ -244,9 +244,8 @@ class Demo:
         self.kube.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": [
             borrower_claim("default", "dra-borrower-kv", "16Gi"), pod]}))
         try:
-            wait_until(lambda: "allocation" in self.kube.kubectl("get", "resourceclaim", "dra-borrower-kv", "-o",
-                                                                 "json").stdout, timeout=90,
-                       what="the claim to be allocated")
+            wait_until(lambda: (self.kube.get_json("resourceclaim", "dra-borrower-kv", "-n", "default").get("status")
+                                or {}).get("allocation"), timeout=90, what="the claim to be allocated")
         except TimeoutError as exc:
             out(f"warning: {exc}")
         self.show("get", "resourceslices", "-o", "wide")
