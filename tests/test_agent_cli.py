@@ -204,7 +204,7 @@ complete -p spillway"""
     out = subprocess.run(["bash", "-c", probe, "probe", str(script)], capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    assert lines[0].split() == ["agent", "pool", "lease", "gpu", "operator", "deviceplugin", "completion"]
+    assert lines[0].split() == ["agent", "pool", "lease", "gpu", "operator", "deviceplugin", "dra", "completion"]
     assert lines[1:9] == ["lease", "acquire renew release claim list", "--kind", "reservation elastic", "warning",
                           "yaml", "table wide json yaml name", "bash"]
     assert lines[9] == "complete -o default -F _spillway spillway"
