@@ -175,7 +175,9 @@ class SlotStore:
                 return owner.done()
             segs = self._segments
             parts = [(segs[0], r, s)] if len(segs) == 1 else self._split(r, s)
-            devices = owner.cuda_devices([pool.device, *(seg.arena.tensor.device for seg, _, _ in parts)])
+            arenas = [seg.arena.tensor for seg, _, _ in parts]
+            on_gpu = pool.is_cuda or any(a.is_cuda for a in arenas)
+            devices = owner.cuda_devices([pool.device, *(a.device for a in arenas)]) if on_gpu else []
             keep: list[torch.Tensor] = [pool]
             if devices:
                 owner.begin(devices)
