@@ -3,9 +3,10 @@
 # scipy, pytest and the NVIDIA driver but no package registry and no Go toolchain:
 #   .gpu/wheels/   cp312 manylinux x86-64 wheels of the pinned packages that machine lacks
 #   .gpu/dpconformance   the kubelet device-plugin harness (Go), built here, static
-#   .gpu/vllm/     vLLM's Python files and metadata only (57 MB of its 336 MB wheel; no kernels):
-#                  spillway.integrations.vllm imports vLLM's offloading API, nothing compiled
-# Run here, in the checkout (`make gpu-bundle`); then carry `.gpu` to the GPU machine.
+#   .gpu/vllm.tar.xz  vLLM's Python files and metadata only (57 MB of its 336 MB wheel, no kernels,
+#                  compressed): spillway.integrations.vllm imports vLLM's offloading API, nothing compiled
+# Run here, in the checkout (`make gpu-bundle`); then carry `.gpu` to the GPU machine (the
+# device tool carries at most 64 MiB with the tree: the bundle is about 35 MB).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -24,12 +25,13 @@ done
 vllm=$(pin vllm)
 tmp=$(mktemp -d)
 "$PY" -m pip download -q --no-deps --only-binary=:all: -d "$tmp" "$vllm"
-rm -rf .gpu/vllm && mkdir -p .gpu/vllm
-"$PY" - "$tmp"/vllm-*.whl <<'PYEOF'
+rm -rf .gpu/vllm .gpu/vllm.tar.xz && mkdir -p "$tmp/vllm"
+"$PY" - "$tmp"/vllm-*.whl "$tmp/vllm" <<'PYEOF'
 import sys, zipfile
 with zipfile.ZipFile(sys.argv[1]) as z:
-    z.extractall(".gpu/vllm", [n for n in z.namelist() if n.endswith(".py") or ".dist-info/" in n])
+    z.extractall(sys.argv[2], [n for n in z.namelist() if n.endswith(".py") or ".dist-info/" in n])
 PYEOF
+tar -C "$tmp/vllm" -cJf .gpu/vllm.tar.xz .
 rm -rf "$tmp"
 # the Go harness, from the cache the tests build it in
 "$PY" -c 'import shutil, sys; sys.path.insert(0, "."); from tests.fixtures_deviceplugin import build_harness; shutil.copy(build_harness(), ".gpu/dpconformance")'

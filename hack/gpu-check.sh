@@ -21,7 +21,10 @@ else
   export PYTHONPATH="$PWD"
 fi
 # vLLM's Python files (gpu-bundle.sh), for spillway.integrations.vllm's GPU test
-[ -d .gpu/vllm ] && export PYTHONPATH="$PYTHONPATH:$PWD/.gpu/vllm"
+if [ -f .gpu/vllm.tar.xz ]; then
+  mkdir -p /tmp/spillway-vllm && tar -C /tmp/spillway-vllm -xJf .gpu/vllm.tar.xz || exit 1
+  export PYTHONPATH="$PYTHONPATH:/tmp/spillway-vllm"
+fi
 [ -x .gpu/dpconformance ] && export SPILLWAY_DPCONFORMANCE_BIN="$PWD/.gpu/dpconformance"
 export PYTHONUNBUFFERED=1
 { date -u; nvidia-smi; "$PY" -c 'import torch; print("torch", torch.__version__, torch.version.cuda)'; } \
