@@ -263,9 +263,9 @@ class AgentCore:
             else:
                 w.queue.append(item)
             w.wake.set()
-        for w in behind:
-            self.cut_off(w, f"this watcher fell {WATCH_QUEUE} events behind (it does not read its stream fast "
-                         "enough) and was cut off; watch again (the first event is a fresh snapshot)")
+        if behind:
+            self.cut_off_many(behind, f"this watcher fell {WATCH_QUEUE} events behind (it does not read its stream "
+                              "fast enough) and was cut off; watch again (the first event is a fresh snapshot)")
 
     def add_watcher(self, w: _Watcher) -> None:
         if len(self.watchers) + sum(len(v) for v in self.lease_watchers.values()) >= MAX_WATCHERS:
@@ -287,6 +287,31 @@ class AgentCore:
                 group.remove(w)
             if not group:
                 del self.lease_watchers[w.lease_id]
+
+    def cut_off_many(self, ws: list[_Watcher], why: str) -> None:
+        """Cut off many watchers that fell behind on the same event (a client that stopped reading
+        all its streams): one pass over the watcher lists and one log line, not one per watcher
+        (a thousand list removals and log lines stalled the loop for every other call)."""
+        ws = [w for w in ws if not w.cut]
+        if len(ws) < 8:
+            for w in ws:
+                self.cut_off(w, why)
+            return
+        gone = {id(w) for w in ws}
+        self.watchers = [w for w in self.watchers if id(w) not in gone]
+        for lease_id in {w.lease_id for w in ws if w.lease_id}:
+            group = [w for w in self.lease_watchers.get(lease_id, []) if id(w) not in gone]
+            if group:
+                self.lease_watchers[lease_id] = group
+            else:
+                self.lease_watchers.pop(lease_id, None)
+        for w in ws:
+            w.cut = why
+            w.queue.clear()
+            if w.task is not None:
+                w.task.cancel()
+        self.metrics.watch_cutoffs.labels(self.metrics.node).inc(len(ws))
+        log.warning("watchers cut off", extra={"count": len(ws), "reason": "fell behind"})
 
     def cut_off(self, w: _Watcher, why: str, short: str = "fell behind") -> None:
         """Disconnect a watcher now: drop its queue, stop sending to it, and interrupt its

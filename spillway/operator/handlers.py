@@ -204,7 +204,9 @@ def register(
     async def resync(body: kopf.Body, **_: Any) -> None:
         await engine.reconcile(dict(body), renew=True, slo=True)
 
-    @kopf.on.delete(GROUP, VERSION, TENANT_PLURAL, registry=registry)
+    # A delete that hits a transient error (an agent that just died, an API server under load)
+    # is tried again in seconds, not after kopf's default 60 s: the user is waiting on it.
+    @kopf.on.delete(GROUP, VERSION, TENANT_PLURAL, registry=registry, backoff=3.0)
     async def tenant_deleted(body: kopf.Body, **_: Any) -> None:
         await engine.finalize(dict(body))
 
