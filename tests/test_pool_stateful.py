@@ -67,7 +67,7 @@ class PoolMachine(RuleBasedStateMachine):
           priority=st.integers(0, 3), key=st.sampled_from(["", "", "k1", "k2"]))
     def acquire(self, size_mi: int, kind: Kind, where: str, gpu: int, ttl: int, priority: int, key: str) -> None:
         before = {u: self.pool.view(u) for u in self.pool.gpus}
-        prior = key and self.pool._by_key.get(key)
+        prior = key and self.pool._by_key.get(("", key))  # keys are scoped to their caller ("" here)
         try:
             lease, token = self.pool.acquire(size=size_mi * MiB, holder="h", kind=kind,
                                              gpu_uuid=f"GPU-{gpu}" if where == "gpu" else "",
