@@ -85,7 +85,8 @@ def parse_holder(holder: str) -> tuple[str, str, int] | None:
     if not holder.startswith(HOLDER_PREFIX):
         return None
     parts = holder.removeprefix(HOLDER_PREFIX).split("/")
-    if len(parts) != 3 or not parts[0] or not parts[1] or not parts[2].isdigit():
+    # isascii: isdigit() is also true for superscripts and other digits that int() rejects
+    if len(parts) != 3 or not parts[0] or not parts[1] or not (parts[2].isascii() and parts[2].isdigit()):
         return None
     return parts[0], parts[1], int(parts[2])
 

@@ -7,7 +7,7 @@ from decimal import Decimal, InvalidOperation
 
 _BINARY = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40, "Pi": 1 << 50, "Ei": 1 << 60}
 _DECIMAL = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18}
-_QUANTITY = re.compile(r"^\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?\s*$")
+_QUANTITY = re.compile(r"^\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?\s*$", re.ASCII)
 
 QUANTITY_FORMS = "a Kubernetes quantity such as 4Gi, 512Mi, 80G or 1073741824"
 MAX_QUANTITY_CHARS = 64  # checked before parsing: Decimal and int() are superlinear in the digits
@@ -49,6 +49,17 @@ def parse_quantity(text: str | int, *, allow_zero: bool = False) -> int:
     return result
 
 
+def plain_int(text: object, *, max_digits: int = 19) -> int | None:
+    """The value of a string of ASCII digits (a count, an index, a cursor), else None.
+
+    `str.isdigit()` alone is not enough: it is true for superscripts and other Unicode digits
+    that `int()` rejects, and a long string makes `int()` superlinear.
+    """
+    if not isinstance(text, str) or not text or len(text) > max_digits or not (text.isascii() and text.isdigit()):
+        return None
+    return int(text)
+
+
 def format_bytes(n: int) -> str:
     """Render a byte count the way `kubectl` users read it: exact binary suffix when it fits."""
     if n == 0:
@@ -64,7 +75,7 @@ def format_bytes(n: int) -> str:
     return str(n)
 
 
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)", re.ASCII)
 _DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 DURATION_FORMS = "a duration such as 250ms, 5s, 1m30s or 2h"
 

@@ -349,8 +349,9 @@ async def test_snapshots_and_lists_come_in_pages(fine_agent: AgentProcess) -> No
         assert [x.id for x in page2.leases] == made[100:1100] and page2.next_page_token
         assert [x.id for x in await c.leases()] == made
         assert [x.id for x in await c.leases(holder="h1")] == made[1::3]
-        err = await refused(c.stub.ListLeases(pb.ListLeasesRequest(page_token="abc")))
-        assert err.code() == Code.INVALID_ARGUMENT and "page_token" in (err.details() or "")
+        for bad in ("abc", "\u00b9", "9" * 40):  # superscript one passes isdigit() but not int()
+            err = await refused(c.stub.ListLeases(pb.ListLeasesRequest(page_token=bad)))
+            assert err.code() == Code.INVALID_ARGUMENT and "page_token" in (err.details() or "")
 
 
 SLOW_WATCHER = """

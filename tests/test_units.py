@@ -7,6 +7,7 @@ from spillway.units import (
     format_duration,
     parse_duration,
     parse_quantity,
+    plain_int,
 )
 
 
@@ -58,3 +59,20 @@ def test_bad_durations(bad: str) -> None:
 def test_format_duration() -> None:
     assert format_duration(0.85) == "850ms"
     assert format_duration(5400) == "1h30m"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("0", 0), ("42", 42), ("9" * 19, int("9" * 19)), ("", None), ("9" * 20, None), ("\u00b9", None),
+     ("\u0663", None), ("-1", None), (" 1", None), ("1.0", None), (7, None), (None, None)],
+)
+def test_plain_int_takes_ascii_digits_only(text: object, expected: int | None) -> None:
+    # "\u00b9" (superscript one) passes str.isdigit() and makes int() raise; "\u0663"
+    # (Arabic-Indic three) is a digit int() accepts but no cursor or index this project writes
+    assert plain_int(text) == expected
+
+
+@pytest.mark.parametrize("text", ["\u0663Gi", "1\u00b9", "\u0661s"])
+def test_quantities_and_durations_take_ascii_digits_only(text: str) -> None:
+    with pytest.raises((QuantityError, DurationError)):
+        parse_duration(text) if text.endswith("s") else parse_quantity(text)

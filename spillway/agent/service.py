@@ -45,7 +45,7 @@ from spillway.agent.store import Store
 from spillway.api.v1 import agent_pb2 as pb
 from spillway.api.v1 import agent_pb2_grpc as pb_grpc
 from spillway.contract import TRAILER_LARGEST_GRANTABLE
-from spillway.units import QuantityError, format_bytes, parse_quantity
+from spillway.units import QuantityError, format_bytes, parse_quantity, plain_int
 
 log = logging.getLogger("spillway.agent")
 
@@ -476,10 +476,11 @@ def _size(text: str, what: str = "size") -> int:
 def _cursor(token: str) -> int:
     if not token:
         return 0
-    if not token.isdigit() or len(token) > 19:
+    cursor = plain_int(token)
+    if cursor is None:
         raise PoolError("INVALID_ARGUMENT", "page_token is not one this agent gave out: pass next_page_token of the "
                         "previous page unchanged, or nothing for the first page")
-    return int(token)
+    return cursor
 
 
 def tls_identity(context: grpc.aio.ServicerContext) -> str:

@@ -33,6 +33,7 @@ import grpc
 from spillway.agent.client import AgentClient
 from spillway.api.v1 import agent_pb2
 from spillway.deviceplugin import HEALTHY, UNHEALTHY
+from spillway.units import plain_int
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +48,10 @@ def unit_id(gpu_uuid: str, k: int) -> str:
 def parse_unit_id(device_id: str) -> tuple[str, int] | None:
     """(gpu uuid, k) of a unit ID, or None when the ID is not one of ours."""
     gpu, sep, k = device_id.rpartition(UNIT_SEPARATOR)
-    if not sep or not gpu or not k.isdigit():
+    unit = plain_int(k)
+    if not sep or not gpu or unit is None:
         return None
-    return gpu, int(k)
+    return gpu, unit
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,7 @@ from spillway.contract import (
     parse_holder,
     split_list,
 )
+from spillway.units import plain_int
 
 __all__ = [  # the contract names tests and callers reach through this module
     "ANN_ELASTIC", "ANN_LOCAL", "holder_name", "parse_holder",
@@ -234,7 +235,7 @@ def pod_replica(pod: Mapping[str, Any]) -> int | None:
     """The replica index of a pod built by `build_pod` (None for a pod that is not ours)."""
     labels = (pod.get("metadata") or {}).get("labels") or {}
     value = labels.get(LABEL_REPLICA)
-    return int(value) if isinstance(value, str) and value.isdigit() else None
+    return plain_int(value)
 
 
 def pod_node(pod: Mapping[str, Any]) -> str:
@@ -279,8 +280,9 @@ class ObservedPod:
 
 def _lease_bytes(annotations: Mapping[str, str], leases: list[LeaseRef]) -> list[LeaseRef]:
     sizes = [s for s in (annotations.get(ANN_PEER_BYTES) or "").split(",") if s]
-    if len(sizes) == len(leases) and all(s.isdigit() for s in sizes):
-        return [LeaseRef(x.id, x.token, x.gpu_uuid, int(s)) for x, s in zip(leases, sizes, strict=True)]
+    values = [plain_int(s, max_digits=24) for s in sizes]
+    if len(values) == len(leases) and all(v is not None for v in values):
+        return [LeaseRef(x.id, x.token, x.gpu_uuid, v or 0) for x, v in zip(leases, values, strict=True)]
     return leases
 
 
@@ -323,7 +325,7 @@ def observe_pod(pod: Mapping[str, Any]) -> ObservedPod | None:
         terminating=bool(meta.get("deletionTimestamp")),
         fallback=bool(ann.get(ANN_FALLBACK)),
         tenant_uid=str(ann.get(ANN_TENANT_UID) or ""),
-        local_bytes=int(ann[ANN_LOCAL]) if str(ann.get(ANN_LOCAL) or "").isdigit() else 0,
+        local_bytes=plain_int(ann.get(ANN_LOCAL), max_digits=24) or 0,
     )
 
 
