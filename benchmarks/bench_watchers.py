@@ -8,8 +8,9 @@ give the memory back when the client goes.
     python -m benchmarks.bench_watchers --watchers 200 --leases 2000
 
 Reported: the agent's RSS (VmRSS) before, at its peak while the watchers are stuck, and after
-they are gone and the leases released; Acquire+Release latency before and while stuck; the
-watchers cut off (spillway_watch_cutoffs_total).
+they are gone and the leases released; Acquire+Release latency before and while stuck, and the
+agent's own CPU time per round trip in both phases (from /proc: what the watchers cost the
+agent, whatever else the machine runs); the watchers cut off (spillway_watch_cutoffs_total).
 """
 
 from __future__ import annotations
@@ -52,6 +53,13 @@ HOSTILE = textwrap.dedent("""
 
     asyncio.run(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3])))
 """)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time the process has used (/proc/<pid>/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_bytes(pid: int) -> int:
@@ -104,6 +112,8 @@ class Report:
     open_s: float = 0.0
     cutoffs: int = 0
     renew_max_ms: float = 0.0
+    base_cpu_ms: float = 0.0  # the agent's CPU time per Acquire+Release, before the watchers
+    stuck_cpu_ms: float = 0.0  # the same while they are stuck (their cut-off included)
 
     def lines(self) -> list[str]:
         return [
@@ -115,6 +125,8 @@ class Report:
             f"({len(self.base_ms)} ops)",
             f"Acquire+Release with the stuck watchers: p50 {pct(self.stuck_ms, 0.5):.2f} ms, "
             f"p99 {pct(self.stuck_ms, 0.99):.2f} ms ({len(self.stuck_ms)} ops)",
+            f"agent CPU per Acquire+Release: before {self.base_cpu_ms:.2f} ms, with the stuck watchers "
+            f"{self.stuck_cpu_ms:.2f} ms",
             f"watchers cut off: {self.cutoffs}; slowest renew of a bystander lease meanwhile "
             f"{self.renew_max_ms:.1f} ms",
         ]
@@ -173,7 +185,9 @@ async def run(agent: AgentProcess, watchers: int, leases: int, churn_ops: int = 
 
         renewer = asyncio.create_task(renew())
         await _churn(c, 50)  # warm up
+        cpu0 = cpu_seconds(pid)
         rep.base_ms = await _churn(c, churn_ops // 2)
+        rep.base_cpu_ms = (cpu_seconds(pid) - cpu0) * 1000 / len(rep.base_ms)
         rep.rss_before = rss_bytes(pid)
         env = dict(os.environ, PYTHONPATH=str(REPO))
         opened = _metric(agent, "spillway_lease_operations_total", 'method="Watch"')
@@ -192,7 +206,9 @@ async def run(agent: AgentProcess, watchers: int, leases: int, churn_ops: int = 
                 rep.open_s = time.monotonic() - t0
                 hostile.stdin.write(b"stop\n")
                 await hostile.stdin.drain()
+                cpu0 = cpu_seconds(pid)
                 rep.stuck_ms = await _churn(c, churn_ops)
+                rep.stuck_cpu_ms = (cpu_seconds(pid) - cpu0) * 1000 / len(rep.stuck_ms)
                 stop.set()
                 await renewer
                 rep.renew_max_ms = max(renew_ms, default=0.0)

@@ -401,7 +401,7 @@ async def test_a_watcher_that_falls_behind_is_cut_off_with_a_clear_status(agent:
         await slow.stdin.drain()
         result = json.loads(await asyncio.wait_for(slow.stdout.readline(), 60))
         assert result["code"] == "RESOURCE_EXHAUSTED", result
-        assert "fell 1024 events behind" in result["details"] and "watch again" in result["details"]
+        assert "fell more than 1024 events behind" in result["details"] and "watch again" in result["details"]
     finally:
         slow.kill()
         await slow.wait()
@@ -421,6 +421,10 @@ async def test_hostile_watchers_keep_memory_and_latency_bounded(fine_agent: Agen
     assert rep.rss_peak < 512 * MiB and rep.rss_peak - rep.rss_before < 150 * MiB, rep.lines()
     assert rep.rss_after < rep.rss_before + 40 * MiB, rep.lines()
     assert pct(rep.stuck_ms, 0.5) < 10 and pct(rep.stuck_ms, 0.99) < 100, rep.lines()
+    # What the stuck watchers cost the agent itself, whatever else the machine runs: its CPU time
+    # per round trip (1.77x the same run's figure before the watchers when each event went to
+    # every watcher's queue and rebuilt the borrower PIDs from every lease; 1.28x now).
+    assert rep.stuck_cpu_ms < 1.6 * rep.base_cpu_ms, rep.lines()
     assert rep.renew_max_ms < 2000, rep.lines()
 
 

@@ -131,6 +131,21 @@ class PoolMachine(RuleBasedStateMachine):
             assert exc.code == "FAILED_PRECONDITION"
         self._commit()
 
+    @rule(idx=st.integers(0, 1000), pid=st.integers(0, 3), detach=st.booleans())
+    def attach(self, idx: int, pid: int, detach: bool) -> None:
+        """A borrower process attaches to (or lets go of) a lease."""
+        lid = self._some_lease(idx)
+        if lid is None:
+            return
+        if detach:
+            self.pool.clear_pid(lid, pid)
+        else:
+            try:
+                self.pool.set_pid(lid, self.tokens[lid], 1000 + pid)
+            except PoolError as exc:
+                assert exc.code == "FAILED_PRECONDITION"
+        self._commit()
+
     @rule(gpu=st.integers(0, 3), size_mi=st.integers(1, 20 * 1024), deadline=st.integers(0, 3000))
     def reclaim(self, gpu: int, size_mi: int, deadline: int) -> None:
         u = f"GPU-{gpu}"
@@ -175,6 +190,8 @@ class PoolMachine(RuleBasedStateMachine):
     @rule()
     def restart(self) -> None:
         before = {k: dataclasses.asdict(v) for k, v in self.pool.leases.items()}
+        for v in before.values():  # attach connections do not survive a restart: leases come back detached
+            v["pid"] = 0
         reserved = {u: a.reserved for u, a in self.pool.gpus.items()}
         self.store.close()
         self.store = Store(self.dir / "leases.db")
@@ -226,6 +243,13 @@ class PoolMachine(RuleBasedStateMachine):
     def indexes_consistent(self) -> None:
         assert set(self.pool.live) == {k for k, v in self.pool.leases.items() if v.state in LIVE}
         assert len(self.pool.leases) - len(self.pool.live) <= 6, "ended leases are forgotten beyond the cap"
+        every: dict[str, set[int]] = {}  # the borrower PIDs by brute force (the pool keeps an index)
+        for x in self.pool.live.values():
+            if x.pid:
+                every.setdefault(x.gpu_uuid, set()).add(x.pid)
+        for rec in self.pool.settling.values():
+            every.setdefault(rec.lease.gpu_uuid, set()).add(rec.pid)
+        assert self.pool.borrower_pids() == every
 
     @invariant()
     def store_matches_memory(self) -> None:

@@ -246,6 +246,7 @@ class Pool:
         self._live_gpu: dict[str, dict[str, Lease]] = {}  # GPU -> its live leases
         self._leased: dict[str, int] = {}  # GPU -> bytes of its live leases
         self._revoking: dict[str, int] = {}  # GPU -> bytes of its REVOKING leases
+        self._attached: set[str] = set()  # leases with a borrower PID (a few; scanning every lease was O(leases))
         self._ended: dict[str, None] = {}  # ended leases, oldest end first
         self.max_ended = max_ended
         self._by_key: dict[tuple[str, str], str] = {}  # (caller identity, idempotency key) -> lease id
@@ -311,8 +312,9 @@ class Pool:
     def borrower_pids(self) -> dict[str, set[int]]:
         """GPU -> PIDs whose memory there is lent memory: attached to a live lease, or settling."""
         out: dict[str, set[int]] = {}
-        for x in self.live.values():
-            if x.pid:
+        for lease_id in self._attached:
+            x = self.live.get(lease_id)
+            if x is not None and x.pid:
                 out.setdefault(x.gpu_uuid, set()).add(x.pid)
         for rec in self.settling.values():
             out.setdefault(rec.lease.gpu_uuid, set()).add(rec.pid)
@@ -516,6 +518,10 @@ class Pool:
             raise PoolError("FAILED_PRECONDITION", f"lease {lease_id} is {lease.state.name}: nothing to attach to")
         if lease.pid != pid:
             lease.pid = pid
+            if pid:
+                self._attached.add(lease.id)
+            else:
+                self._attached.discard(lease.id)
             self._emit_lease(lease)
         return lease.snapshot()
 
@@ -523,6 +529,7 @@ class Pool:
         lease = self.leases.get(lease_id)
         if lease is not None and lease.pid == pid:
             lease.pid = 0
+            self._attached.discard(lease.id)
             self._emit_lease(lease)
 
     def list_leases(self, holder: str = "", include_ended: bool = False, gpu_uuid: str = "") -> list[Lease]:
@@ -692,6 +699,7 @@ class Pool:
 
     def _end(self, lease: Lease, state: State, reason: str) -> None:
         if self.live.pop(lease.id, None) is not None:
+            self._attached.discard(lease.id)
             self._live_gpu[lease.gpu_uuid].pop(lease.id, None)
             self._leased[lease.gpu_uuid] -= lease.bytes
             if lease.state == State.REVOKING:

@@ -7,8 +7,11 @@ was and gets a precise status code with a message a person can act on. Every req
 `guard` first (role, field bounds, undecodable bytes), so bad input is INVALID_ARGUMENT (or
 PERMISSION_DENIED), never INTERNAL; INTERNAL is left for bugs (logged with a traceback).
 
-Watch is bounded: a watcher's queue holds at most WATCH_QUEUE events; one that falls further
-behind is cut off at once (RESOURCE_EXHAUSTED) and its queue dropped; snapshots go out in
+Watch is bounded and costs the same for one watcher or a thousand: every event is encoded once
+into a shared log of the last WATCH_QUEUE events that each all-events watcher reads at its own
+cursor (a lease's watchers have a queue of that lease's events); publishing wakes only watchers
+waiting for the next event, and one that falls more than WATCH_QUEUE events behind is cut off
+(RESOURCE_EXHAUSTED), its streams ended a few per loop turn; snapshots go out in
 pages of SNAPSHOT_PAGE leases, built page by page from each lease's cached encoding by at
 most SNAPSHOT_WRITERS streams at once, so opening many Watch streams never holds the loop for
 long and a watcher that does not read holds at most one page.
@@ -19,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import itertools
 import logging
 import time
 from collections import deque
@@ -51,6 +55,8 @@ log = logging.getLogger("spillway.agent")
 
 LARGEST_METADATA = TRAILER_LARGEST_GRANTABLE
 WATCH_QUEUE = 1024  # events a watcher may fall behind before it is cut off
+LOG_TRIM = 256  # the shared log is trimmed (and laggards found) every this many events
+CUT_OFF_TURN = 32  # streams of cut-off watchers ended per loop turn (a thousand aborts at once held the loop)
 MAX_WATCHERS = 4096  # open Watch streams, all callers together
 SNAPSHOT_PAGE = 250  # leases per SNAPSHOT message
 SNAPSHOT_WRITERS = 2  # snapshot pages written at once, all watchers together (the rest wait their turn)
@@ -79,14 +85,61 @@ def lease_pb(x: Lease, *, keys: bool = True) -> pb.Lease:
 
 @dataclass(eq=False)
 class _Watcher:
-    """One Watch stream: its bounded queue of (event, reclaim stamp), shared event objects."""
+    """One Watch stream. An all-events watcher reads the shared log at `cursor`; a lease's
+    watcher has its own bounded queue of (event, reclaim stamp), shared event objects."""
 
     lease_id: str  # "" watches everything (admin)
     task: asyncio.Task[Any] | None
     keys: bool = True  # show idempotency keys (admin)
     queue: deque[tuple[pb.WatchEvent, float]] = field(default_factory=deque)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+    cursor: int = 0  # all-events watchers: the log position of the next event to send
     cut: str = ""  # why the agent cut this watcher off
+
+
+class EventLog:
+    """The all-events watchers' feed: the node's recent events, each encoded once, that every
+    watcher reads at its own cursor. Appending costs the same for one watcher or a thousand
+    (a per-watcher queue cost a loop over all of them per event); only watchers waiting for the
+    next event are woken, not those still writing (or stuck writing) earlier ones. It keeps the
+    last `keep` events; `append` trims every `trim_every` events and says so, so the caller
+    can cut off the watchers whose cursor fell out of it."""
+
+    def __init__(self, keep: int = WATCH_QUEUE, trim_every: int = LOG_TRIM) -> None:
+        self.keep = keep
+        self.trim_every = trim_every
+        self.first = 0  # position of items[0]
+        self.items: deque[tuple[bytes, float]] = deque()  # (encoded WatchEvent, reclaim stamp)
+        self.changed = asyncio.Event()  # set (and replaced) by each append
+
+    @property
+    def end(self) -> int:
+        """The position the next event gets."""
+        return self.first + len(self.items)
+
+    def append(self, data: bytes, stamp: float) -> bool:
+        """Add an event and wake its waiters; True when this append trimmed the log."""
+        self.items.append((data, stamp))
+        changed, self.changed = self.changed, asyncio.Event()
+        changed.set()
+        if len(self.items) < self.keep + self.trim_every:
+            return False
+        dropped = len(self.items) - self.keep
+        for _ in range(dropped):
+            self.items.popleft()
+        self.first += dropped
+        return True
+
+    def clear(self) -> None:
+        """Drop every kept event (nobody reads them); positions go on from where they were."""
+        self.first = self.end
+        self.items.clear()
+
+    def since(self, cursor: int) -> list[tuple[bytes, float]] | None:
+        """The events from position `cursor` on, or None when they are no longer kept."""
+        if cursor < self.first:
+            return None
+        return list(itertools.islice(self.items, cursor - self.first, None))
 
 
 class AgentCore:
@@ -98,7 +151,9 @@ class AgentCore:
         self.store = store
         self.metrics = metrics
         self.sequence = 0
-        self.watchers: list[_Watcher] = []  # of every event
+        self.watchers: list[_Watcher] = []  # of every event (they read `log`)
+        self.log = EventLog()
+        self._ending: set[asyncio.Task[None]] = set()  # tasks ending cut-off streams a few per turn
         self.lease_watchers: dict[str, list[_Watcher]] = {}  # lease id -> watchers of that lease only
         # Each live lease encoded once as a SNAPSHOT's `leases` entry, for every snapshot page
         # until it changes (opening many Watch streams over many leases re-encoded them all).
@@ -246,10 +301,13 @@ class AgentCore:
                                      inventory=inv), "", 0.0)
 
     def _send(self, ev: pb.WatchEvent, lease_id: str, stamp: float) -> None:
+        if self.watchers and self.log.append(ev.SerializeToString(), stamp):
+            first = self.log.first
+            self.cut_off_many([w for w in self.watchers if w.cursor < first], _BEHIND)
         item = (ev, stamp)
         keyless: tuple[pb.WatchEvent, float] | None = None
         behind: list[_Watcher] = []
-        for w in (self.watchers + self.lease_watchers.get(lease_id, [])) if lease_id else self.watchers:
+        for w in self.lease_watchers.get(lease_id, ()) if lease_id else ():
             if len(w.queue) >= WATCH_QUEUE:
                 behind.append(w)
                 continue
@@ -264,8 +322,7 @@ class AgentCore:
                 w.queue.append(item)
             w.wake.set()
         if behind:
-            self.cut_off_many(behind, f"this watcher fell {WATCH_QUEUE} events behind (it does not read its stream "
-                              "fast enough) and was cut off; watch again (the first event is a fresh snapshot)")
+            self.cut_off_many(behind, _BEHIND)
 
     def add_watcher(self, w: _Watcher) -> None:
         if len(self.watchers) + sum(len(v) for v in self.lease_watchers.values()) >= MAX_WATCHERS:
@@ -274,12 +331,16 @@ class AgentCore:
         if w.lease_id:
             self.lease_watchers.setdefault(w.lease_id, []).append(w)
         else:
+            assert w.keys, "all-events watchers are admins: the shared log keeps idempotency keys"
+            w.cursor = self.log.end
             self.watchers.append(w)
 
     def remove_watcher(self, w: _Watcher) -> None:
         if not w.lease_id:
             with contextlib.suppress(ValueError):
                 self.watchers.remove(w)
+            if not self.watchers:
+                self.log.clear()
             return
         group = self.lease_watchers.get(w.lease_id)
         if group is not None:
@@ -299,6 +360,8 @@ class AgentCore:
             return
         gone = {id(w) for w in ws}
         self.watchers = [w for w in self.watchers if id(w) not in gone]
+        if not self.watchers:
+            self.log.clear()
         for lease_id in {w.lease_id for w in ws if w.lease_id}:
             group = [w for w in self.lease_watchers.get(lease_id, []) if id(w) not in gone]
             if group:
@@ -308,10 +371,21 @@ class AgentCore:
         for w in ws:
             w.cut = why
             w.queue.clear()
-            if w.task is not None:
-                w.task.cancel()
         self.metrics.watch_cutoffs.labels(self.metrics.node).inc(len(ws))
         log.warning("watchers cut off", extra={"count": len(ws), "reason": "fell behind"})
+        ending = asyncio.create_task(self._end_streams([w.task for w in ws if w.task is not None]))
+        self._ending.add(ending)
+        ending.add_done_callback(self._ending.discard)
+
+    @staticmethod
+    async def _end_streams(tasks: list[asyncio.Task[Any]]) -> None:
+        """Interrupt cut-off watchers' streams CUT_OFF_TURN per loop turn: each stream's abort
+        is Python work, and a thousand at once held every other call for tens of ms. They get
+        no events meanwhile (they are off the lists)."""
+        for start in range(0, len(tasks), CUT_OFF_TURN):
+            for t in tasks[start:start + CUT_OFF_TURN]:
+                t.cancel()
+            await asyncio.sleep(0)
 
     def cut_off(self, w: _Watcher, why: str, short: str = "fell behind") -> None:
         """Disconnect a watcher now: drop its queue, stop sending to it, and interrupt its
@@ -381,6 +455,8 @@ class AgentCore:
                             agent_version=__version__, driver_version=facts.driver_version)
 
 
+_BEHIND = (f"this watcher fell more than {WATCH_QUEUE} events behind (it does not read its stream fast enough) "
+           "and was cut off; watch again (the first event is a fresh snapshot)")
 _LEASES_TAG = bytes([(6 << 3) | 2])  # WatchEvent.leases: field 6, length-delimited
 
 
@@ -637,14 +713,7 @@ class AgentServicer(pb_grpc.AgentServicer):
             self.core.add_watcher(watcher)
             self.core.metrics.observe_call("Watch", "OK", time.perf_counter() - t0)
             await self._snapshot(context, watcher, ids)
-            while True:
-                watcher.wake.clear()
-                while watcher.queue:
-                    ev, stamp = watcher.queue.popleft()
-                    await context.write(ev)
-                    if stamp:
-                        self.core.metrics.notify.labels(self.core.metrics.node).observe(time.perf_counter() - stamp)
-                await watcher.wake.wait()
+            await (self._follow_lease(context, watcher) if request.lease_id else self._follow_log(context, watcher))
         except PoolError as exc:
             self.core.metrics.observe_call("Watch", exc.code, time.perf_counter() - t0)
             await context.abort(grpc.StatusCode[exc.code], exc.message)
@@ -659,6 +728,36 @@ class AgentServicer(pb_grpc.AgentServicer):
             if watcher is not None:
                 watcher.queue.clear()
                 self.core.remove_watcher(watcher)
+
+    async def _follow_lease(self, context: grpc.aio.ServicerContext, watcher: _Watcher) -> None:
+        """A lease's watcher: its queue, filled by `AgentCore._send`."""
+        while True:
+            watcher.wake.clear()
+            while watcher.queue:
+                ev, stamp = watcher.queue.popleft()
+                await context.write(ev)
+                self._observe_notify(stamp)
+            await watcher.wake.wait()
+
+    async def _follow_log(self, context: grpc.aio.ServicerContext, watcher: _Watcher) -> None:
+        """An all-events watcher: the shared log from its cursor on. Falling out of the log is
+        noticed by `AgentCore._send` at the next trim, which cuts this stream off."""
+        log_ = self.core.log
+        while True:
+            changed = log_.changed
+            items = log_.since(watcher.cursor)
+            if items is None:  # trimmed past us between two turns: the trim's cut-off is on its way
+                await asyncio.Event().wait()
+            for data, stamp in items or ():
+                await context.write(data)
+                watcher.cursor += 1
+                self._observe_notify(stamp)
+            if watcher.cursor >= log_.end:
+                await changed.wait()
+
+    def _observe_notify(self, stamp: float) -> None:
+        if stamp:
+            self.core.metrics.notify.labels(self.core.metrics.node).observe(time.perf_counter() - stamp)
 
     async def _snapshot(self, context: grpc.aio.ServicerContext, watcher: _Watcher, ids: list[str]) -> None:
         """The SNAPSHOT event(s): the inventory and the leases named by `ids`, SNAPSHOT_PAGE at
