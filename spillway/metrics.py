@@ -5,6 +5,7 @@ the dashboards and alert rules use."""
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable
 
 from aiohttp import web
@@ -14,6 +15,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 FAST_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 # Seconds, for reconciles and other control-plane work.
 SLOW_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+def add_address_argument(parser: argparse.ArgumentParser) -> None:
+    """`--metrics-address`, the same for every component: loopback unless told otherwise (the
+    chart passes the pod IP, where the kubelet's probes and Prometheus reach it)."""
+    parser.add_argument("--metrics-address", default="127.0.0.1",
+                        help="address /metrics, /healthz and /readyz listen on (default 127.0.0.1; the chart "
+                             "gives the pod IP; 0.0.0.0 for every interface)")
 
 
 class HttpEndpoint:

@@ -183,12 +183,10 @@ def test_log_level_before_or_after_the_subcommand(tmp_path: Path) -> None:
 
 
 def test_every_flag_has_help() -> None:
-    # Not yet: the operator's --metrics-host (spillway/operator/cli.py, another part's file).
-    known = {("operator", "--metrics-host")}
     missing = [(" ".join(path), a.option_strings[0] if a.option_strings else a.dest)
                for path, p in walk(build_parser()) for a in p._actions
                if not isinstance(a, argparse._HelpAction | argparse._SubParsersAction) and not a.help]
-    assert {m for m in missing if m not in known} == set(), missing
+    assert missing == [], missing
 
 
 def test_bash_completion_from_the_parser(tmp_path: Path) -> None:

@@ -310,3 +310,45 @@ def test_the_operator_picks_up_a_renewed_client_certificate(tmp_path: Path) -> N
         asyncio.run(go())
     finally:
         proc.cleanup()
+
+
+def test_only_the_named_client_certificates_are_admitted(tmp_path: Path) -> None:
+    """`--tls-client-name`: a certificate the same CA signed for another name (another node's
+    agent, a stray client) is PERMISSION_DENIED on every call and changes nothing; the named one
+    is admitted with the admin role."""
+    from spillway.pki import make_ca
+
+    ca = make_ca("spillway-ca")
+    ca_path = ca.write(tmp_path)
+    server = ca.issue_files(tmp_path, "server", "spillway-agent", ("localhost", "127.0.0.1"), client=False, server=True)
+    operator = ca.issue_files(tmp_path, "operator", "spillway-operator", client=True, server=False)
+    stranger = ca.issue_files(tmp_path, "stranger", "spillway-agent-node-7", client=True, server=False)
+    port = free_port()
+    creds = ["--tls-cert", str(server.cert), "--tls-key", str(server.key), "--tls-ca", str(ca_path)]
+    with AgentProcess(node_name="named", extra_args=["--listen", f"127.0.0.1:{port}", *creds,
+                                                     "--tls-client-name", "spillway-operator"]) as agent:
+        async def go() -> None:
+            async with AgentClient(f"127.0.0.1:{port}", tls=TlsFiles(stranger.cert, stranger.key, ca_path),
+                                   timeout=20) as bad, agent.client() as local:
+                before = await local.leases()
+                for call in (bad.inventory(), bad.acquire("1Gi", "stray"), bad.leases()):
+                    with pytest.raises(grpc.aio.AioRpcError) as info:
+                        await call
+                    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+                    details = info.value.details() or ""
+                    assert "spillway-agent-node-7" in details and "spillway-operator" in details, details
+                assert await local.leases() == before
+            async with AgentClient(f"127.0.0.1:{port}", tls=TlsFiles(operator.cert, operator.key, ca_path),
+                                   timeout=20) as good:
+                got = await good.acquire("1Gi", "tenant:x", idempotency_key="uid/0")
+                assert any(x.id == got.lease.id for x in await good.leases())  # admin: it may list
+                await good.release(got.lease.id, got.token)
+
+        asyncio.run(go())
+
+
+def test_client_names_need_a_listener(tmp_path: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "spillway", "agent", "--socket", str(tmp_path / "a.sock"),
+                        "--tls-client-name", "spillway-operator"], capture_output=True, text=True, timeout=60,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert r.returncode == 2 and "--tls-client-name" in r.stderr and "--listen" in r.stderr, r.stderr

@@ -87,7 +87,7 @@ class DraNode:
                "--agent-socket", str(self.agent.socket), "--kubeconfig", str(kubeconfig),
                "--registry-dir", str(self.workdir / "registry"), "--plugins-dir", str(self.workdir / "plugins"),
                "--cdi-dir", str(self.cdi_dir), "--state-dir", str(self.workdir / "state"),
-               "--metrics-port", str(self.metrics_port or free_port()), "--metrics-host", "127.0.0.1"]
+               "--metrics-port", str(self.metrics_port or free_port()), "--metrics-address", "127.0.0.1"]
         if not self.kubelet_plugin:
             cmd.append("--publish-only")
         env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}

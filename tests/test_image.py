@@ -68,7 +68,7 @@ try:
           "--state-dir", f"{work}/dp", "--metrics-port", dp_port)
     wait("deviceplugin", lambda: ok(dp_port, "/healthz"))
     out["deviceplugin"] = "healthy"
-    start("operator", "operator", "--kubeconfig", f"{work}/kubeconfig", "--standalone", "--metrics-host",
+    start("operator", "operator", "--kubeconfig", f"{work}/kubeconfig", "--standalone", "--metrics-address",
           "127.0.0.1", "--metrics-port", op_port, "--health-port", "-1")
     wait("operator", lambda: ok(op_port, "/readyz"), within=120)
     out["operator"] = "ready"

@@ -214,7 +214,7 @@ def test_the_operator_runs_with_an_exec_plugin_kubeconfig(account: Account) -> N
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "spillway", "operator", "--kubeconfig", str(kubeconfig), "--namespace", ns,
-             "--standalone", "--metrics-port", str(port), "--metrics-host", "127.0.0.1", "--health-port", "-1"],
+             "--standalone", "--metrics-port", str(port), "--metrics-address", "127.0.0.1", "--health-port", "-1"],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=str(REPO_ROOT),
             start_new_session=True)
     try:

@@ -16,6 +16,7 @@ from spillway import output
 from spillway.agent.client import AgentClient, largest_grantable
 from spillway.api.v1 import agent_pb2 as pb
 from spillway.contract import DEFAULT_AGENT_SOCKET, ENV_AGENT_SOCKET, ENV_LEASE_TOKEN
+from spillway.metrics import add_address_argument
 from spillway.pki import TlsFiles
 from spillway.units import (
     DurationError,
@@ -174,8 +175,8 @@ def _cmd_agent(args: argparse.Namespace) -> int:
         raise UsageError("--publish needs --advertise-endpoint HOST:PORT (or --listen) so the operator can reach it")
     cfg = AgentConfig(
         backend=args.backend, topology=args.topology, socket=args.socket, borrower_socket=args.borrower_socket,
-        listen=args.listen, tls=_tls(args), state_dir=args.state_dir, metrics_port=args.metrics_port,
-        metrics_host=args.metrics_address, granularity=args.granularity,
+        listen=args.listen, tls=_tls(args), tls_clients=frozenset(args.tls_client_name), state_dir=args.state_dir,
+        metrics_port=args.metrics_port,        metrics_host=args.metrics_address, granularity=args.granularity,
         headroom=Headroom(args.headroom_min, args.headroom_fraction), default_ttl_ms=round(args.default_ttl * 1000),
         revoke_deadline_ms=round(args.revoke_deadline * 1000), refresh_s=args.refresh, durable=args.fsync,
         publish=args.publish, advertise_endpoint=args.advertise_endpoint, drain_bytes_per_s=args.drain_rate,
@@ -184,6 +185,8 @@ def _cmd_agent(args: argparse.Namespace) -> int:
         cfg.node_name = args.node_name
     if args.listen and cfg.tls is None:
         raise UsageError("--listen serves TCP with mutual TLS only: give --tls-cert, --tls-key and --tls-ca")
+    if args.tls_client_name and not args.listen:
+        raise UsageError("--tls-client-name names who may call over mutual TLS: it needs --listen HOST:PORT")
     if not 0 <= args.headroom_fraction < 1:
         raise UsageError("--headroom-fraction must be in [0, 1), e.g. 0.05")
     return asyncio.run(run_agent(cfg))
@@ -356,11 +359,13 @@ def add_commands(sub: Any) -> None:
                         "ListLeases, Reclaim, SetGpuLocal or all-events Watch); default: borrower/ beside --socket")
     a.add_argument("--listen", default="", help="also serve HOST:PORT over TCP with mutual TLS")
     _tls_args(a)
+    a.add_argument("--tls-client-name", action="append", default=[], metavar="NAME",
+                   help="admit over mutual TLS only certificates with this common or alternative name "
+                        "(repeatable; default: every certificate --tls-ca signed; the chart admits its operator's)")
     a.add_argument("--state-dir", type=Path, default=Path("/var/lib/spillway/agent"),
                    help="lease table (SQLite) and token key")
     a.add_argument("--metrics-port", type=int, default=None, help="serve /metrics, /healthz, /readyz on this port")
-    a.add_argument("--metrics-address", default="127.0.0.1",
-                   help="address the metrics port listens on (default 127.0.0.1; the chart gives the pod IP)")
+    add_address_argument(a)
     a.add_argument("--granularity", type=_quantity, default=64 << 20, help="lease size granularity (default 64Mi)")
     a.add_argument("--headroom-min", type=_quantity0, default=2 << 30, help="never lend this much (default 2Gi)")
     a.add_argument("--headroom-fraction", type=float, default=0.05, help="...or this share of total if larger")

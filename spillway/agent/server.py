@@ -62,6 +62,7 @@ class AgentConfig:
     borrower_socket: Path | None = None  # None: <socket's directory>/borrower/<socket's name>
     listen: str = ""
     tls: TlsFiles | None = None
+    tls_clients: frozenset[str] = frozenset()  # certificate names admitted over mutual TLS (empty: any the CA signed)
     state_dir: Path | None = Path(DEFAULT_STATE_DIR)
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"  # the chart passes the pod IP
@@ -205,7 +206,7 @@ class Agent:
                         extra={"topology": str(cfg.topology), "node": cfg.node_name})
         self.core.start(cfg.refresh_s)
         self.server = grpc.aio.server(options=SERVER_OPTIONS)
-        add_to_server(AgentServicer(self.core, Role.ADMIN), self.server)
+        add_to_server(AgentServicer(self.core, Role.ADMIN, tls_clients=cfg.tls_clients), self.server)
         self.borrower_server = grpc.aio.server(options=SERVER_OPTIONS)
         add_to_server(AgentServicer(self.core, Role.BORROWER), self.borrower_server)
         for server, path in ((self.server, cfg.socket), (self.borrower_server, cfg.borrower_path)):

@@ -559,23 +559,22 @@ def _cursor(token: str) -> int:
     return cursor
 
 
-def tls_identity(context: grpc.aio.ServicerContext) -> str:
-    """`tls:<common name>` of a mutual-TLS caller's certificate; "" on a unix socket."""
+def tls_names(context: grpc.aio.ServicerContext) -> list[str]:
+    """The names of a mutual-TLS caller's certificate: its common name first, then its subject
+    alternative names; [] on a unix socket."""
     auth = context.auth_context()
-    for prop in ("x509_common_name", "x509_subject_alternative_name"):
-        values = auth.get(prop)
-        if values:
-            return "tls:" + values[0].decode(errors="replace")
-    return ""
+    return [v.decode(errors="replace") for prop in ("x509_common_name", "x509_subject_alternative_name")
+            for v in auth.get(prop) or ()]
 
 
 class AgentServicer(pb_grpc.AgentServicer):
     """The API as one role sees it: `role` is fixed by the server (socket) it is added to;
     on the admin server, a TCP caller's identity is its certificate's name."""
 
-    def __init__(self, core: AgentCore, role: Role = Role.ADMIN) -> None:
+    def __init__(self, core: AgentCore, role: Role = Role.ADMIN, tls_clients: frozenset[str] = frozenset()) -> None:
         self.core = core
         self.role = role
+        self.tls_clients = tls_clients  # empty: every certificate the CA signed
 
     @property
     def pool(self) -> Pool:
@@ -584,7 +583,14 @@ class AgentServicer(pb_grpc.AgentServicer):
     def caller(self, context: grpc.aio.ServicerContext) -> Caller:
         if self.role == Role.BORROWER:
             return Caller(Role.BORROWER, "unix:borrower")
-        return Caller(Role.ADMIN, tls_identity(context) or "unix:admin")
+        names = tls_names(context)
+        if not names:
+            return Caller(Role.ADMIN, "unix:admin")
+        if self.tls_clients and self.tls_clients.isdisjoint(names):
+            raise PoolError("PERMISSION_DENIED", f"the client certificate {names[0][:64]!r} is signed by the agent's "
+                            "CA but is not one this agent admits: the agent's --tls-client-name lists "
+                            f"{', '.join(sorted(self.tls_clients))}")
+        return Caller(Role.ADMIN, "tls:" + names[0])
 
     def admit(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> Caller:
         """Who calls, and may it: PERMISSION_DENIED or INVALID_ARGUMENT before any work."""

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from spillway.contract import DEFAULT_AGENT_SOCKET
+from spillway.metrics import add_address_argument
 from spillway.units import QuantityError, parse_quantity
 
 DEFAULT_KUBELET_DIR = "/var/lib/kubelet/device-plugins"
@@ -61,6 +62,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--no-kubernetes", action="store_true",
                    help="do not read pods: every Allocate leases on the spot (reservations are not claimed)")
     p.add_argument("--metrics-port", type=int, default=9402, help="/metrics, /healthz, /readyz port (9402; -1: off)")
+    add_address_argument(p)
     p.add_argument("--sync-interval", default="5s", help="how often PodResources is read (5s)")
     p.add_argument("--release-grace", default="30s",
                    help="age before a lease whose pod is not listed is released (30s)")
@@ -97,6 +99,7 @@ def build_config(args: argparse.Namespace) -> Any:
         kubeconfig=args.kubeconfig,
         use_kubernetes=not args.no_kubernetes,
         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+        metrics_host=args.metrics_address,
         sync_interval_s=sync,
         release_grace_s=grace,
     )

@@ -35,7 +35,7 @@ class Config:
     kubeconfig: str | None = None        # None: in-cluster, $KUBECONFIG or ~/.kube/config
     use_kubernetes: bool = True
     metrics_port: int | None = None
-    metrics_host: str = "0.0.0.0"
+    metrics_host: str = "127.0.0.1"
     agent_poll_s: float = 1.0
     kubelet_poll_s: float = 0.25
     sync_interval_s: float = 5.0

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from spillway.deviceplugin.cli import add_socket_args, check_socket_args
+from spillway.metrics import add_address_argument
 
 DEFAULT_STATE_DIR = "/var/lib/spillway/dra"
 
@@ -33,7 +34,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--publish-only", action="store_true",
                    help="only publish ResourceSlices (no kubelet plugin): for nodes without a kubelet, tests")
     p.add_argument("--metrics-port", type=int, default=9403, help="/metrics, /healthz, /readyz port (9403; -1: off)")
-    p.add_argument("--metrics-host", default="0.0.0.0", help="address the metrics port listens on (0.0.0.0)")
+    add_address_argument(p)
     p.set_defaults(func=run)
 
 
@@ -56,7 +57,7 @@ def build_config(args: argparse.Namespace) -> Any:
         kubeconfig=args.kubeconfig,
         kubelet_plugin=not args.publish_only,
         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
-        metrics_host=args.metrics_host,
+        metrics_host=args.metrics_address,
     )
 
 

@@ -35,7 +35,7 @@ class Config:
     kubeconfig: str | None = None            # None: in-cluster, $KUBECONFIG or ~/.kube/config
     kubelet_plugin: bool = True              # False: only publish ResourceSlices
     metrics_port: int | None = None
-    metrics_host: str = "0.0.0.0"
+    metrics_host: str = "127.0.0.1"
     agent_poll_s: float = 1.0
     publish_interval_s: float = 0.5
     lease_ttl_s: float = 0.0

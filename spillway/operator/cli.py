@@ -11,7 +11,7 @@ import secrets
 import signal
 from typing import Any
 
-from spillway.metrics import HttpEndpoint
+from spillway.metrics import HttpEndpoint, add_address_argument
 from spillway.units import DurationError, QuantityError, parse_duration, parse_quantity
 
 log = logging.getLogger(__name__)
@@ -25,7 +25,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--namespace", action="append", default=[], metavar="NS",
                    help="watch only this namespace (repeatable; default: all namespaces)")
     p.add_argument("--metrics-port", type=int, default=8080, help="/metrics and /readyz (0: a free port)")
-    p.add_argument("--metrics-host", default="0.0.0.0")
+    add_address_argument(p)
     p.add_argument("--health-port", type=int, default=8081, help="kopf liveness probe /healthz (-1: off)")
     p.add_argument("--prometheus-url", default="", help="Prometheus for SLO feedback (e.g. http://prometheus:9090)")
     p.add_argument("--slo-selector", default=None,
@@ -131,7 +131,7 @@ async def _main(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
     registry = kopf.OperatorRegistry()
     handlers.register(registry, engine, resync_s=cfg["resync"], peering_lifetime_s=cfg["lifetime"])
     endpoint = HttpEndpoint(metrics.registry, ready=engine.ready)
-    port = await endpoint.start(args.metrics_port, args.metrics_host)
+    port = await endpoint.start(args.metrics_port, args.metrics_address)
     log.info("operator metrics", extra={"port": port})
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

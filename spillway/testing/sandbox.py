@@ -211,7 +211,7 @@ class Sandbox:
         return [
             sys.executable, "-m", "spillway", "operator", "--kubeconfig", str(self.kubeconfig),
             "--tls-cert", str(t.cert), "--tls-key", str(t.key), "--tls-ca", str(t.ca),
-            "--metrics-port", str(self.operator_metrics_port), "--metrics-host", "127.0.0.1", "--health-port", "-1",
+            "--metrics-port", str(self.operator_metrics_port), "--metrics-address", "127.0.0.1", "--health-port", "-1",
             *extra,
         ]
 
