@@ -24,12 +24,14 @@ ALLOWED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode
 METHODS = ("GetInventory", "Acquire", "Renew", "Release", "Claim", "ListLeases", "Reclaim", "SetGpuLocal")
 
 # Adversarial strings: huge digit runs (the quadratic parse), long ids, control characters,
-# non-ASCII, quantities at the edges.
+# non-ASCII, digits that are not ASCII (isdigit() is true for a superscript one that int()
+# rejects: a page_token of one was INTERNAL), quantities at the edges.
+unicode_digits = st.sampled_from(["\u00b9", "\u0663", "\uff11\uff12", "1\u00b2", "\u0661Gi", "\u2155"])
 huge = st.sampled_from([700_000, 100_000, 4_301, 257, 129, 65]).map(lambda n: "9" * n)
-sizes = st.one_of(st.text(max_size=30), st.integers(-(10**20), 10**25).map(str), huge,
+sizes = st.one_of(st.text(max_size=30), st.integers(-(10**20), 10**25).map(str), huge, unicode_digits,
                   st.sampled_from(["1Gi", "64Mi", "0", "-1", "1.5Gi", "9999999Ei", " 2Gi ", ".5Mi", "1e9", "Gi",
                                    "1" + "0" * 63, "0." + "0" * 62 + "1", "NaN", "Infinity", "\x00", "1Gi\n"]))
-texts = st.one_of(st.text(max_size=60), st.text(max_size=3000), huge,
+texts = st.one_of(st.text(max_size=60), st.text(max_size=3000), huge, unicode_digits,
                   st.sampled_from(["", " ", "\x00" * 10, "é" * 200, "l-" + "0" * 16, "GPU-", "a" * 65, "k" * 257]))
 ints32 = st.integers(-(2**31), 2**31 - 1)
 ints64 = st.integers(-(2**63), 2**63 - 1)
