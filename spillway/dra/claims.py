@@ -26,7 +26,8 @@ def _cel_string(value: str) -> str:
 def claim_request(memory: int | str, *, name: str = REQUEST, nvlink_domain: str = "", lender_uuid: str = "",
                   not_uuid: str = "") -> dict[str, Any]:
     """One device request for `memory` of a lender GPU: in `nvlink_domain` (and not `not_uuid`,
-    the borrower's own GPU, which shares its domain), or the GPU `lender_uuid`."""
+    the borrower's own GPU, which shares its domain), and/or the GPU `lender_uuid` (the
+    selectors are ANDed)."""
     exactly: dict[str, Any] = {"deviceClassName": DEVICE_CLASS,
                                "capacity": {"requests": {CAPACITY: str(memory)}}}
     attr = f'device.attributes["{DRIVER}"]'

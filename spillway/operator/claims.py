@@ -3,8 +3,8 @@
 In this mode a replica that borrows gets one ResourceClaim of device class
 `peer-hbm.spillway.dev` instead of RESERVATION leases and `spillway.dev/peer-hbm` units: one
 request per lender the planner chose, `capacity.requests.memory` its bytes rounded up to the
-agents' granule, and a CEL selector for an NVLink peer of the replica's GPU (its `nvlinkDomain`,
-not the GPU itself) or, for a lender reached without NVLink, that lender's UUID. kube-scheduler
+agents' granule, and CEL selectors for that lender's UUID and, when it is an NVLink peer of the
+replica's GPU (always, unless no peer had room), the replica GPU's `nvlinkDomain`. kube-scheduler
 allocates it when it schedules the pod (pinned to the planned node), and the node's driver turns
 it into a lease when the pod starts. The claim is named from tenant and replica
 (`contract.claim_name`), labelled like the pod and owned by the tenant, so a retried or restarted
@@ -86,18 +86,19 @@ def round_up(nbytes: int, granule: int) -> int:
 
 
 def claim_requests(node: NodeView, own_gpu: str, lenders: Sequence[tuple[str, int]]) -> list[dict[str, Any]]:
-    """One request per planned lender: an NVLink peer of `own_gpu` (same domain, not itself) when
-    the lender is one, else that lender by UUID; its bytes rounded up to the node's granule."""
+    """One request per planned lender, its bytes rounded up to the node's granule, selecting that
+    lender by UUID and, when it is an NVLink peer of `own_gpu`, the NVLink domain of `own_gpu` too.
+    Only the UUID pins it: kube-scheduler does not know which GPUs the planner is about to give
+    to models (or to tenants that do not lend), so a claim free to take any device of the domain
+    could land on one that is taken a moment later."""
     pairs = [(x[0], x[1]) for x in (sorted(p) for p in node.nvlink)]
     domains = domains_of((g.uuid for g in node.gpus), pairs)
     out = []
     for i, (lender, nbytes) in enumerate(lenders):
         name = REQUEST if i == 0 else f"{REQUEST}-{i}"
         size = round_up(nbytes, node.granularity)
-        if own_gpu and node.nvlinked(own_gpu, lender) and own_gpu in domains:
-            out.append(claim_request(size, name=name, nvlink_domain=domains[own_gpu], not_uuid=own_gpu))
-        else:
-            out.append(claim_request(size, name=name, lender_uuid=lender))
+        domain = domains.get(own_gpu, "") if own_gpu and node.nvlinked(own_gpu, lender) else ""
+        out.append(claim_request(size, name=name, nvlink_domain=domain, lender_uuid=lender))
     return out
 
 
