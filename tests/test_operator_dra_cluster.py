@@ -118,7 +118,8 @@ def test_auto_picks_dra_and_the_example_tenants_get_claims_allocated_on_nvlink_p
             node = pod["spec"]["nodeName"]
             own = pod["metadata"]["annotations"]["spillway.dev/gpu"]
             # The pod lists the claim instead of peer-hbm units and reservation annotations.
-            assert pod["spec"]["resourceClaims"] == [{"name": "peer-memory", "resourceClaimName": c["metadata"]["name"]}]
+            ref = {"name": "peer-memory", "resourceClaimName": c["metadata"]["name"]}
+            assert pod["spec"]["resourceClaims"] == [ref]
             res = pod["spec"]["containers"][0]["resources"]
             assert res["claims"] == [{"name": "peer-memory"}]
             assert "spillway.dev/peer-hbm" not in res.get("limits", {})

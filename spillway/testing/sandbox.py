@@ -4,7 +4,8 @@ The local control plane (`spillway.testing.cluster.Cluster`), the CRDs, kwok GPU
 for DGX H100s, one agent per node (simulated GPUs, TCP with mutual TLS, `--publish` keeping the
 node's MemoryPool current), and the operator (`python -m spillway operator`) as a subprocess so
 it can be killed outright. `start_dra` adds the DRA driver: the chart's DeviceClass and one
-`spillway dra --publish-only` per node (kwok nodes run no kubelet). The GPUs are simulated; nothing here pretends otherwise.
+`spillway dra --publish-only` per node (kwok nodes run no kubelet). The GPUs are simulated;
+nothing here pretends otherwise.
 """
 
 from __future__ import annotations
@@ -239,7 +240,8 @@ class Sandbox:
                     cwd=str(REPO_ROOT), start_new_session=True)
 
         def published() -> bool:
-            out = self.cluster.kubectl("get", "resourceslices", "-o", "jsonpath={.items[*].spec.nodeName}",  # type: ignore[union-attr]
+            assert self.cluster is not None
+            out = self.cluster.kubectl("get", "resourceslices", "-o", "jsonpath={.items[*].spec.nodeName}",
                                        check=False).stdout.split()
             return all(n in out for n in nodes)
 
