@@ -256,6 +256,9 @@ class Demo:
         self.show("get", "resourceclaims", "-A")
         self.show("get", "resourceclaim", f"{LOADED}-0-peer-hbm", "-n", NAMESPACE, "-o",
                   "jsonpath={.status.allocation.devices.results}{\"\\n\"}")
+        self.show("get", "resourceclaim", f"{LOADED}-0-peer-hbm", "-n", NAMESPACE, "-o",
+                  "jsonpath={.spec.devices.requests[0].exactly.selectors}{\"\\n\"}")
+        self.show("get", "inferencetenant", LOADED, "-n", NAMESPACE, "-o", "jsonpath={.status.placements[0]}{\"\\n\"}")
         out("(kwok nodes run no kubelet, so nothing prepares these claims: the scheduler counts their memory on "
             "the lender device, the agent holds no lease for them; SLO growth below is ELASTIC leases at the agent)")
 
