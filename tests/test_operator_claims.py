@@ -55,6 +55,8 @@ def test_a_replica_claim_pins_its_lenders_and_names_the_nvlink_domain_of_its_gpu
     seen = observe_claim(c)
     assert (seen.replica, seen.tenant_uid, seen.node, seen.gpu_uuid) == (2, "uid-1", "n1", "GPU-0")
     assert seen.requested == 12 * GIB + GRANULE and not seen.allocated
+    # What was planned, for an operator that restarts before kube-scheduler allocates it.
+    assert seen.planned == a.lenders and lenders_of(seen, {}) == a.lenders
 
 
 def allocated(c: dict[str, Any], pool: str, device: str, nbytes: int, *, deleting: bool = False) -> dict[str, Any]:

@@ -29,13 +29,17 @@ from spillway.contract import (
     ALLOCATION_DEVICEPLUGIN,
     ALLOCATION_DRA,
     ANN_GPU,
+    ANN_LENDERS,
     ANN_NODE,
+    ANN_PEER_BYTES,
     ANN_TENANT_UID,
     LABEL_MANAGED_BY,
     LABEL_REPLICA,
     LABEL_TENANT,
     MANAGED_BY,
     claim_name,
+    join_list,
+    split_list,
 )
 from spillway.dra import CAPACITY, DEVICE_CLASS, DRIVER
 from spillway.dra.claims import REQUEST, borrower_claim, claim_request
@@ -110,7 +114,11 @@ def build_claim(tenant: TenantRef, node: NodeView, a: Assignment) -> dict[str, A
         labels={LABEL_TENANT: tenant.name, LABEL_REPLICA: str(r), LABEL_MANAGED_BY: MANAGED_BY},
         requests=claim_requests(node, a.gpu_uuid, a.lenders),
     )
-    claim["metadata"]["annotations"] = {ANN_TENANT_UID: tenant.uid, ANN_GPU: a.gpu_uuid, ANN_NODE: a.node}
+    claim["metadata"]["annotations"] = {
+        ANN_TENANT_UID: tenant.uid, ANN_GPU: a.gpu_uuid, ANN_NODE: a.node,
+        # The plan, for an operator that restarts before the claim is allocated.
+        ANN_LENDERS: join_list(g for g, _ in a.lenders), ANN_PEER_BYTES: join_list(b for _, b in a.lenders),
+    }
     claim["metadata"]["ownerReferences"] = [owner_reference(tenant)]
     return claim
 
@@ -129,6 +137,7 @@ class ObservedClaim:
     gpu_uuid: str  # the replica's own GPU (annotation)
     requested: int  # bytes, all requests together
     allocated: tuple[tuple[str, str, int], ...] = ()  # (pool, device, consumed bytes) per result
+    planned: tuple[tuple[str, int], ...] = ()  # (lender GPU, bytes) as the operator planned them
     reserved: bool = False  # some pod is reserved for it
     terminating: bool = False
 
@@ -151,6 +160,9 @@ def observe_claim(obj: Mapping[str, Any]) -> ObservedClaim:
     requested = 0
     for req in ((obj.get("spec") or {}).get("devices") or {}).get("requests") or []:
         requested += _bytes((((req.get("exactly") or {}).get("capacity") or {}).get("requests") or {}).get(CAPACITY))
+    gpus = split_list(ann.get(ANN_LENDERS))
+    sizes = [plain_int(x, max_digits=24) for x in split_list(ann.get(ANN_PEER_BYTES))]
+    planned = tuple((g, n or 0) for g, n in zip(gpus, sizes, strict=False)) if len(gpus) == len(sizes) else ()
     status = obj.get("status") or {}
     results = (((status.get("allocation") or {}).get("devices") or {}).get("results")) or []
     allocated = tuple(
@@ -161,7 +173,7 @@ def observe_claim(obj: Mapping[str, Any]) -> ObservedClaim:
         name=str(meta.get("name") or ""), namespace=str(meta.get("namespace") or ""), uid=str(meta.get("uid") or ""),
         tenant=str(labels.get(LABEL_TENANT) or ""), replica=plain_int(labels.get(LABEL_REPLICA)),
         tenant_uid=str(ann.get(ANN_TENANT_UID) or ""), node=str(ann.get(ANN_NODE) or ""),
-        gpu_uuid=str(ann.get(ANN_GPU) or ""), requested=requested, allocated=allocated,
+        gpu_uuid=str(ann.get(ANN_GPU) or ""), requested=requested, allocated=allocated, planned=planned,
         reserved=bool(status.get("reservedFor")), terminating=bool(meta.get("deletionTimestamp")),
     )
 
@@ -175,7 +187,10 @@ def fits(found: ObservedClaim, wanted: ObservedClaim) -> bool:
 
 
 def lenders_of(claim: ObservedClaim, pools: Mapping[str, NodeView]) -> tuple[tuple[str, int], ...]:
-    """The lender GPUs (UUIDs where the pool is known) and consumed bytes of an allocated claim."""
+    """The lender GPUs (UUIDs where the pool is known) and consumed bytes of an allocated claim;
+    of one not allocated yet, the planned ones."""
+    if not claim.allocated:
+        return claim.planned
     out = []
     for pool, device, nbytes in claim.allocated:
         view = pools.get(pool)
@@ -211,14 +226,15 @@ class ReplicaClaims(ReplicaLeases):
         return [observe_claim(x) for x in items]
 
     def _note(self, claims: Iterable[ObservedClaim]) -> None:
-        """Remember the claims, and give the replicas' assignments the lenders they were allocated."""
+        """Remember the claims, and give the replicas' assignments their claims' lenders (allocated,
+        else planned), so the planner counts them while no lease at the agent shows them yet."""
         for c in claims:
             self.found[(c.namespace, c.name)] = c
-            if c.replica is None or not c.allocated:
+            if c.replica is None:
                 continue
             key = ReplicaKey(c.namespace, c.tenant, c.replica)
             a = self.assignments.get(key)
-            if a is None or a.node != c.node:
+            if a is None or a.node != c.node or a.gpu_uuid != c.gpu_uuid or c.terminating:
                 continue
             got = lenders_of(c, self.cluster.pools)
             elastic = a.lenders[len(a.claim_lenders):]

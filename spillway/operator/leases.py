@@ -168,7 +168,8 @@ class ReplicaLeases:
                         f"on {pod.node} has {format_bytes(need)}, so it spills to host memory")
             return dataclasses.replace(pod, leases=tuple(keep_res), elastic=tuple(keep_el), fallback=True)
         leases = keep_res + new
-        await self.kube.patch_pod(ns, pod.name, reservation_patch(pod.node, leases, fallback=pod.fallback))
+        if not pod.claim:  # a pod whose claim holds its reservation carries no reservation annotations
+            await self.kube.patch_pod(ns, pod.name, reservation_patch(pod.node, leases, fallback=pod.fallback))
         if len(keep_el) != len(pod.elastic):
             await self.patch_elastic(ns, pod.name, keep_el)
         if outcome is rc.AfterLost.MOVED:
