@@ -241,7 +241,7 @@ def run(nodes: int, tenants: int, timeout: float, per_helper: int = 10,
     finally:
         sb.stop_operator()
         keep = os.environ.get("SPILLWAY_BENCH_LOGS")
-        if keep:
+        if keep and sb.operator_log.exists():   # none when the run failed before the operator started
             import shutil
 
             shutil.copy(sb.operator_log, keep)
