@@ -76,7 +76,7 @@ def run(nodes: int, pods: int, timeout: float) -> dict[str, float]:
     from spillway.dra.slices import build_devices, build_slice
     from spillway.testing.agentproc import AgentProcess
     from spillway.testing.cluster import Cluster
-    from spillway.testing.sandbox import H100_LABELS
+    from spillway.testing.sandbox import H100_LABELS, dra_class_manifest
 
     results: dict[str, float] = {}
     with AgentProcess(topology=REPO / "examples" / "topologies" / "dgx-h100.yaml") as agent:
@@ -86,10 +86,7 @@ def run(nodes: int, pods: int, timeout: float) -> dict[str, float]:
         inventory = asyncio.run(pool())
     units = sum(int(g.lendable_bytes) for g in inventory.gpus) >> 30
     with Cluster() as cluster:
-        chart = cluster.helm("template", "spillway", str(REPO / "charts" / "spillway"), "--api-versions",
-                             "resource.k8s.io/v1", "--set", "dra.enabled=true",
-                             "--show-only", "templates/dra-deviceclass.yaml").stdout
-        cluster.kubectl("apply", "-f", "-", input=chart)
+        cluster.kubectl("apply", "-f", "-", input=dra_class_manifest(cluster))
         names = [f"gpu-{i:03d}" for i in range(nodes)]
         t0 = time.monotonic()
         for n in names:

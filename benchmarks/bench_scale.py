@@ -1,13 +1,21 @@
 """Operator scale: 500 InferenceTenants on 100 kwok nodes x 8 simulated GPUs, all Running, timed;
-side by side, in the same run and on the same nodes, kube-scheduler binding 500 plain GPU pods.
+side by side, in the same run and on the same nodes, kube-scheduler binding 500 plain GPU pods,
+and the same 500 tenants placed through the device plugin path (RESERVATION leases and
+`spillway.dev/peer-hbm` units) and then through DRA (one ResourceClaim per borrower, allocated by
+kube-scheduler on the nodes' ResourceSlices; the operator's `--allocation auto` picks it once the
+DeviceClass exists).
 
     python -m benchmarks scale            # or: python -m benchmarks.bench_scale [--nodes 100 --tenants 500]
+                                          #     [--allocation both|deviceplugin|dra]
 
 100 agent processes do not fit a 2-core machine, so the agents run in-process, 10 per helper
 process (10 helpers for 100 nodes): real agent services (each its own pool, gRPC server on its own
 TCP port with mutual TLS, and its own MemoryPool publisher) sharing one event loop per helper.
 (One helper for all 100 stalled after about 20 agents on this machine.) The GPUs are simulated
-(dgx-h100 topology).
+(dgx-h100 topology). 100 `spillway dra` processes do not fit either: each node's ResourceSlice is
+the driver's own `build_slice` of that node's agent pool (read over gRPC) when the DRA phase
+starts, written once (kwok nodes run no kubelet, so no claim is prepared into a lease and the
+slices would not change).
 """
 
 from __future__ import annotations
@@ -97,9 +105,9 @@ def _wait_count(cluster: Any, want: int, timeout: float, *args: str, jsonpath: s
         time.sleep(1.0)
 
 
-def _print_stragglers(cluster: Any) -> None:
+def _print_stragglers(cluster: Any, ns: str) -> None:
     """Which tenants did not get to Running, and what the operator said about them."""
-    items = json.loads(cluster.kubectl("get", "inferencetenants", "-n", "bench", "-o", "json", timeout=120).stdout)
+    items = json.loads(cluster.kubectl("get", "inferencetenants", "-n", ns, "-o", "json", timeout=120).stdout)
     for it in items["items"]:
         st = it.get("status") or {}
         if st.get("phase") == "Running":
@@ -108,20 +116,48 @@ def _print_stragglers(cluster: Any) -> None:
         conds = {c.get("type"): f"{c.get('status')} {c.get('reason', '')}: {c.get('message', '')}"
                  for c in st.get("conditions") or []}
         print(f"  not Running: {name} phase={st.get('phase')} replicas={st.get('replicas')} {conds}", flush=True)
-        ev = cluster.kubectl("get", "events", "-n", "bench", "--field-selector", f"involvedObject.name={name}",
+        ev = cluster.kubectl("get", "events", "-n", ns, "--field-selector", f"involvedObject.name={name}",
                              "--sort-by=.lastTimestamp", "-o", "custom-columns=REASON:.reason,MSG:.message",
                              check=False, timeout=60).stdout.strip().splitlines()[-4:]
         for line in ev:
             print(f"    {line[:300]}", flush=True)
 
 
-def run(nodes: int, tenants: int, timeout: float, per_helper: int = 10) -> dict[str, float]:
+async def _slices(endpoints: dict[str, str], tls: Any) -> list[dict[str, Any]]:
+    """Each node's ResourceSlice as `spillway dra` would publish it from its agent's pool now."""
+    from spillway.agent.client import AgentClient
+    from spillway.dra.slices import build_devices, build_slice
+
+    out = []
+    for node, endpoint in endpoints.items():
+        async with AgentClient(endpoint, tls=tls) as c:
+            out.append(build_slice(node, build_devices(node, await c.inventory(), await c.leases()), 1))
+    return out
+
+
+def _tenants_running(cluster: Any, ns: str, tenants: int, timeout: float) -> float:
+    """Create the tenants in `ns`; the seconds from the create until all are Running."""
+    cluster.create_namespace(ns)
+    t0 = time.monotonic()
+    cluster.kubectl("create", "-n", ns, "-f", "-", input=_tenants(tenants), timeout=300)
+    try:
+        _wait_count(cluster, tenants, timeout, "inferencetenants", "-n", ns,
+                    jsonpath="{.items[*].status.phase}", value="Running")
+    except TimeoutError:
+        _print_stragglers(cluster, ns)
+        raise
+    return time.monotonic() - t0
+
+
+def run(nodes: int, tenants: int, timeout: float, per_helper: int = 10,
+        allocation: str = "both") -> dict[str, float]:
     from spillway.testing.cluster import wait_until
-    from spillway.testing.sandbox import H100_LABELS, Sandbox, free_port
+    from spillway.testing.sandbox import H100_LABELS, Sandbox, dra_class_manifest, free_port
 
     results: dict[str, float] = {}
     sb = Sandbox()
     helpers: list[subprocess.Popen[bytes]] = []
+    endpoints: dict[str, str] = {}
     try:
         t0 = time.monotonic()
         sb.start()
@@ -139,6 +175,7 @@ def run(nodes: int, tenants: int, timeout: float, per_helper: int = 10) -> dict[
                 "agents": [{"node": n, "endpoint": f"127.0.0.1:{free_port()}",
                             "socket": str(sb.workdir / "a" / f"{n}.sock")} for n in names[h:h + per_helper]],
             }
+            endpoints.update({a["node"]: a["endpoint"] for a in spec["agents"]})
             spec_path = sb.workdir / f"agents-{h}.json"
             spec_path.write_text(json.dumps(spec))
             with (sb.workdir / f"agents-{h}.log").open("wb") as log:
@@ -165,29 +202,46 @@ def run(nodes: int, tenants: int, timeout: float, per_helper: int = 10) -> dict[
         results["plain_pods_running_s"] = time.monotonic() - t0  # from the create call, as for the tenants
         cluster.kubectl("delete", "pods", "--all", "-n", "plain", "--wait=true", "--timeout=300s", timeout=400)
 
-        # Spillway: the operator places, reserves and creates one pod per tenant.
-        sb.start_operator(["--resync-interval", "60s", "--lease-ttl", "5m"])
-        cluster.create_namespace("bench")
-        t0 = time.monotonic()
-        cluster.kubectl("create", "-n", "bench", "-f", "-", input=_tenants(tenants), timeout=300)
-        results["tenants_created_s"] = time.monotonic() - t0
-        try:
-            _wait_count(cluster, tenants, timeout, "inferencetenants", "-n", "bench",
-                        jsonpath="{.items[*].status.phase}", value="Running")
-        except TimeoutError:
-            _print_stragglers(cluster)
-            raise
-        results["tenants_running_s"] = time.monotonic() - t0
-        leases = 0
-        for x in _count(cluster, "memorypools", jsonpath="{.items[*].status.totals.leased}"):
-            leases += x not in ("0", "")
-        results["pools_with_leases"] = float(leases)
-        results["ratio"] = results["tenants_running_s"] / results["plain_pods_running_s"]
+        operator_args = ["--resync-interval", "60s", "--lease-ttl", "5m"]
+        if allocation in ("both", "deviceplugin"):
+            # The device plugin path: the operator places, reserves at the agent, creates one pod per tenant.
+            sb.start_operator([*operator_args, "--allocation", "auto"])
+            results["tenants_running_s"] = _tenants_running(cluster, "bench", tenants, timeout)
+            leases = 0
+            for x in _count(cluster, "memorypools", jsonpath="{.items[*].status.totals.leased}"):
+                leases += x not in ("0", "")
+            results["pools_with_leases"] = float(leases)
+            results["ratio"] = results["tenants_running_s"] / results["plain_pods_running_s"]
+            t0 = time.monotonic()
+            cluster.kubectl("delete", "inferencetenants", "--all", "-n", "bench", "--wait=true", "--timeout=600s",
+                            timeout=700)
+            wait_until(lambda: not _count(cluster, "pods", "-n", "bench", jsonpath="{.items[*].metadata.name}"),
+                       timeout=600, what="the device plugin path's pods to go", interval=1.0)
+            results["tenants_deleted_s"] = time.monotonic() - t0
+            sb.stop_operator()
+        if allocation in ("both", "dra"):
+            # DRA: the DeviceClass and the slices, then the operator (auto picks dra) makes one claim per borrower.
+            t0 = time.monotonic()
+            cluster.kubectl("apply", "-f", "-", input=dra_class_manifest(cluster))
+            slices = asyncio.run(_slices(endpoints, sb.client_tls))
+            cluster.kubectl("create", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List",
+                                                                   "items": slices}), timeout=300)
+            results["slices_s"] = time.monotonic() - t0
+            sb.start_operator([*operator_args, "--allocation", "auto"])
+            wait_until(lambda: "allocation dra" in sb.operator_log.read_text(), timeout=60,
+                       what="the operator to pick allocation dra")
+            results["dra_tenants_running_s"] = _tenants_running(cluster, "bench-dra", tenants, timeout)
+            out = cluster.kubectl("get", "resourceclaims", "-n", "bench-dra", "-o", "json", timeout=120).stdout
+            claims = json.loads(out)["items"]
+            allocated = [c for c in claims if (c.get("status") or {}).get("allocation")]
+            results["claims"] = float(len(claims))
+            results["claims_allocated"] = float(len(allocated))
+            results["dra_ratio"] = results["dra_tenants_running_s"] / results["plain_pods_running_s"]
         return results
     finally:
         sb.stop_operator()
         keep = os.environ.get("SPILLWAY_BENCH_LOGS")
-        if keep:
+        if keep and sb.operator_log.exists():   # none when the run failed before the operator started
             import shutil
 
             shutil.copy(sb.operator_log, keep)
@@ -206,6 +260,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--nodes", type=int, default=100)
     parser.add_argument("--tenants", type=int, default=500)
     parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument("--allocation", choices=("both", "deviceplugin", "dra"), default="both",
+                        help="which operator path(s) to time after the plain pods (default both, one after the other)")
     parser.add_argument("--agents-host", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.agents_host:
@@ -222,15 +278,23 @@ def main(argv: list[str]) -> int:
         asyncio.run(serve())
         return 0
     with tempfile.TemporaryDirectory():
-        r = run(args.nodes, args.tenants, args.timeout)
+        r = run(args.nodes, args.tenants, args.timeout, allocation=args.allocation)
     print(f"{args.tenants} tenants on {args.nodes} kwok nodes x 8 simulated GPUs (agents in-process, 10 per helper)")
     print(f"  control plane start     {r['cluster_start_s']:7.1f} s")
     print(f"  {args.nodes} agents + MemoryPools {r['agents_start_s']:7.1f} s")
     print(f"  {args.nodes} nodes Ready          {r['nodes_ready_s']:7.1f} s")
     print(f"  plain pods Running      {r['plain_pods_running_s']:7.1f} s  (kube-scheduler alone, {args.tenants} pods)")
-    print(f"  tenants Running         {r['tenants_running_s']:7.1f} s  (operator: place, reserve, create, status)")
-    print(f"  ratio                   {r['ratio']:7.2f} x")
-    print(f"  pools with leases       {int(r['pools_with_leases'])} of {args.nodes}")
+    if "tenants_running_s" in r:
+        print(f"  tenants Running         {r['tenants_running_s']:7.1f} s  (device plugin path: place, reserve at the "
+              "agent, create, status)")
+        print(f"  ratio                   {r['ratio']:7.2f} x")
+        print(f"  pools with leases       {int(r['pools_with_leases'])} of {args.nodes}")
+        print(f"  tenants deleted         {r['tenants_deleted_s']:7.1f} s  (finalizers: pods deleted, leases released)")
+    if "dra_tenants_running_s" in r:
+        print(f"  DeviceClass + slices    {r['slices_s']:7.1f} s")
+        print(f"  tenants Running (DRA)   {r['dra_tenants_running_s']:7.1f} s  (place, create claim, create pod; "
+              f"kube-scheduler allocates; {int(r['claims_allocated'])} of {int(r['claims'])} claims allocated)")
+        print(f"  ratio (DRA)             {r['dra_ratio']:7.2f} x")
     return 0
 
 

@@ -7,16 +7,17 @@ What runs, each process in a process group of its own:
 - one kwok node standing for three H100 80GB joined by NVLink (SIMULATED: no GPU is used) and
   its Spillway agent (simulated GPU backend, gRPC over TCP with mutual TLS, publishing its
   MemoryPool);
-- the operator, with --prometheus-url: it reads each tenant's latency from Prometheus;
+- the DRA driver (`spillway dra --publish-only`: kwok nodes have no kubelet) and the chart's
+  DeviceClass, so the node's GPUs are ResourceSlice devices with consumable memory (docs/dra.md);
+- the operator, with --prometheus-url: it reads each tenant's latency from Prometheus; its
+  `--allocation auto` finds the DeviceClass and places replicas through ResourceClaims, which
+  kube-scheduler allocates on a lender GPU;
 - the tenants in hack/demo/tenants.yaml, and for each replica the operator places, one example
   model server process (examples/toy_server in its tiny configuration on CPU: its latency is
   real and measured, its model is a stand-in for the one the tenant names);
 - the Debian Prometheus, scraping every model server with the `namespace` and `pod` labels the
   operator queries, and the operator's own metrics;
-- a load generator (hack/demo_load.py);
-- the DRA driver (`spillway dra --publish-only`: kwok nodes have no kubelet), publishing the
-  node's ResourceSlice, and one borrower asking for peer memory with a ResourceClaim that
-  kube-scheduler allocates on a lender GPU (docs/dra.md).
+- a load generator (hack/demo_load.py).
 
 Then the loop: light load until every tenant meets its SLO; the load on `chat` goes up until it
 misses its SLO and the operator grows its ELASTIC peer memory (kubectl get columns, Events);
@@ -190,6 +191,10 @@ class Demo:
         say(f"adding node {NODE}: SIMULATED, 3 x H100 80GB joined by NVLink ({TOPOLOGY.relative_to(REPO)}; no GPU "
             "is used), and its Spillway agent (simulated GPU backend, gRPC over TCP + mutual TLS, MemoryPool)")
         self.sb.add_gpu_nodes([NODE], topology=TOPOLOGY)
+        say("starting the DRA driver (spillway dra --publish-only: kwok nodes run no kubelet) and applying the "
+            "chart's DeviceClass peer-hbm.spillway.dev: each lending GPU becomes a ResourceSlice device with "
+            "consumable memory")
+        self.sb.start_dra([NODE])
         say("starting Prometheus (the Debian package), scraping every second")
         self.prom = PrometheusProcess(self.state / "prometheus", new_session=True)
         self.prom.workdir.mkdir(parents=True, exist_ok=True)
@@ -199,6 +204,8 @@ class Demo:
         self.sb.start_operator(["--resync-interval", "3s", "--lease-ttl", "60s", "--prometheus-url", self.prom.url,
                                 "--slo-step", self.args.slo_step])
         self.prom.add_target(f"127.0.0.1:{self.sb.operator_metrics_port}", {"component": "operator"})
+        chosen = [x for x in self.sb.operator_log.read_text().splitlines() if "allocation " in x and "msg=" in x]
+        out("operator: " + (chosen[-1].split("msg=", 1)[1].split('" ', 1)[0].strip('"') if chosen else "?"))
 
     def apply_tenants(self) -> None:
         docs = [d for d in yaml.safe_load_all(TENANTS.read_text()) if d]
@@ -220,43 +227,40 @@ class Demo:
         self.show("get", "inferencetenants", "-n", NAMESPACE)
         self.show("get", "pods", "-n", NAMESPACE, "-l", "spillway.dev/tenant", "-o", "wide")
         self.show("get", "memorypools")
+        self.show_claims()
 
-    def show_dra(self) -> None:
-        """The same pool as kube-scheduler sees it through DRA, and one borrower allocated by it."""
-        say("starting the DRA driver (spillway dra --publish-only: kwok nodes run no kubelet): the node's "
-            "ResourceSlice, each lending GPU a device with consumable memory")
-        chart = self.kube.helm("template", "spillway", str(REPO / "charts" / "spillway"), "--api-versions",
-                               "resource.k8s.io/v1", "--set", "dra.enabled=true",
-                               "--show-only", "templates/dra-deviceclass.yaml").stdout
-        self.kube.kubectl("apply", "-f", "-", input=chart)
-        self.spawn("dra", [sys.executable, "-m", "spillway", "dra", "--publish-only", "--node-name", NODE,
-                           "--agent-socket", str(self.sb.agents[NODE].socket), "--kubeconfig", str(self.sb.kubeconfig),
-                           "--state-dir", str(self.state / "dra"), "--metrics-port", "-1"],
-                   dict(os.environ, PYTHONPATH=str(REPO)))
-        say("a borrower through DRA: a ResourceClaim for 16Gi of a lender GPU's memory, and its pod")
-        from spillway.dra.claims import borrower_claim
+    def show_claims(self) -> None:
+        """The tenants' ResourceClaims beside them: the lender kube-scheduler allocated, the memory consumed."""
+        def allocated() -> bool:
+            items = self.kube.get_json("resourceclaims", "-n", NAMESPACE)["items"]
+            return all((c.get("status") or {}).get("allocation") for c in items)
 
-        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "dra-borrower", "namespace": "default"},
-               "spec": {"tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
-                        "resourceClaims": [{"name": "hbm", "resourceClaimName": "dra-borrower-kv"}],
-                        "containers": [{"name": "server", "image": "spillway/toy-server:0.1.0",
-                                        "resources": {"claims": [{"name": "hbm"}]}}]}}
-        self.kube.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": [
-            borrower_claim("default", "dra-borrower-kv", "16Gi"), pod]}))
         try:
-            wait_until(lambda: (self.kube.get_json("resourceclaim", "dra-borrower-kv", "-n", "default").get("status")
-                                or {}).get("allocation"), timeout=90, what="the claim to be allocated")
+            wait_until(allocated, timeout=60, what="the tenants' claims to be allocated")
         except TimeoutError as exc:
             out(f"warning: {exc}")
+        result = ".status.allocation.devices.results[0]"
+        self.show("get", "resourceclaims", "-A", "-o", "custom-columns=NAMESPACE:.metadata.namespace,"
+                  "NAME:.metadata.name,TENANT:.metadata.labels.spillway\\.dev/tenant,"
+                  f"NODE:{result}.pool,LENDER:{result}.device,CONSUMED:{result}.consumedCapacity.memory,"
+                  "POD:.status.reservedFor[0].name")
+
+    def show_dra(self) -> None:
+        """The pool as kube-scheduler sees it through DRA, and the claims it allocated on it."""
+        say("the same pool through DRA: the node's ResourceSlice (one device per lending GPU, consumable memory), "
+            "and the claims the operator made for the borrowers' replicas")
         self.show("get", "resourceslices", "-o", "wide")
         self.show("get", "resourceslices", "-o", "jsonpath={range .items[*]}{.spec.nodeName}{range .spec.devices[*]}"
                   "{\"\\n  \"}{.attributes.index.int}{\"  \"}{.attributes.uuid.string}{\"  memory=\"}"
                   "{.capacity.memory.value}{end}{\"\\n\"}{end}")
         self.show("get", "resourceclaims", "-A")
-        self.show("get", "resourceclaim", "dra-borrower-kv", "-o",
+        self.show("get", "resourceclaim", f"{LOADED}-0-peer-hbm", "-n", NAMESPACE, "-o",
                   "jsonpath={.status.allocation.devices.results}{\"\\n\"}")
-        out("(kwok nodes run no kubelet, so nothing prepares this claim: the scheduler counts its 16Gi on the "
-            "lender device, the agent holds no lease for it)")
+        self.show("get", "resourceclaim", f"{LOADED}-0-peer-hbm", "-n", NAMESPACE, "-o",
+                  "jsonpath={.spec.devices.requests[0].exactly.selectors}{\"\\n\"}")
+        self.show("get", "inferencetenant", LOADED, "-n", NAMESPACE, "-o", "jsonpath={.status.placements[0]}{\"\\n\"}")
+        out("(kwok nodes run no kubelet, so nothing prepares these claims: the scheduler counts their memory on "
+            "the lender device, the agent holds no lease for them; SLO growth below is ELASTIC leases at the agent)")
 
     def start_servers(self) -> None:
         pods = self.kube.get_json("pods", "-n", NAMESPACE, "-l", "spillway.dev/tenant")["items"]
@@ -312,8 +316,8 @@ class Demo:
                    self.args.surge_windows * (w + 4) + 30, f"{LOADED}'s peer memory reaching its limit")
         self.show("get", "inferencetenants", "-n", NAMESPACE)
         self.events("PeerMemoryGrown", "SLOMissed", "ElasticGrowFailed")
-        out("(the lent memory is leased for real at the simulated agent; these CPU model servers do not use it, so "
-            "their latency falls only when the load does)")
+        out("(the ELASTIC memory is leased for real at the simulated agent; these CPU model servers do not use it, "
+            "so their latency falls only when the load does)")
 
         say(f"lowering the load on {LOADED} to {self.args.base_rate:g} requests/s")
         self.phases.append((time.time(), "LOAD DOWN"))

@@ -27,7 +27,24 @@ PEER_HBM_RESOURCE = "spillway.dev/peer-hbm"  # advertised by the device plugin, 
 PEER_HBM_UNIT = 1 << 30  # one unit = 1 GiB (the device plugin's default --unit)
 GPU_RESOURCE = "nvidia.com/gpu"
 
-# -- labels on tenant pods -------------------------------------------------------------------
+# -- how the operator gets a replica its peer memory (`spillway operator --allocation`) ------
+
+ALLOCATION_DRA = "dra"  # one ResourceClaim per replica, allocated by kube-scheduler (docs/dra.md)
+ALLOCATION_DEVICEPLUGIN = "deviceplugin"  # RESERVATION leases + the `spillway.dev/peer-hbm` resource
+ALLOCATION_AUTO = "auto"  # dra where the cluster serves resource.k8s.io/v1 and has the DeviceClass
+ALLOCATION_MODES = (ALLOCATION_AUTO, ALLOCATION_DRA, ALLOCATION_DEVICEPLUGIN)
+# The name under which a tenant pod lists its ResourceClaim (spec.resourceClaims[].name and the
+# model container's resources.claims[].name).
+POD_CLAIM_REF = "peer-memory"
+
+
+def claim_name(tenant: str, replica: int) -> str:
+    """The ResourceClaim of a tenant replica (allocation dra): deterministic, so a retried or
+    restarted reconcile finds it again and the API server refuses a second one."""
+    return f"{tenant}-{replica}-peer-hbm"
+
+
+# -- labels on tenant pods (and on their ResourceClaims) --------------------------------------
 
 LABEL_TENANT = "spillway.dev/tenant"
 LABEL_REPLICA = "spillway.dev/replica"

@@ -51,6 +51,10 @@ WIRE = {
     "DEFAULT_AGENT_SOCKET": "/run/spillway/agent.sock",
     "TRAILER_LARGEST_GRANTABLE": "spillway-largest-grantable-bytes",
     "TIME_FORMAT": "%Y-%m-%dT%H:%M:%SZ",
+    "ALLOCATION_DRA": "dra",
+    "ALLOCATION_DEVICEPLUGIN": "deviceplugin",
+    "ALLOCATION_AUTO": "auto",
+    "POD_CLAIM_REF": "peer-memory",
 }
 
 
@@ -82,9 +86,11 @@ def _string_literals(path: Path) -> set[str]:
 
 def test_no_other_module_spells_a_contract_value() -> None:
     # Values that are also plain words elsewhere (the spec's fallback enum, kopf's reporting
-    # component, nvidia's resource in the simulated clusters) are left out.
+    # component, nvidia's resource in the simulated clusters, the allocation modes that are also
+    # subcommands) are left out.
     shared = {v for k, v in WIRE.items() if isinstance(v, str) and k not in (
-        "FALLBACK_HOST_MEMORY", "LIST_SEPARATOR", "GPU_RESOURCE", "MANAGED_BY", "LABEL_MANAGED_BY")}
+        "FALLBACK_HOST_MEMORY", "LIST_SEPARATOR", "GPU_RESOURCE", "MANAGED_BY", "LABEL_MANAGED_BY",
+        "ALLOCATION_DRA", "ALLOCATION_DEVICEPLUGIN", "ALLOCATION_AUTO")}
     found = []
     for path in sorted((ROOT / "spillway").rglob("*.py")):
         rel = path.relative_to(ROOT)

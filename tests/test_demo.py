@@ -168,13 +168,17 @@ def check_the_loop(run: DemoRun, png: Path) -> None:
     assert all(r[5][-1] == "s" and r[6][-1] == "s" for r in rows), rows
     assert rows[1][4] != rows[0][4] == rows[2][4], rows  # PEER-MEM grew, then went back
     assert f"{png}" in out
-    # The DRA driver's slice beside the pool, and the borrower's claim allocated on a lender GPU.
+    # The DRA driver's slice beside the pool; the operator (allocation auto) placed chat through a
+    # ResourceClaim that kube-scheduler allocated on a lender GPU; the claims table beside the tenants.
+    assert "allocation dra" in out
     slices = out.split("$ kubectl get resourceslices -o wide", 1)[1].split("$ ", 1)[0]
     assert len([line for line in slices.strip().splitlines()[1:] if "peer-hbm.spillway.dev" in line]) == 1, slices
-    claims = out.split("$ kubectl get resourceclaims -A", 1)[1].split("$ ", 1)[0]
-    assert re.search(r"dra-borrower-kv\s+allocated,reserved", claims), claims
-    allocation = out.split("$ kubectl get resourceclaim dra-borrower-kv", 1)[1].split("$ ", 1)[0]
-    assert '"consumedCapacity":{"memory":"17179869184"}' in allocation, allocation
+    table = out.split("$ kubectl get resourceclaims -A -o custom-columns=", 1)[1].split("$ ", 1)[0]
+    assert re.search(r"chat-0-peer-hbm\s+chat\s+\S+\s+gpu-[0-9a-f-]+\s+8589934592\s+chat-0", table), table
+    claims = out.split("$ kubectl get resourceclaims -A\n", 1)[1].split("$ ", 1)[0]
+    assert re.search(r"chat-0-peer-hbm\s+allocated,reserved", claims), claims
+    allocation = out.split("$ kubectl get resourceclaim chat-0-peer-hbm", 1)[1].split("$ ", 1)[0]
+    assert '"consumedCapacity":{"memory":"8589934592"}' in allocation, allocation
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
     assert struct.unpack(">II", data[16:24]) == (1200, 760)

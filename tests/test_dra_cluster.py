@@ -37,6 +37,7 @@ from spillway.dra.claims import borrower_claim
 from spillway.dra.slices import capacities, device_name, slice_name
 from spillway.testing.agentproc import REPO_ROOT, AgentProcess, free_port
 from spillway.testing.cluster import Cluster, wait_until
+from spillway.testing.sandbox import dra_class_manifest
 from tests.fixtures_deviceplugin import Kubelet, build_harness
 
 GI = 1 << 30
@@ -153,9 +154,7 @@ def dra(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     base = tmp_path_factory.mktemp("dra")
     topo = base / "topology.yaml"
     topo.write_text(TOPOLOGY)
-    chart = cluster.helm("template", "spillway", str(REPO_ROOT / "charts" / "spillway"),
-                         "--api-versions", "resource.k8s.io/v1",
-                         "--set", "dra.enabled=true", "--show-only", "templates/dra-deviceclass.yaml").stdout
+    chart = dra_class_manifest(cluster)
     cluster.kubectl("apply", "-f", "-", input=chart)
     # The admission policy takes effect once the API server has compiled it.
     probe = json.dumps(claim("default", "probe", "1"))

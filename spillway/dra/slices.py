@@ -69,16 +69,29 @@ def capacities(inventory: agent_pb2.Inventory, leases: Iterable[agent_pb2.Lease]
 
 
 def nvlink_domains(inventory: agent_pb2.Inventory) -> tuple[dict[str, str], dict[str, list[int]]]:
-    """Per GPU: its NVLink domain (the lowest UUID of its NVLink-connected set, itself included)
-    and the indices of its NVLink peers."""
+    """Per GPU: its NVLink domain (`domains_of`) and the indices of its NVLink peers."""
     index = {g.uuid: g.index for g in inventory.gpus}
-    peers: dict[str, set[str]] = {u: set() for u in index}
-    for link in inventory.links:
-        if link.nvlink and link.gpu_a in peers and link.gpu_b in peers and link.gpu_a != link.gpu_b:
-            peers[link.gpu_a].add(link.gpu_b)
-            peers[link.gpu_b].add(link.gpu_a)
+    pairs = [(x.gpu_a, x.gpu_b) for x in inventory.links if x.nvlink]
+    peers = _peers(index, pairs)
+    return domains_of(index, pairs), {u: sorted(index[p] for p in ps) for u, ps in peers.items()}
+
+
+def _peers(uuids: Iterable[str], pairs: Iterable[tuple[str, str]]) -> dict[str, set[str]]:
+    peers: dict[str, set[str]] = {u: set() for u in uuids}
+    for a, b in pairs:
+        if a in peers and b in peers and a != b:
+            peers[a].add(b)
+            peers[b].add(a)
+    return peers
+
+
+def domains_of(uuids: Iterable[str], nvlink_pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """Per GPU UUID: its NVLink domain, the lowest UUID of its NVLink-connected set (itself
+    included), the `nvlinkDomain` attribute of its device. The operator computes the same from a
+    MemoryPool to select an NVLink peer of a replica's GPU."""
+    peers = _peers(uuids, nvlink_pairs)
     domain: dict[str, str] = {}
-    for start in sorted(index):
+    for start in sorted(peers):
         if start in domain:
             continue
         seen, todo = {start}, [start]
@@ -89,7 +102,7 @@ def nvlink_domains(inventory: agent_pb2.Inventory) -> tuple[dict[str, str], dict
                     todo.append(p)
         for u in seen:
             domain[u] = min(seen)
-    return domain, {u: sorted(index[p] for p in ps) for u, ps in peers.items()}
+    return domain
 
 
 def _q(n: int) -> str:

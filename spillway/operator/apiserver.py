@@ -272,16 +272,53 @@ class ApiServer:
                 return None
             raise
 
-    async def list_custom(self, group: str, version: str, plural: str, namespace: str = "") -> list[dict[str, Any]]:
+    async def list_custom(self, group: str, version: str, plural: str, namespace: str = "",
+                          label_selector: str = "") -> list[dict[str, Any]]:
         custom = self.custom
         if namespace:
             out = await self._call(f"list {plural} in {namespace}",
                                    lambda: custom.list_namespaced_custom_object_without_preload_content(
-                                       group, version, namespace, plural))
+                                       group, version, namespace, plural, label_selector=label_selector or None))
         else:
             out = await self._call(f"list {plural}", lambda: custom.list_cluster_custom_object_without_preload_content(
-                group, version, plural))
+                group, version, plural, label_selector=label_selector or None))
         return list(out.get("items") or [])
+
+    async def create_custom(self, group: str, version: str, plural: str, body: Mapping[str, Any],
+                            namespace: str) -> dict[str, Any]:
+        """Create a namespaced object of any API group (ResourceClaims too); KubeError(409) when
+        one of that name exists."""
+        name = (body.get("metadata") or {}).get("name")
+        return dict(await self._call(f"create {plural} {namespace}/{name}",
+                                     lambda: self.custom.create_namespaced_custom_object_without_preload_content(
+                                         group, version, namespace, plural, dict(body))))
+
+    async def delete_custom(self, group: str, version: str, plural: str, name: str, namespace: str,
+                            uid: str = "") -> bool:
+        """Delete a namespaced object (only this incarnation when `uid` is given); False when it
+        was already gone (or is another incarnation)."""
+        body = client.V1DeleteOptions(api_version="v1", kind="DeleteOptions",
+                                      preconditions=client.V1Preconditions(uid=uid) if uid else None)
+        try:
+            await self._call(f"delete {plural} {namespace}/{name}",
+                             lambda: self.custom.delete_namespaced_custom_object_without_preload_content(
+                                 group, version, namespace, plural, name, body=body))
+        except KubeError as exc:
+            if exc.status in (404, 409):
+                return False
+            raise
+        return True
+
+    async def serves(self, group: str, version: str) -> bool:
+        """Whether the API server serves `group/version` (discovery)."""
+        try:
+            await self._call(f"discover {group}/{version}",
+                             lambda: self.custom.get_api_resources_without_preload_content(group, version))
+        except KubeError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
 
     async def patch_custom(
         self, group: str, version: str, plural: str, name: str, patch: Mapping[str, Any], namespace: str = "",

@@ -11,6 +11,7 @@ import secrets
 import signal
 from typing import Any
 
+from spillway.contract import ALLOCATION_AUTO, ALLOCATION_MODES
 from spillway.metrics import HttpEndpoint, add_address_argument
 from spillway.units import DurationError, QuantityError, parse_duration, parse_quantity
 
@@ -27,6 +28,11 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--metrics-port", type=int, default=8080, help="/metrics and /readyz (0: a free port)")
     add_address_argument(p)
     p.add_argument("--health-port", type=int, default=8081, help="kopf liveness probe /healthz (-1: off)")
+    p.add_argument("--allocation", choices=ALLOCATION_MODES, default=ALLOCATION_AUTO,
+                   help="how a replica gets its peer memory: dra (a ResourceClaim per replica, allocated by "
+                        "kube-scheduler; docs/dra.md), deviceplugin (RESERVATION leases at the agents and "
+                        "spillway.dev/peer-hbm units), or auto (the default: dra when the API server serves "
+                        "resource.k8s.io/v1 and the DeviceClass peer-hbm.spillway.dev exists, decided at start-up)")
     p.add_argument("--prometheus-url", default="", help="Prometheus for SLO feedback (e.g. http://prometheus:9090)")
     p.add_argument("--slo-selector", default=None,
                    help="PromQL label matchers of a tenant's series, with {namespace} and {tenant} "
@@ -107,6 +113,7 @@ async def _main(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
     from spillway.operator import handlers
     from spillway.operator.agents import AgentPool, Agents, Tls
     from spillway.operator.apiserver import ApiServer
+    from spillway.operator.claims import choose_allocation
     from spillway.operator.engine import Engine, EngineConfig
     from spillway.operator.metrics import OperatorMetrics
     from spillway.operator.slo import DEFAULT_SELECTOR
@@ -118,13 +125,18 @@ async def _main(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
         logging.getLogger("kopf").setLevel(logging.WARNING)
     tls = Tls(args.tls_cert, args.tls_key, args.tls_ca, args.agent_server_name) if args.tls_cert else None
     metrics = OperatorMetrics()
+    kube = await ApiServer.connect(args.kubeconfig)
+    allocation, why = await choose_allocation(kube, args.allocation)
+    log.info(f"allocation {allocation}: {why}", extra={"allocation": allocation})
+    metrics.allocation.labels(mode=allocation).set(1)
     engine = Engine(
-        kube=await ApiServer.connect(args.kubeconfig),
+        kube=kube,
         agents=Agents(AgentPool(tls), ttl_s=cfg["ttl"]),
         metrics=metrics,
         config=EngineConfig(
             namespaces=tuple(args.namespace), lease_ttl_s=cfg["ttl"], prometheus_url=args.prometheus_url,
             slo_selector=args.slo_selector or DEFAULT_SELECTOR, slo_step_bytes=cfg["step"], pool_stale_s=cfg["stale"],
+            allocation=allocation,
         ),
         event=handlers.post_event,
     )

@@ -4,7 +4,9 @@ functions of `reconcile`, `placement`, `slo` and `pods`):
 
 - `cluster` (`cluster.py`): the nodes and their MemoryPools, verdicts, the Node watch;
 - `local` (`local.py`): the local reservations (what a model's own GPU keeps for it);
-- `leases` (`leases.py`): a replica's leases: renew, replace the lost, release, sweep;
+- `leases` (`leases.py`): a replica's leases: renew, replace the lost, release, sweep; with
+  `--allocation dra` a `claims.ReplicaClaims`, whose replicas hold a ResourceClaim instead of
+  RESERVATION leases;
 - `placer` (`placer.py`): placement, reservation and pod creation, the book of assignments;
 - `growth` (`growth.py`): SLO evaluation and ELASTIC growth and shrink.
 
@@ -23,6 +25,8 @@ from typing import Any
 
 from spillway.api.v1 import agent_pb2
 from spillway.contract import (
+    ALLOCATION_DEVICEPLUGIN,
+    ALLOCATION_DRA,
     GROUP,
     HOLDER_PREFIX,
     LABEL_TENANT,
@@ -36,6 +40,7 @@ from spillway.operator import reconcile as rc
 from spillway.operator import slo as slomod
 from spillway.operator.agents import Agents, state_name
 from spillway.operator.apiserver import ApiServer, KubeError
+from spillway.operator.claims import ReplicaClaims
 from spillway.operator.cluster import ClusterView
 from spillway.operator.context import EventFn, TenantContext, no_events
 from spillway.operator.growth import SloGrowth
@@ -58,6 +63,7 @@ class EngineConfig:
     slo_selector: str = slomod.DEFAULT_SELECTOR
     slo_step_bytes: int = slomod.GIB
     pool_stale_s: float = 60.0  # a MemoryPool whose heartbeat is older counts as a lost node (0: never)
+    allocation: str = ALLOCATION_DEVICEPLUGIN  # or ALLOCATION_DRA (decided at start-up: claims.choose_allocation)
 
 
 @dataclass
@@ -76,7 +82,8 @@ class Engine:
         self.assignments: dict[ReplicaKey, Assignment] = {}
         self.cluster = ClusterView(self.kube, self.config.pool_stale_s, self.event)
         self.local = LocalReservations(self.kube, self.agents, self.cluster)
-        self.leases = ReplicaLeases(self.kube, self.agents, self.cluster, self.assignments)
+        holder = ReplicaClaims if self.config.allocation == ALLOCATION_DRA else ReplicaLeases
+        self.leases = holder(self.kube, self.agents, self.cluster, self.assignments)
         self.placer = Placer(self.kube, self.agents, self.cluster, self.leases, self.local, self.metrics,
                              self.assignments)
         self.growth = SloGrowth(self.agents, self.cluster, self.leases, self.metrics, self.phases, self.prometheus,
@@ -118,7 +125,7 @@ class Engine:
             if current is not None and current.node == p.node:
                 del self.assignments[key]
         else:
-            self.assignments[key] = rc.assignment_of(key.namespace, key.name, p)
+            self.assignments[key] = rc.assignment_of(key.namespace, key.name, p, self.assignments.get(key))
         return self.local.note(key, p, deleted)
 
     # -- the pools as a reconcile sees them (an Event on each MemoryPool whose verdict changed) --
@@ -181,6 +188,7 @@ class Engine:
         spec = ctx.spec
         ns, name = spec.namespace, spec.name
         observed = [p for p in (observe_pod(x) for x in await self.kube.list_pods(ns, selector(name))) if p]
+        await self.leases.load(ns, name)
         for p in observed:
             if p.terminating and self.cluster.node_gone(p.node):
                 # Deleted before its Node went (or by someone else): only the pod GC would end it.
@@ -228,7 +236,7 @@ class Engine:
                 f"Phase{phase}", f"tenant is {phase}: " + _condition_message(status))
         self._last_phase[ctx.key] = phase
         self.metrics.peer_memory.labels(ns, name, "RESERVATION").set(
-            sum(x.bytes for p in decision.keep for x in p.leases))
+            sum(int(x["bytes"]) for r in replicas.values() for x in r.leases if x.get("kind") == "RESERVATION"))
         return phase
 
     async def _write_status(self, ns: str, name: str, status: Mapping[str, Any]) -> None:
@@ -245,10 +253,11 @@ class Engine:
         kubelet will ever confirm it, and its replica's new pod has the same name."""
         ns = ctx.spec.namespace
         await self.kube.delete_pod(ns, pod.name, uid=pod.uid, grace_s=0 if self.cluster.node_gone(pod.node) else None)
-        await self.leases.release_all(pod.node, pod.all_leases())
+        released = await self.leases.release_replica(pod)
         self.assignments.pop(ReplicaKey(ns, ctx.spec.name, pod.replica), None)
         (ctx.normal if reason == "ScaledDown" else ctx.warning)(
-            reason, f"{message}; pod {pod.name} deleted, {len(pod.all_leases())} lease(s) released")
+            reason, f"{message}; pod {pod.name} deleted, {released} lease(s)"
+            + (" and claim(s)" if pod.claim else "") + " released")
 
     # -- delete (finalizer) ----------------------------------------------------------------
 
@@ -263,16 +272,17 @@ class Engine:
                 if p is None:
                     continue
                 await self.kube.delete_pod(ns, p.name, uid=p.uid)
-                await self.leases.release_all(p.node, p.all_leases())
-                released += len(p.all_leases())
+                released += await self.leases.release_replica(p)
             released += await self.leases.sweep(f"{HOLDER_PREFIX}{ns}/{name}/", lambda lease: True)
+            released += await self.leases.forget_tenant(ns, name)
             self.placer.forget(ns, name)
             self.phases.pop(key, None)
             self.growth.forget(key)
             self._last_phase.pop(key, None)
             self.metrics.set_phases(self.phases)
             self.metrics.forget_tenant(ns, name)
-            self.event(body, "Normal", "Released", f"tenant deleted (uid {uid}): pods deleted, {released} lease(s) "
+            what = "lease(s) and claim(s)" if self.leases.dra else "lease(s)"
+            self.event(body, "Normal", "Released", f"tenant deleted (uid {uid}): pods deleted, {released} {what} "
                        "released")
 
     # -- startup ---------------------------------------------------------------------------
@@ -316,6 +326,7 @@ class Engine:
         released = await self.leases.sweep(HOLDER_PREFIX, orphan)
         if released:
             log.info("startup sweep released orphaned leases", extra={"released": released})
+        released += await self.leases.startup_sweep(self.config.namespaces, tenants)
         self.synced = True
         return released
 

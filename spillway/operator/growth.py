@@ -108,7 +108,7 @@ class SloGrowth:
         changed: list[ObservedPod] = []
         for pod in pods:
             step = slomod.peer_memory_step(
-                held_bytes=pod.peer_bytes, elastic_bytes=sum(x.bytes for x in pod.elastic),
+                held_bytes=self.leases.held_bytes(pod), elastic_bytes=sum(x.bytes for x in pod.elastic),
                 limit_bytes=spec.peer_limit, verdict=verdict, pool_wanted=wanted, step_bytes=self.step_bytes)
             if step > 0:
                 elastic_leases = await self._grow(ctx, pod, step, verdict)
@@ -147,7 +147,7 @@ class SloGrowth:
         await self.leases.patch_elastic(spec.namespace, pod.name, elastic_leases)
         ctx.normal("PeerMemoryGrown", f"replica {pod.replica} misses its SLO ({verdict.message}): ELASTIC lease "
                    f"{got.id} of {format_bytes(got.bytes)} on {lender}, now "
-                   f"{format_bytes(pod.peer_bytes + got.bytes)} of {format_bytes(spec.peer_limit)}")
+                   f"{format_bytes(self.leases.held_bytes(pod) + got.bytes)} of {format_bytes(spec.peer_limit)}")
         return elastic_leases
 
     async def _shrink(self, ctx: TenantContext, pod: ObservedPod) -> list[LeaseRef]:

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from spillway.api.v1 import agent_pb2
 from spillway.contract import format_time
@@ -34,9 +34,33 @@ class ReplicaLeases:
     agents: Agents
     cluster: ClusterView
     assignments: dict[ReplicaKey, Assignment]  # shared with the placer: a replica re-placed is forgotten here
+    # Whether a replica's reservation is a ResourceClaim (`claims.ReplicaClaims`, allocation dra)
+    # rather than RESERVATION leases made here.
+    dra: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         self.facts: dict[str, dict[str, Any]] = {}  # lease id -> state, expiresAt (last renew)
+
+    async def load(self, namespace: str, tenant: str) -> None:
+        """Read what the tenant's replicas hold outside the pods (their claims, allocation dra)."""
+
+    def held_bytes(self, pod: ObservedPod) -> int:
+        """The peer memory the replica holds now (reservation and ELASTIC)."""
+        return pod.peer_bytes
+
+    async def release_replica(self, pod: ObservedPod) -> int:
+        """The replica's pod is gone or going: give back what it holds; returns how many leases
+        (and claims) were given back."""
+        await self.release_all(pod.node, pod.all_leases())
+        return len(pod.all_leases())
+
+    async def forget_tenant(self, namespace: str, tenant: str) -> int:
+        """The tenant is deleted: give back what its replicas hold outside pods and leases (claims)."""
+        return 0
+
+    async def startup_sweep(self, namespaces: Sequence[str], tenants: Mapping[tuple[str, str], rc.TenantFacts]) -> int:
+        """Before any reconcile: give back what no replica can want besides leases (claims)."""
+        return 0
 
     def replica_status(self, pod: ObservedPod) -> rc.ReplicaStatus:
         leases = [
@@ -144,7 +168,8 @@ class ReplicaLeases:
                         f"on {pod.node} has {format_bytes(need)}, so it spills to host memory")
             return dataclasses.replace(pod, leases=tuple(keep_res), elastic=tuple(keep_el), fallback=True)
         leases = keep_res + new
-        await self.kube.patch_pod(ns, pod.name, reservation_patch(pod.node, leases, fallback=pod.fallback))
+        if not pod.claim:  # a pod whose claim holds its reservation carries no reservation annotations
+            await self.kube.patch_pod(ns, pod.name, reservation_patch(pod.node, leases, fallback=pod.fallback))
         if len(keep_el) != len(pod.elastic):
             await self.patch_elastic(ns, pod.name, keep_el)
         if outcome is rc.AfterLost.MOVED:

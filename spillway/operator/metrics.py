@@ -35,6 +35,10 @@ class OperatorMetrics:
         self.peer_memory = Gauge(
             "spillway_tenant_peer_memory_bytes", "Peer memory held", ["namespace", "tenant", "kind"], registry=r
         )
+        self.allocation = Gauge(
+            "spillway_operator_allocation", "1 for the allocation mode the operator runs with (dra or deviceplugin)",
+            ["mode"], registry=r,
+        )
         for phase in PHASES:
             self.tenants.labels(phase=phase).set(0)
         for outcome in ("placed", "fallback", "pending"):

@@ -51,6 +51,7 @@ class NodeView:
     gpus: tuple[GpuView, ...]
     nvlink: frozenset[frozenset[str]] = frozenset()
     heartbeat: float = 0.0
+    granularity: int = 0  # the agent's lease granule in bytes (0: not published)
 
     def nvlinked(self, a: str, b: str) -> bool:
         """True when GPUs `a` and `b` (UUIDs) are distinct and joined by NVLink."""
@@ -103,7 +104,15 @@ class NodeView:
             gpus=gpus,
             nvlink=nvlink,
             heartbeat=_parse_time(status.get("heartbeat")),
+            granularity=_int_or_zero(status.get("granularityBytes")),
         )
+
+
+def _int_or_zero(value: Any) -> int:
+    try:
+        return max(0, int(value or 0))
+    except (TypeError, ValueError):
+        return 0
 
 
 @dataclass(frozen=True)
@@ -359,6 +368,8 @@ class Assignment:
     # the tenant does not lend); 0 when unknown (a pod made before the annotation). The planner
     # counts it for replicas of other tenants, whose local use the agent may not show yet.
     keeps: int = 0
+    # Allocation dra: the part of `lenders` a ResourceClaim holds (the rest are ELASTIC leases).
+    claim_lenders: tuple[tuple[str, int], ...] = ()
 
     @property
     def peer_bytes(self) -> int:

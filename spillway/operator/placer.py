@@ -6,6 +6,10 @@ means for the replica is decided in `reconcile.on_reserve_error` (pure).
 Order of work for a replica: reserve first (idempotent Acquire), then create the pod
 (deterministic name). A crash between the two leaves a lease that no pod names; the startup
 sweep releases it. A crash after creating the pod leaves nothing to undo.
+
+With allocation dra the reservation is the replica's ResourceClaim (`claims.ReplicaClaims`):
+made first (deterministic name; an existing one that fits is taken), then the pod that lists
+it. A crash in between leaves a claim that the replica's next placement finds again.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from spillway.contract import FALLBACK_HOST_MEMORY
 from spillway.operator import reconcile as rc
 from spillway.operator.agents import AgentError, Agents
 from spillway.operator.apiserver import ApiServer, KubeError
+from spillway.operator.claims import ClaimError, ReplicaClaims
 from spillway.operator.cluster import ClusterView
 from spillway.operator.context import TenantContext
 from spillway.operator.leases import ReplicaLeases
@@ -112,8 +117,18 @@ class Placer:
         leases: list[LeaseRef] = []
         fallback = a.host_fallback
         reason = ""
+        claim = ""
         try:
-            leases = await self._reserve(ctx, a)
+            if isinstance(self.leases, ReplicaClaims):
+                claim = await self.leases.ensure_claim(ctx, a) if a.lenders else ""
+            else:
+                leases = await self._reserve(ctx, a)
+        except ClaimError as exc:
+            self.assignments.pop(a.key, None)
+            self.metrics.placements.labels(outcome="pending").inc()
+            pending[r] = str(exc)
+            ctx.warning("ClaimFailed", f"replica {r}: {exc}")
+            return None
         except AgentError as exc:
             reason = str(exc)
             policy = rc.on_reserve_error(exc.code, spec.fallback)
@@ -131,7 +146,7 @@ class Placer:
         pod = build_pod(PodPlan(
             tenant=ctx.ref, replica=r, node=a.node, gpu_uuid=a.gpu_uuid, leases=tuple(leases),
             fallback=FALLBACK_HOST_MEMORY if fallback and spec.peer_request > 0 else "",
-            local_bytes=self.local.bytes_for(spec, a.node, a.gpu_uuid),
+            local_bytes=self.local.bytes_for(spec, a.node, a.gpu_uuid), claim=claim,
             model={"image": spec.image, "args": list(spec.args), "env": [dict(e) for e in spec.env],
                    "port": spec.port, "resources": dict(spec.resources)},
         ))
@@ -148,8 +163,9 @@ class Placer:
             await self.leases.release_all(a.node, leases)
             self.assignments.pop(a.key, None)
             raise
-        self.assignments[a.key] = dataclasses.replace(a, lenders=tuple((x.gpu_uuid, x.bytes) for x in leases),
-                                                      host_fallback=fallback)
+        self.assignments[a.key] = (dataclasses.replace(a, claim_lenders=a.lenders) if claim else
+                                   dataclasses.replace(a, lenders=tuple((x.gpu_uuid, x.bytes) for x in leases),
+                                                       host_fallback=fallback))
         if fallback and spec.peer_request > 0:
             self.metrics.placements.labels(outcome="fallback").inc()
             ctx.warning("FellBackToHostMemory", f"replica {r} placed on {a.node} GPU {a.gpu_uuid} without peer "
@@ -158,6 +174,8 @@ class Placer:
         else:
             self.metrics.placements.labels(outcome="placed").inc()
             lent = ", ".join(f"{x.id}: {format_bytes(x.bytes)} on {x.gpu_uuid}" for x in leases)
+            if claim:
+                lent = f"ResourceClaim {claim} for {format_bytes(a.peer_bytes)} of peer memory"
             ctx.normal("Placed", f"replica {r} on {a.node} GPU {a.gpu_uuid}" + (f"; reserved {lent}" if lent else "")
                        + f"; created pod {name}")
         return observe_pod(created)

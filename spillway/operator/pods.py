@@ -40,6 +40,7 @@ from spillway.contract import (
     MANAGED_BY,
     PEER_HBM_RESOURCE,
     PEER_HBM_UNIT,
+    POD_CLAIM_REF,
     TENANT_KIND,
     holder_name,
     join_list,
@@ -85,6 +86,7 @@ class PodPlan:
     fallback: str = ""  # "HostMemory" when running without peer memory
     priority_class: str = ""
     local_bytes: int = 0  # what `gpu_uuid` keeps for the model (ANN_LOCAL)
+    claim: str = ""  # allocation dra: the replica's ResourceClaim (instead of leases and peer-hbm units)
 
 
 def pod_name(tenant: str, replica: int) -> str:
@@ -173,6 +175,8 @@ def build_pod(plan: PodPlan) -> dict[str, Any]:
         "image": model.get("image") or "",
         "resources": {"limits": limits, "requests": requests},
     }
+    if plan.claim:
+        container["resources"]["claims"] = [{"name": POD_CLAIM_REF}]
     if model.get("args"):
         container["args"] = [str(a) for a in model["args"]]
     env = _env(model.get("env"))
@@ -182,7 +186,8 @@ def build_pod(plan: PodPlan) -> dict[str, Any]:
         container["ports"] = [{"name": "http", "containerPort": int(model["port"]), "protocol": "TCP"}]
 
     annotations = {ANN_TENANT_UID: t.uid, ANN_GPU: plan.gpu_uuid}
-    annotations.update(reservation_annotations(plan.node, plan.leases))
+    if not plan.claim:  # with a claim, the claim holds the reservation: no lease annotations
+        annotations.update(reservation_annotations(plan.node, plan.leases))
     if plan.fallback:
         annotations[ANN_FALLBACK] = plan.fallback
     if plan.gpu_uuid and plan.local_bytes > 0:
@@ -220,6 +225,8 @@ def build_pod(plan: PodPlan) -> dict[str, Any]:
             "restartPolicy": "Always",
         },
     }
+    if plan.claim:
+        pod["spec"]["resourceClaims"] = [{"name": POD_CLAIM_REF, "resourceClaimName": plan.claim}]
     if plan.priority_class:
         pod["spec"]["priorityClassName"] = plan.priority_class
     return pod
@@ -269,6 +276,8 @@ class ObservedPod:
     fallback: bool = False
     tenant_uid: str = ""
     local_bytes: int = 0  # what its own GPU keeps for it (ANN_LOCAL); 0 on pods made before that annotation
+    namespace: str = ""
+    claim: str = ""  # the ResourceClaim holding its peer memory (allocation dra), else ""
 
     @property
     def peer_bytes(self) -> int:
@@ -326,7 +335,17 @@ def observe_pod(pod: Mapping[str, Any]) -> ObservedPod | None:
         fallback=bool(ann.get(ANN_FALLBACK)),
         tenant_uid=str(ann.get(ANN_TENANT_UID) or ""),
         local_bytes=plain_int(ann.get(ANN_LOCAL), max_digits=24) or 0,
+        namespace=str(meta.get("namespace") or ""),
+        claim=pod_claim(pod),
     )
+
+
+def pod_claim(pod: Mapping[str, Any]) -> str:
+    """The ResourceClaim a tenant pod lists under `POD_CLAIM_REF`, else ""."""
+    for ref in (pod.get("spec") or {}).get("resourceClaims") or []:
+        if isinstance(ref, Mapping) and ref.get("name") == POD_CLAIM_REF:
+            return str(ref.get("resourceClaimName") or "")
+    return ""
 
 
 def reservation_patch(node: str, leases: Sequence[LeaseRef], *, fallback: bool) -> dict[str, Any]:

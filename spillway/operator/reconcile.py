@@ -69,14 +69,19 @@ def decide(
     return Decision(tuple(keep), tuple(remove), place, tuple(sorted(waiting)))
 
 
-def assignment_of(namespace: str, tenant: str, pod: ObservedPod) -> Assignment:
+def assignment_of(namespace: str, tenant: str, pod: ObservedPod, previous: Assignment | None = None) -> Assignment:
+    """The replica's assignment as its pod shows it. The lenders of a pod whose ResourceClaim
+    holds its peer memory are not on the pod: it keeps the claim's lenders of `previous` on the
+    same node (planned, or read from the claim's allocation) beside its ELASTIC leases."""
+    claim_lenders = previous.claim_lenders if pod.claim and previous is not None and previous.node == pod.node else ()
     return Assignment(
         key=ReplicaKey(namespace, tenant, pod.replica),
         node=pod.node,
         gpu_uuid=pod.gpu_uuid,
-        lenders=tuple((x.gpu_uuid, x.bytes) for x in pod.all_leases()),
+        lenders=claim_lenders + tuple((x.gpu_uuid, x.bytes) for x in pod.all_leases()),
         host_fallback=pod.fallback,
         keeps=pod.local_bytes,
+        claim_lenders=claim_lenders,
     )
 
 
@@ -179,6 +184,7 @@ class ReplicaStatus:
     host_fallback: bool = False
     ready: bool = False
     reason: str = ""
+    claim: str = ""  # the ResourceClaim holding its peer memory (allocation dra)
 
     @property
     def elastic_bytes(self) -> int:
@@ -194,6 +200,8 @@ class ReplicaStatus:
         out["leases"] = self.leases
         out["elasticBytes"] = self.elastic_bytes
         out["hostFallback"] = self.host_fallback
+        if self.claim:
+            out["claim"] = self.claim
         if self.reason:
             out["reason"] = self.reason
         return out

@@ -3,7 +3,9 @@
 The local control plane (`spillway.testing.cluster.Cluster`), the CRDs, kwok GPU nodes that stand
 for DGX H100s, one agent per node (simulated GPUs, TCP with mutual TLS, `--publish` keeping the
 node's MemoryPool current), and the operator (`python -m spillway operator`) as a subprocess so
-it can be killed outright. The GPUs are simulated; nothing here pretends otherwise.
+it can be killed outright. `start_dra` adds the DRA driver: the chart's DeviceClass and one
+`spillway dra --publish-only` per node (kwok nodes run no kubelet). The GPUs are simulated;
+nothing here pretends otherwise.
 """
 
 from __future__ import annotations
@@ -44,6 +46,14 @@ def _env(kubeconfig: Path) -> dict[str, str]:
     return env
 
 
+def dra_class_manifest(cluster: Any) -> str:
+    """The chart's DeviceClass `peer-hbm.spillway.dev` and its request-policy admission, as
+    `helm template --set dra.enabled=true` renders them for a cluster serving resource.k8s.io/v1."""
+    return str(cluster.helm("template", "spillway", str(REPO_ROOT / "charts" / "spillway"), "--api-versions",
+                            "resource.k8s.io/v1", "--set", "dra.enabled=true",
+                            "--show-only", "templates/dra-deviceclass.yaml").stdout)
+
+
 @dataclass
 class AgentHandle:
     node: str
@@ -69,6 +79,7 @@ class Sandbox:
         self.operator_metrics_port = 0
         self.server_tls: Any = None
         self.client_tls: Any = None
+        self.dra: dict[str, subprocess.Popen[bytes]] = {}  # node -> its `spillway dra --publish-only`
 
     # -- lifecycle --
 
@@ -94,6 +105,9 @@ class Sandbox:
 
     def stop(self) -> None:
         self.stop_operator()
+        for proc in self.dra.values():
+            self._stop_proc(proc)
+        self.dra.clear()
         for a in list(self.agents.values()):
             self._stop_proc(a.proc)
             a.proc = None
@@ -203,6 +217,36 @@ class Sandbox:
             a.proc.kill()
             a.proc.wait()
         a.proc = None
+
+    # -- the DRA driver --
+
+    def start_dra(self, nodes: Sequence[str], timeout: float = 60.0) -> str:
+        """Apply the chart's DeviceClass and start `spillway dra --publish-only` beside the agents of
+        `nodes`; returns when their ResourceSlices exist. Returns the DeviceClass manifest (to
+        delete it again)."""
+        assert self.cluster is not None
+        manifest = dra_class_manifest(self.cluster)
+        self.cluster.kubectl("apply", "-f", "-", input=manifest)
+        for node in nodes:
+            a = self.agents[node]
+            d = self.workdir / "dra" / node
+            d.mkdir(parents=True, exist_ok=True)
+            with (d / "dra.log").open("ab") as log:
+                self.dra[node] = subprocess.Popen(
+                    [sys.executable, "-m", "spillway", "dra", "--publish-only", "--node-name", node,
+                     "--agent-socket", str(a.socket), "--kubeconfig", str(self.kubeconfig),
+                     "--state-dir", str(d / "state"), "--metrics-port", "-1"],
+                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=_env(self.kubeconfig),
+                    cwd=str(REPO_ROOT), start_new_session=True)
+
+        def published() -> bool:
+            assert self.cluster is not None
+            out = self.cluster.kubectl("get", "resourceslices", "-o", "jsonpath={.items[*].spec.nodeName}",
+                                       check=False).stdout.split()
+            return all(n in out for n in nodes)
+
+        wait_until(published, timeout=timeout, what="the ResourceSlices of the DRA drivers")
+        return manifest
 
     # -- the operator --
 
