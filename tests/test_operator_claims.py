@@ -83,7 +83,8 @@ def test_an_existing_claim_is_taken_only_when_it_serves_the_plan_and_names_its_l
     bigger = observe_claim(build_claim(T, node(), Assignment(a.key, "n1", "GPU-0", (("GPU-1", 16 * GIB),))))
     other_gpu = observe_claim(build_claim(T, node(), Assignment(a.key, "n1", "GPU-3", (("GPU-2", 8 * GIB),))))
     earlier = observe_claim(build_claim(TenantRef("llm", "ns", "uid-0"), node(), a))
-    for bad in (other_node, going, bigger, other_gpu, earlier):
+    other_lender = observe_claim(build_claim(T, node(), Assignment(a.key, "n1", "GPU-0", (("GPU-2", 8 * GIB),))))
+    for bad in (other_node, going, bigger, other_gpu, earlier, other_lender):
         assert not fits(bad, wanted), bad
     tenants = {("ns", "llm"): rc.TenantFacts("uid-1", 3)}
     assert not is_orphan_claim(wanted, tenants)

@@ -180,9 +180,10 @@ def observe_claim(obj: Mapping[str, Any]) -> ObservedClaim:
 
 def fits(found: ObservedClaim, wanted: ObservedClaim) -> bool:
     """Whether an existing claim serves the replica as planned now (same tenant incarnation,
-    node, GPU and size, not going, not allocated elsewhere)."""
+    node, GPU, lenders and size, not going, not allocated elsewhere)."""
     return (not found.terminating and found.tenant_uid == wanted.tenant_uid and found.node == wanted.node
             and found.gpu_uuid == wanted.gpu_uuid and found.requested == wanted.requested
+            and found.planned == wanted.planned
             and all(pool == wanted.node for pool, _, _ in found.allocated))
 
 
