@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,7 +68,7 @@ class DevicePlugin:
         self.attributor = Attributor(config.pod_resources_socket, self.resources, self.store,
                                      interval_s=config.sync_interval_s, grace_s=config.release_grace_s,
                                      completed_inits=pods.completed_init_containers if pods else None)
-        self.http: HttpEndpoint | None = None
+        self.http = HttpEndpoint(self.metrics.registry, self.ready)
 
     def ready(self) -> str:
         if not self.server.registered:
@@ -79,23 +78,6 @@ class DevicePlugin:
         return ""
 
     async def run(self) -> None:
-        if self.config.metrics_port is not None:
-            self.http = HttpEndpoint(self.metrics.registry, self.ready)
-            port = await self.http.start(self.config.metrics_port, self.config.metrics_host)
-            log.info("metrics endpoint", extra={"port": port})
-        tasks = [asyncio.create_task(self.resources.run(), name="resources")]
-        try:
-            # Advertise what the agent has before the kubelet asks (it may still be down: then
-            # only units in use are listed, and they become Healthy when it answers).
-            await self.resources.wait_first(5.0)
-            tasks.append(asyncio.create_task(self.attributor.run(), name="podresources"))
-            tasks.append(asyncio.create_task(self.server.run(), name="kubelet"))
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-            for t in done:
-                t.result()
-        finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            if self.http is not None:
-                await self.http.stop()
+        # Advertise what the agent has before the kubelet asks (`run_with` waits for its first answer).
+        await self.resources.run_with(lambda: {"podresources": self.attributor.run(), "kubelet": self.server.run()},
+                                      self.http, self.config.metrics_port, self.config.metrics_host)

@@ -24,15 +24,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import grpc
 
 from spillway.agent.client import AgentClient
 from spillway.api.v1 import agent_pb2
 from spillway.deviceplugin import HEALTHY, UNHEALTHY
+from spillway.metrics import HttpEndpoint
 from spillway.units import plain_int
 
 log = logging.getLogger(__name__)
@@ -196,6 +197,28 @@ class ResourceManager:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._first.wait(), within_s)
         return self._first.is_set()
+
+    async def run_with(self, jobs: Callable[[], dict[str, Coroutine[Any, Any, None]]], http: HttpEndpoint | None,
+                       port: int | None, host: str) -> None:
+        """A node component's main loop (the device plugin, the DRA driver): its metrics endpoint
+        (`http` on `port`, None: none), this follower of the agent, and once the agent has
+        answered (or 5 s passed: units in use are listed meanwhile and turn Healthy when it
+        answers) the component's own `jobs` by name; the first that fails ends them all."""
+        if http is not None and port is not None:
+            log.info("metrics endpoint", extra={"port": await http.start(port, host)})
+        tasks = [asyncio.create_task(self.run(), name="resources")]
+        try:
+            await self.wait_first(5.0)
+            tasks += [asyncio.create_task(job, name=name) for name, job in jobs().items()]
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for t in done:
+                t.result()
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if http is not None:
+                await http.stop()
 
     def set_in_use(self, ids: Iterable[str]) -> None:
         """The unit IDs allocated to pods (PodResources plus fresh Allocate calls)."""

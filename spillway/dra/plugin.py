@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,7 +73,7 @@ class DraDriver:
             self.resources, ClaimSource(api), self.store, self.metrics)
         self.server = KubeletPluginServer(self.preparer, registry_dir=config.registry_dir,
                                           plugins_dir=config.plugins_dir)
-        self.http: HttpEndpoint | None = None
+        self.http = HttpEndpoint(self.metrics.registry, self.ready)
 
     def ready(self) -> str:
         if not self.resources.agent_up:
@@ -82,24 +82,11 @@ class DraDriver:
             return f"cannot write the ResourceSlice: {self.publisher.error[:200]}"
         return ""
 
+    def _jobs(self) -> dict[str, Coroutine[Any, Any, None]]:
+        jobs = {"resourceslices": self.publisher.run()}
+        if self.config.kubelet_plugin:
+            jobs |= {"kubelet": self.server.run(), "renew": self.preparer.renew_forever()}
+        return jobs
+
     async def run(self) -> None:
-        if self.config.metrics_port is not None:
-            self.http = HttpEndpoint(self.metrics.registry, self.ready)
-            port = await self.http.start(self.config.metrics_port, self.config.metrics_host)
-            log.info("metrics endpoint", extra={"port": port})
-        tasks = [asyncio.create_task(self.resources.run(), name="resources")]
-        try:
-            await self.resources.wait_first(5.0)
-            tasks.append(asyncio.create_task(self.publisher.run(), name="resourceslices"))
-            if self.config.kubelet_plugin:
-                tasks.append(asyncio.create_task(self.server.run(), name="kubelet"))
-                tasks.append(asyncio.create_task(self.preparer.renew_forever(), name="renew"))
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-            for t in done:
-                t.result()
-        finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            if self.http is not None:
-                await self.http.stop()
+        await self.resources.run_with(self._jobs, self.http, self.config.metrics_port, self.config.metrics_host)
